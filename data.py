@@ -1,0 +1,475 @@
+"""Datasets for reranking: typed records, loaders, BM25 first stage, and training-data augmentation.
+
+Everything the rest of the project reads goes through the records defined here:
+
+    Query(qid, text)                  a search query
+    Candidate(docid, text, score)     one first-stage hit
+    Ranking(query, candidates)        the ordered candidate list of one query
+    Qrels = {qid: {docid: grade}}     graded judgments (trec_eval's own layout)
+
+Datasets by name (see DATASETS): dl19, dl20 (TREC DL BM25 top-100, test sets), dl21 (graded MS MARCO v2 queries,
+the training seeds; never a test set), scifact (BEIR test split) and scifact-train, for which the project runs its own
+BM25 (rank_bm25 with a Lucene-like English analyzer) over the corpus.
+
+The data directory is --data-dir, else $REARANK_DATA, else ./data. Missing files are fetched from their public homes
+when the machine is online; offline, the error lists what is missing and where it goes.
+
+    python data.py list                                  # the registry
+    python data.py bm25 --dataset scifact                # build/cache the BM25 index, report times
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import time
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from rank_bm25 import BM25Okapi
+
+# ----------------------------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True)
+class Query:
+    qid: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    docid: str
+    text: str
+    score: float = 0.0
+
+
+@dataclass
+class Ranking:
+    """One query's candidates, best first."""
+
+    query: Query
+    candidates: list[Candidate]
+
+    def docids(self) -> list[str]:
+        return [c.docid for c in self.candidates]
+
+
+Qrels = dict[str, dict[str, int]]  # qid -> docid -> grade
+
+
+@dataclass
+class Dataset:
+    name: str
+    rankings: list[Ranking]
+    qrels: Qrels
+    note: str = ""  # e.g. "never a test set"
+
+
+class DataError(ValueError):
+    """Bad or missing input. The message names the file (and line) and says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# small readers
+
+
+def _open_text(path: Path):
+    """Open a text file, transparently gunzipping `.gz`."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped line) for every non-blank line."""
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if line:
+                yield lineno, line
+
+
+def load_qrels(path: str | Path) -> Qrels:
+    """TREC qrels (`qid 0 docid grade`) or BEIR qrels TSV (`query-id corpus-id score` with a header line)."""
+    qrels: Qrels = {}
+    for lineno, line in _lines(Path(path)):
+        parts = line.split()
+        if lineno == 1 and parts[:1] == ["query-id"]:
+            continue  # BEIR header
+        if len(parts) == 4:
+            qid, _, docid, grade = parts
+        elif len(parts) == 3:
+            qid, docid, grade = parts
+        else:
+            raise DataError(f"{path}:{lineno}: expected 'qid 0 docid grade' (or BEIR 'qid docid score'), got {line!r}")
+        try:
+            qrels.setdefault(qid, {})[docid] = int(grade)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: grade {grade!r} is not an integer") from None
+    return qrels
+
+
+def load_topics(path: str | Path) -> dict[str, str]:
+    """Topics TSV: `qid<TAB>query text` per line."""
+    topics = {}
+    for lineno, line in _lines(Path(path)):
+        qid, sep, text = line.partition("\t")
+        if not sep or not text.strip():
+            raise DataError(f"{path}:{lineno}: expected 'qid<TAB>query', got {line!r}")
+        topics[qid] = text.strip()
+    return topics
+
+
+def load_run(path: str | Path) -> dict[str, dict[str, float]]:
+    """TREC run (`qid Q0 docid rank score tag`) -> {qid: {docid: score}}. Duplicate docids are an error (trec_eval)."""
+    run: dict[str, dict[str, float]] = {}
+    for lineno, line in _lines(Path(path)):
+        parts = line.split()
+        if len(parts) != 6:
+            raise DataError(f"{path}:{lineno}: expected 'qid Q0 docid rank score tag', got {line!r}")
+        qid, _, docid, _, score, _ = parts
+        try:
+            value = float(score)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: score {score!r} is not a number") from None
+        if docid in run.setdefault(qid, {}):
+            raise DataError(f"{path}:{lineno}: docid {docid} appears twice for query {qid}")
+        run[qid][docid] = value
+    return run
+
+
+def load_rankgpt(path: str | Path) -> list[Ranking]:
+    """RankGPT-format JSON (`.json` or `.json.gz`): [{"query": str, "hits": [{"qid", "docid", "content", ...}]}]."""
+    path = Path(path)
+    with _open_text(path) as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of {{'query', 'hits'}} objects")
+    rankings = []
+    for i, item in enumerate(items):
+        where = f"{path}: entry {i}"
+        if not isinstance(item, dict) or "query" not in item or "hits" not in item:
+            raise DataError(f"{where}: expected an object with 'query' and 'hits'")
+        hits = item["hits"]
+        if not hits:
+            raise DataError(f"{where} (query {item['query']!r}): empty candidate list")
+        try:
+            qid = str(hits[0]["qid"])
+            candidates = [Candidate(str(h["docid"]), h["content"], float(h.get("score", 0.0))) for h in hits]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{where}: a hit lacks or mangles a field ({e!r}); hits need qid, docid, content") from None
+        rankings.append(Ranking(Query(qid, item["query"]), candidates))
+        check_unique(rankings[-1], where)
+    return rankings
+
+
+def check_unique(ranking: Ranking, where: str = "") -> None:
+    """trec_eval refuses a ranking that lists a docid twice; so do we."""
+    seen = set()
+    for c in ranking.candidates:
+        if c.docid in seen:
+            raise DataError(f"{where or 'ranking'}: docid {c.docid} appears twice for query {ranking.query.qid}")
+        seen.add(c.docid)
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    for lineno, line in _lines(path):
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from None
+
+
+def load_beir_corpus(path: str | Path) -> dict[str, str]:
+    """BEIR corpus.jsonl -> {docid: 'Title: {title} Content: {text}'} (METHOD §2; the prompt strips the labels)."""
+    corpus = {}
+    for lineno, doc in _jsonl(Path(path)):
+        try:
+            title, text = doc.get("title", "").strip(), doc["text"].strip()
+            corpus[str(doc["_id"])] = f"Title: {title} Content: {text}" if title else text
+        except (KeyError, AttributeError):
+            raise DataError(f"{path}:{lineno}: a corpus line needs '_id' and 'text'") from None
+    return corpus
+
+
+def load_beir_queries(path: str | Path) -> dict[str, str]:
+    queries = {}
+    for lineno, q in _jsonl(Path(path)):
+        if "_id" not in q or "text" not in q:
+            raise DataError(f"{path}:{lineno}: a query line needs '_id' and 'text'")
+        queries[str(q["_id"])] = q["text"]
+    return queries
+
+
+def write_run(path: str | Path, rankings: Iterable[Ranking], tag: str = "rearank") -> None:
+    """TREC run file. Scores fall strictly with rank (n, n-1, ..., 1): trec_eval orders by score, not by rank."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rankings:
+            check_unique(r, str(path))
+            n = len(r.candidates)
+            for i, c in enumerate(r.candidates):
+                f.write(f"{r.query.qid} Q0 {c.docid} {i + 1} {n - i} {tag}\n")
+
+
+def write_rankgpt(path: str | Path, rankings: Iterable[Ranking]) -> None:
+    """The inverse of load_rankgpt, so any first stage can be handed to `eval.py --candidates`."""
+    items = [
+        {
+            "query": r.query.text,
+            "hits": [
+                {"content": c.text, "qid": r.query.qid, "docid": c.docid, "rank": i + 1, "score": c.score}
+                for i, c in enumerate(r.candidates)
+            ],
+        }
+        for r in rankings
+    ]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(items))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BM25 with rank_bm25 and a Lucene-like English analyzer (what Anserini's BEIR "flat" baseline uses)
+
+# Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET
+STOPWORDS = frozenset(
+    "a an and are as at be but by for if in into is it no not of on or such that the their then there these they "
+    "this to was will with".split()
+)
+_TOKEN = re.compile(r"\w+")
+_stemmer = None
+
+
+def analyze(text: str) -> list[str]:
+    """Lowercase, drop possessive 's, split on non-word characters, drop Lucene's stopwords, Porter-stem.
+
+    >>> analyze("The Cats' owner's dogs are running")
+    ['cat', 'owner', 'dog', 'run']
+    """
+    global _stemmer
+    if _stemmer is None:
+        import Stemmer  # PyStemmer: Snowball's C stemmers; "porter" is Lucene's PorterStemFilter algorithm
+
+        _stemmer = Stemmer.Stemmer("porter")
+    text = re.sub(r"['\u2019]s\b", "", text.lower())
+    return _stemmer.stemWords([t for t in _TOKEN.findall(text) if t not in STOPWORDS])
+
+
+class LuceneBM25(BM25Okapi):
+    """rank_bm25's BM25Okapi with Lucene's idf, log(1 + (N - df + 0.5) / (df + 0.5)), which is never negative.
+
+    rank_bm25's own idf goes negative for terms in over half the corpus and patches that with an epsilon floor;
+    Lucene (and so Anserini, whose numbers we compare with) does not. k1=0.9, b=0.4 are Anserini's defaults.
+    """
+
+    def __init__(self, corpus_tokens: list[list[str]], k1: float = 0.9, b: float = 0.4):
+        super().__init__(corpus_tokens, k1=k1, b=b)
+
+    def _calc_idf(self, nd: dict[str, int]) -> None:
+        self.idf = {w: math.log(1 + (self.corpus_size - df + 0.5) / (df + 0.5)) for w, df in nd.items()}
+
+    def top_k(self, query_tokens: list[str], k: int) -> list[tuple[int, float]]:
+        """(document index, score) of the k best documents; ties broken by index for determinism."""
+        scores = self.get_scores(query_tokens)
+        order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+        return [(int(i), float(scores[i])) for i in order]
+
+
+def cache_dir() -> Path:
+    """Where converted models and BM25 indexes live: $REARANK_CACHE, else ~/.cache/rearank."""
+    d = Path(os.environ.get("REARANK_CACHE") or Path.home() / ".cache" / "rearank")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def bm25_index(corpus: dict[str, str], name: str, log: Callable[[str], None] = print) -> tuple[LuceneBM25, list[str]]:
+    """Build (or load from the cache) a BM25 index over `corpus`; returns it with the docids in index order."""
+    docids = list(corpus)
+    digest = hashlib.sha1("\n".join(f"{d}\t{corpus[d]}" for d in docids).encode()).hexdigest()[:12]
+    path = cache_dir() / f"bm25-{name}-{digest}.pkl"
+    if path.exists():
+        t = time.time()
+        with open(path, "rb") as f:
+            index = pickle.load(f)
+        log(f"bm25: loaded cached index {path} ({len(docids)} docs) in {time.time() - t:.1f}s")
+        return index, docids
+    t = time.time()
+    index = LuceneBM25([analyze(corpus[d]) for d in docids])
+    log(f"bm25: indexed {len(docids)} docs in {time.time() - t:.1f}s -> {path}")
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(index, f)
+    tmp.replace(path)  # atomic: an interrupted run never leaves half an index behind
+    return index, docids
+
+
+def bm25_retrieve(
+    corpus: dict[str, str], queries: dict[str, str], name: str, k: int = 100, log: Callable[[str], None] = print
+) -> list[Ranking]:
+    from tqdm import tqdm
+
+    index, docids = bm25_index(corpus, name, log)
+    t = time.time()
+    rankings = []
+    for qid, text in tqdm(queries.items(), desc=f"bm25 {name}", unit="q", disable=len(queries) < 50):
+        hits = index.top_k(analyze(text), k)
+        rankings.append(Ranking(Query(qid, text), [Candidate(docids[i], corpus[docids[i]], s) for i, s in hits]))
+    log(f"bm25: retrieved top-{k} for {len(queries)} queries in {time.time() - t:.1f}s")
+    return rankings
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the data directory and its public homes
+
+
+def data_dir(explicit: str | Path | None = None) -> Path:
+    return Path(explicit or os.environ.get("REARANK_DATA") or "data")
+
+
+RANK_LLM_DATA = "castorini/rank_llm_data"  # Hugging Face dataset with first-stage results (METHOD, data README)
+QRELS_URL = "https://raw.githubusercontent.com/castorini/anserini-tools/master/topics-and-qrels/"
+SCIFACT_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/scifact.zip"
+
+# local path (relative to the data directory) -> how to fetch it when missing
+REMOTE: dict[str, tuple[str, str]] = {
+    "trec_dl/bm25_top100_dl19.rankgpt.json": ("hf", "retrieve_results/BM25/retrieve_results_dl19_top100.json"),
+    "trec_dl/bm25_top100_dl20.rankgpt.json": ("hf", "retrieve_results/BM25/retrieve_results_dl20_top100.json"),
+    "trec_dl21_msmarco_v2/bm25_top100_dl21.rankgpt.json": ("hf", "retrieve_results/BM25/retrieve_results_dl21_top100.json"),
+    "trec_dl/qrels.dl19-passage.txt": ("url", QRELS_URL + "qrels.dl19-passage.txt"),
+    "trec_dl/qrels.dl20-passage.txt": ("url", QRELS_URL + "qrels.dl20-passage.txt"),
+    "trec_dl21_msmarco_v2/qrels.dl21-passage.txt": ("url", QRELS_URL + "qrels.dl21-passage.txt"),
+    "beir_scifact/corpus.jsonl": ("beir", "scifact/corpus.jsonl"),
+    "beir_scifact/queries.jsonl": ("beir", "scifact/queries.jsonl"),
+    "beir_scifact/qrels/test.tsv": ("beir", "scifact/qrels/test.tsv"),
+    "beir_scifact/qrels/train.tsv": ("beir", "scifact/qrels/train.tsv"),
+}
+
+
+def _fetch(root: Path, rel: str) -> None:
+    kind, src = REMOTE[rel]
+    dest = root / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "hf":
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(RANK_LLM_DATA, src, repo_type="dataset")
+        dest.write_bytes(Path(local).read_bytes())
+    elif kind == "url":
+        urllib.request.urlretrieve(src, dest)
+    else:  # the BEIR zip holds every SciFact file at once
+        zpath = root / "beir_scifact" / "scifact.zip"
+        if not zpath.exists():
+            urllib.request.urlretrieve(SCIFACT_URL, zpath)
+        with zipfile.ZipFile(zpath) as z:
+            dest.write_bytes(z.read(src))
+
+
+def require(root: Path, rels: list[str]) -> list[Path]:
+    """The paths of `rels` under `root`, fetching the missing ones; offline, one error that lists them all."""
+    missing = [r for r in rels if not (root / r).exists()]
+    failed = []
+    for rel in missing:
+        try:
+            print(f"data: fetching {rel} ...", file=sys.stderr)
+            _fetch(root, rel)
+        except Exception as e:  # offline, hub down, proxy: we only need to say what to do next
+            failed.append(f"  {root / rel}   (from {REMOTE[rel][1]}; {type(e).__name__})")
+    if failed:
+        raise DataError(
+            "missing data files, and fetching them failed (offline?):\n"
+            + "\n".join(failed)
+            + "\nPut the files there, or point --data-dir / $REARANK_DATA at a directory laid out like this one."
+        )
+    return [root / r for r in rels]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the registry
+
+
+def _trec_dl(year: str, folder: str) -> Callable[[Path], Dataset]:
+    def load(root: Path) -> Dataset:
+        run, qrels = require(root, [f"{folder}/bm25_top100_{year}.rankgpt.json", f"{folder}/qrels.{year}-passage.txt"])
+        note = "training/dev queries: never a test set" if year == "dl21" else ""
+        return Dataset(year, load_rankgpt(run), load_qrels(qrels), note)
+
+    return load
+
+
+def _scifact(split: str) -> Callable[[Path], Dataset]:
+    def load(root: Path) -> Dataset:
+        corpus_p, queries_p, qrels_p = require(
+            root, ["beir_scifact/corpus.jsonl", "beir_scifact/queries.jsonl", f"beir_scifact/qrels/{split}.tsv"]
+        )
+        qrels = load_qrels(qrels_p)
+        queries = load_beir_queries(queries_p)
+        unknown = [q for q in qrels if q not in queries]
+        if unknown:
+            raise DataError(f"{qrels_p}: queries {unknown[:5]} are not in {queries_p}")
+        corpus = load_beir_corpus(corpus_p)
+        rankings = bm25_retrieve(corpus, {q: queries[q] for q in qrels}, "scifact")
+        return Dataset("scifact" if split == "test" else f"scifact-{split}", rankings, qrels)
+
+    return load
+
+
+DATASETS: dict[str, Callable[[Path], Dataset]] = {
+    "dl19": _trec_dl("dl19", "trec_dl"),
+    "dl20": _trec_dl("dl20", "trec_dl"),
+    "dl21": _trec_dl("dl21", "trec_dl21_msmarco_v2"),
+    "scifact": _scifact("test"),
+    "scifact-train": _scifact("train"),
+}
+
+
+def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name](data_dir(root))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list the datasets")
+    b = sub.add_parser("bm25", help="run (and cache) BM25 for a dataset, report times")
+    b.add_argument("--dataset", default="scifact", help="dataset name")
+    b.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "list":
+            for name in DATASETS:
+                print(name)
+        elif args.cmd == "bm25":
+            ds = load_dataset(args.dataset, args.data_dir)
+            print(f"{ds.name}: {len(ds.rankings)} queries, {sum(len(r.candidates) for r in ds.rankings)} candidates")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
