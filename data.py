@@ -16,6 +16,7 @@ when the machine is online; offline, the error lists what is missing and where i
 
     python data.py list                                  # the registry
     python data.py bm25 --dataset scifact                # build/cache the BM25 index, report times
+    python data.py augment --dataset dl21 --samples 50 --size 20 --out train.jsonl   # training sets (METHOD §4)
 """
 
 from __future__ import annotations
@@ -449,6 +450,102 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# training instances: REARANK's "initial state expansion" (METHOD §4)
+
+
+@dataclass
+class TrainInstance:
+    """One candidate set P of one query, in its initial order, with what the reward needs to score a reordering.
+
+    `judged` holds the query's positive judgments (all of them, not only P's): the ideal DCG is computed from them.
+    """
+
+    qid: str
+    query: str
+    candidates: list[Candidate]  # P in its initial order
+    grades: list[int]  # grade of each candidate (0 when unjudged)
+    r_init: float  # nDCG@10 of P as given
+    r_star: float  # nDCG@10 of P sorted by grade: the best any reordering can reach
+    judged: dict[str, int] = field(default_factory=dict)
+
+
+def make_instance(query: Query, candidates: list[Candidate], grades: dict[str, int]) -> TrainInstance:
+    from reward import ndcg_bounds  # reward imports eval, which imports this module
+
+    judged = {d: g for d, g in grades.items() if g > 0}
+    r_init, r_star = ndcg_bounds([c.docid for c in candidates], judged)
+    return TrainInstance(
+        query.qid, query.text, candidates, [grades.get(c.docid, 0) for c in candidates], r_init, r_star, judged
+    )
+
+
+def write_instances(path: str | Path, instances: Iterable[TrainInstance]) -> None:
+    """JSONL, one instance a line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for inst in instances:
+            rec = {**inst.__dict__, "candidates": [c.__dict__ for c in inst.candidates]}
+            f.write(json.dumps(rec) + "\n")
+
+
+def read_instances(path: str | Path) -> list[TrainInstance]:
+    """Read what write_instances wrote; a malformed line is an error naming the file and line."""
+    instances = []
+    for lineno, rec in _jsonl(Path(path)):
+        try:
+            rec["candidates"] = [Candidate(**c) for c in rec["candidates"]]
+            inst = TrainInstance(**rec)
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: not a training instance ({e}); write it with `data.py augment`") from None
+        if len(inst.grades) != len(inst.candidates):
+            raise DataError(f"{path}:{lineno}: {len(inst.grades)} grades for {len(inst.candidates)} candidates")
+        instances.append(inst)
+    if not instances:
+        raise DataError(f"{path}: no training instances")
+    return instances
+
+
+@dataclass
+class AugmentStats:
+    kept: int = 0
+    no_relevant: int = 0  # P holds no relevant passage
+    below: int = 0  # the filtered nDCG is under the threshold
+
+
+def augment(
+    ds: Dataset, samples: int = 50, size: int = 20, seed: int = 0, min_ndcg: float = 0.1, filter_on: str = "best"
+) -> tuple[list[TrainInstance], AugmentStats]:
+    """Sample `samples` candidate sets of `size` passages from each judged query's first-stage list (METHOD §4).
+
+    Each set keeps the order it was drawn in (a random initial state, as the method's "initial state expansion"
+    asks). Sets with no relevant passage are dropped, then sets whose nDCG@10 is below `min_ndcg`: the paper states
+    that filter both on the initial nDCG and on the best reachable one; `filter_on="best"` (the default) filters on
+    r*, which keeps badly ordered sets, the ones with the most to learn from; `"init"` filters on r_init.
+    Reproducible: one random.Random(seed), queries in file order.
+    """
+    import random
+
+    if filter_on not in ("best", "init"):
+        raise ValueError(f"filter_on must be 'best' or 'init', not {filter_on!r}")
+    rng, stats, instances = random.Random(seed), AugmentStats(), []
+    for ranking in ds.rankings:
+        grades = ds.qrels.get(ranking.query.qid)
+        if not grades:
+            continue  # an unjudged query cannot be scored
+        for _ in range(samples):
+            inst = make_instance(ranking.query, rng.sample(ranking.candidates, min(size, len(ranking.candidates))), grades)
+            if not any(g > 0 for g in inst.grades):
+                stats.no_relevant += 1
+            elif (inst.r_star if filter_on == "best" else inst.r_init) < min_ndcg:
+                stats.below += 1
+            else:
+                stats.kept += 1
+                instances.append(inst)
+    return instances, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -459,6 +556,15 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bm25", help="run (and cache) BM25 for a dataset, report times")
     b.add_argument("--dataset", default="scifact", help="dataset name")
     b.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
+    a = sub.add_parser("augment", help="sample training candidate sets (METHOD §4) into a JSONL file")
+    a.add_argument("--dataset", default="dl21", help="dataset whose judged queries seed the sets (dl21, scifact-train)")
+    a.add_argument("--samples", type=int, default=50, help="candidate sets drawn per query")
+    a.add_argument("--size", type=int, default=20, help="passages per candidate set")
+    a.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same file")
+    a.add_argument("--min-ndcg", type=float, default=0.1, help="drop sets whose nDCG@10 is below this")
+    a.add_argument("--filter-on", choices=("best", "init"), default="best", help="filter on r* (best) or r_init")
+    a.add_argument("--out", default="train.jsonl", help="output JSONL")
+    a.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
     args = p.parse_args(argv)
     try:
         if args.cmd == "list":
@@ -467,6 +573,14 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "bm25":
             ds = load_dataset(args.dataset, args.data_dir)
             print(f"{ds.name}: {len(ds.rankings)} queries, {sum(len(r.candidates) for r in ds.rankings)} candidates")
+        elif args.cmd == "augment":
+            ds = load_dataset(args.dataset, args.data_dir)
+            instances, st = augment(ds, args.samples, args.size, args.seed, args.min_ndcg, args.filter_on)
+            write_instances(args.out, instances)
+            print(
+                f"{ds.name}: kept {st.kept}, dropped {st.no_relevant + st.below} ({st.no_relevant} with no relevant "
+                f"passage, {st.below} with nDCG@10 ({args.filter_on}) < {args.min_ndcg}); wrote {args.out}"
+            )
     except DataError as e:
         sys.exit(f"error: {e}")
 

@@ -1,1 +1,102 @@
-"""The REARANK reward (normalised nDCG@10 gain plus format terms) and Rank-R1's binary reward. (Built in issue 4.)"""
+"""Rewards for training rerankers with GRPO: REARANK's listwise reward (METHOD §3) and Rank-R1's setwise one (§6).
+
+    r = 0.8 * r_rank + 0.1 * format1 + 0.1 * format2
+    r_rank = (r_rerank - r_init) / (r* - r_init)
+
+r_rerank, r_init and r* are nDCG@10 of the candidate set P in the model's order, in its initial order, and in the best
+order (P sorted by grade). All three divide by the ideal DCG of the query's *full* judgments (eval.ndcg_at_k, the
+evaluator's own metric), so r* < 1 when P lacks some relevant passages, and r_rank = 1 means "as good as P allows".
+
+Where the paper is silent, this module chooses (and tests/test_reward.py checks):
+
+1. The answer is read by rearank.parse_ranking, the parser inference uses, so the reward scores exactly the order
+   inference would write back. An answer with no usable ids therefore leaves P in its initial order: r_rank = 0,
+   format2 = 0. It is not penalised below "did nothing"; the format terms are what tell it off.
+2. r* == r_init (P already in its best order, or P holds nothing relevant): the ratio is undefined, so r_rank falls
+   back to the plain difference r_rerank - r_init (the paper's second ablation): 0 if the model keeps a best order,
+   negative by the nDCG it loses otherwise. It never rewards an improvement that cannot exist.
+
+r_rank has no lower bound: when r* - r_init is small, spoiling the order costs a lot. That is the paper's formula;
+the augmentation filter (data.py augment) keeps such sets rare.
+
+    >>> r = rerank_reward("<think>b is best</think> <answer>[2] > [1]</answer>", ["a", "b"], {"b": 3})
+    >>> (round(r.rank, 4), r.format1, r.format2, round(r.total, 4))
+    (1.0, 1.0, 1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
+
+from eval import ndcg_at_k
+from rearank import answer_format, parse_ranking
+
+K = 10
+W_RANK, W_FORMAT1, W_FORMAT2 = 0.8, 0.1, 0.1  # METHOD §3
+SAME = 1e-12  # r* - r_init below this counts as "no room to improve" (float noise from the log2 discounts)
+
+
+@dataclass(frozen=True)
+class Reward:
+    """The parts of one completion's reward, kept apart so logs can show which term moved."""
+
+    rank: float  # r_rank, normalised nDCG@10 gain
+    format1: float  # 1 if <think> and <answer> blocks are present
+    format2: float  # 1 if the answer is a ranking list "[3] > [1] > [2]"
+    total: float  # 0.8 rank + 0.1 format1 + 0.1 format2
+
+    def asdict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def ndcg_bounds(docids: Sequence[str], judged: Mapping[str, int], k: int = K) -> tuple[float, float]:
+    """(r_init, r*): nDCG@k of `docids` as given and sorted by grade, against the query's full judgments.
+
+    >>> [round(r, 4) for r in ndcg_bounds(["a", "b", "c"], {"c": 2, "z": 1}, k=3)]  # 'z' is not in P: r* < 1
+    [0.3801, 0.7602]
+    """
+    best = sorted(docids, key=lambda d: -max(judged.get(d, 0), 0))  # stable: ties keep the initial order
+    return ndcg_at_k(docids, judged, k), ndcg_at_k(best, judged, k)
+
+
+def rank_gain(r_rerank: float, r_init: float, r_star: float) -> float:
+    """Normalised improvement (r_rerank - r_init) / (r* - r_init); the plain difference when r* == r_init."""
+    room = r_star - r_init
+    assert room >= -SAME, f"r* ({r_star}) below r_init ({r_init}): r* must be the best order of the same set"
+    if room <= SAME:
+        return r_rerank - r_init
+    return (r_rerank - r_init) / room
+
+
+def rerank_reward(text: str, docids: Sequence[str], judged: Mapping[str, int], k: int = K) -> Reward:
+    """REARANK's reward for one completion `text` that reorders the candidates `docids` (in their initial order).
+
+    `judged` is the query's full judgments {docid: grade} (at least every positive one): the ideal DCG needs them.
+
+    >>> rerank_reward("no answer at all", ["a", "b"], {"b": 3})  # initial order kept, no format credit
+    Reward(rank=0.0, format1=0.0, format2=0.0, total=0.0)
+    """
+    order = parse_ranking(text, len(docids))
+    r_init, r_star = ndcg_bounds(docids, judged, k)
+    r_rerank = ndcg_at_k([docids[i] for i in order], judged, k)
+    rank = rank_gain(r_rerank, r_init, r_star)
+    blocks, ranking_list = answer_format(text)
+    f1, f2 = float(blocks), float(ranking_list)
+    return Reward(rank, f1, f2, W_RANK * rank + W_FORMAT1 * f1 + W_FORMAT2 * f2)
+
+
+SETWISE_ANSWER = re.compile(r"<think>.*?</think>\s*<answer>(.*?)</answer>", re.DOTALL)  # Rank-R1 (METHOD §6)
+
+
+def setwise_reward(text: str, label: int) -> float:
+    """Rank-R1's binary reward: 1 if `text` has think-then-answer blocks and the answer is `[label]`, else 0.
+
+    `label` is the 1-based identifier of the relevant document in the prompt.
+
+    >>> setwise_reward("<think>the third</think> <answer>[3]</answer>", 3), setwise_reward("<answer>[3]</answer>", 3)
+    (1.0, 0.0)
+    """
+    m = SETWISE_ANSWER.search(text)
+    return float(m is not None and m.group(1).strip() == f"[{label}]")

@@ -1,0 +1,152 @@
+"""The REARANK reward on hand-computed cases, the silent cases reward.py chooses, and Rank-R1's binary reward."""
+
+from math import log2
+
+import pytest
+
+from reward import Reward, ndcg_bounds, rank_gain, rerank_reward, setwise_reward
+
+# P = a, b, c in this initial order; z is judged relevant but not in P, so the best order of P cannot reach 1
+DOCIDS = ["a", "b", "c"]
+JUDGED = {"a": 0, "b": 1, "c": 3, "z": 2}
+IDCG = 3 + 2 / log2(3) + 1 / log2(4)  # grades 3, 2, 1 of the full judgments
+R_INIT = (0 + 1 / log2(3) + 3 / log2(4)) / IDCG  # a, b, c
+R_STAR = (3 + 1 / log2(3) + 0) / IDCG  # c, b, a
+
+
+def answer(ids: str) -> str:
+    return f"<think>c mentions the query twice</think>\n<answer>{ids}</answer>"
+
+
+def test_bounds_by_hand():
+    r_init, r_star = ndcg_bounds(DOCIDS, JUDGED)
+    assert r_init == pytest.approx(R_INIT) and r_star == pytest.approx(R_STAR)
+    assert r_star < 1  # z is missing from P
+
+
+def test_best_order_scores_one_and_parts_add_up():
+    r = rerank_reward(answer("[3] > [2] > [1]"), DOCIDS, JUDGED)
+    assert r == Reward(pytest.approx(1.0), 1.0, 1.0, pytest.approx(1.0))
+
+
+def test_partial_improvement_by_hand():
+    r = rerank_reward(answer("[3] > [1] > [2]"), DOCIDS, JUDGED)  # c, a, b
+    r_rerank = (3 + 0 + 1 / log2(4)) / IDCG
+    assert r.rank == pytest.approx((r_rerank - R_INIT) / (R_STAR - R_INIT))
+    assert r.total == pytest.approx(0.8 * r.rank + 0.2)
+
+
+def test_worse_order_is_negative():
+    r = rerank_reward(answer("[2] > [3] > [1]"), ["c", "a", "b"], JUDGED)  # a, b, c
+    r_init = (3 + 0 + 1 / log2(4)) / IDCG
+    assert r.rank == pytest.approx((R_INIT - r_init) / (R_STAR - r_init)) and r.rank < 0
+
+
+def test_partial_answer_appends_the_rest_in_initial_order():
+    # "[3]" alone: c first, then a and b as they were (the parser inference uses)
+    assert rerank_reward(answer("[3]"), DOCIDS, JUDGED).rank == rerank_reward(answer("[3] > [1] > [2]"), DOCIDS, JUDGED).rank
+
+
+def test_unparseable_answer_keeps_initial_order_no_format_credit():
+    r = rerank_reward("I think passage c is good.", DOCIDS, JUDGED)
+    assert r == Reward(0.0, 0.0, 0.0, 0.0)
+
+
+def test_blocks_without_a_ranking_list_get_format1_only():
+    r = rerank_reward("<think>hmm</think> <answer>none of them</answer>", DOCIDS, JUDGED)
+    assert (r.rank, r.format1, r.format2) == (0.0, 1.0, 0.0) and r.total == pytest.approx(0.1)
+
+
+def test_no_room_to_improve_falls_back_to_the_difference():
+    # P already in its best order: keeping it scores 0, spoiling it costs the nDCG it loses (no division by zero)
+    best = ["c", "b", "a"]
+    assert rerank_reward(answer("[1] > [2] > [3]"), best, JUDGED).rank == 0.0
+    r = rerank_reward(answer("[3] > [2] > [1]"), best, JUDGED)  # a, b, c
+    assert r.rank == pytest.approx(R_INIT - R_STAR) and r.rank < 0
+
+
+def test_nothing_relevant_in_p_scores_zero_whatever_the_order():
+    for ids in ("[1] > [2]", "[2] > [1]"):
+        r = rerank_reward(answer(ids), ["x", "y"], JUDGED)
+        assert r.rank == 0.0 and r.total == pytest.approx(0.2)
+
+
+def test_rank_gain_refuses_an_impossible_best():
+    with pytest.raises(AssertionError):
+        rank_gain(0.5, 0.6, 0.4)
+
+
+@pytest.mark.parametrize(
+    "text, label, expected",
+    [
+        ("<think>doc 3 answers it</think> <answer>[3]</answer>", 3, 1.0),
+        ("<think>x</think>\n<answer> [3] </answer>", 3, 1.0),
+        ("<think>x</think><answer>[2]</answer>", 3, 0.0),  # wrong document
+        ("<answer>[3]</answer>", 3, 0.0),  # no reasoning block
+        ("<think>x</think> so <answer>[3]</answer>", 3, 0.0),  # text between the blocks
+        ("<think>x</think><answer>3</answer>", 3, 0.0),  # no brackets
+    ],
+)
+def test_setwise_reward(text, label, expected):
+    assert setwise_reward(text, label) == expected
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training instances (data.py augment, METHOD §4): r_init and r* are the reward's own bounds
+
+import data  # noqa: E402
+from data import Candidate, DataError, Dataset, Query, Ranking  # noqa: E402
+
+
+def toy_dataset() -> Dataset:
+    cands = [Candidate(f"d{i}", f"passage {i}") for i in range(30)]
+    qrels = {"q1": {"d0": 3, "d1": 1, "d5": 0}, "q2": {"d0": 2}}  # q3 is unjudged: never sampled
+    rankings = [Ranking(Query(q, f"query {q}"), cands) for q in ("q1", "q2", "q3")]
+    return Dataset("toy", rankings, qrels)
+
+
+def test_augment_is_reproducible_from_the_seed():
+    a, sa = data.augment(toy_dataset(), samples=20, size=5, seed=7)
+    b, sb = data.augment(toy_dataset(), samples=20, size=5, seed=7)
+    c, _ = data.augment(toy_dataset(), samples=20, size=5, seed=8)
+    assert a == b and sa == sb
+    assert [i.candidates for i in a] != [i.candidates for i in c]
+    assert sa.kept + sa.no_relevant + sa.below == 40  # two judged queries x 20 samples
+
+
+def test_augment_filter_and_bounds():
+    insts, st = data.augment(toy_dataset(), samples=50, size=5, seed=0, min_ndcg=0.1)
+    assert st.no_relevant > 0 and st.kept == len(insts)
+    for inst in insts:
+        assert len(inst.candidates) == 5 and len({c.docid for c in inst.candidates}) == 5
+        assert any(g > 0 for g in inst.grades) and inst.r_star >= 0.1
+        assert (inst.r_init, inst.r_star) == ndcg_bounds([c.docid for c in inst.candidates], inst.judged)
+        assert inst.judged == {"q1": {"d0": 3, "d1": 1}, "q2": {"d0": 2}}[inst.qid]  # all positive judgments
+    # a q1 set holding d1 but not d0 reaches at best 1/IDCG(3, 1) = 0.28: a 0.5 threshold on r* drops those; on
+    # r_init it also drops the sets whose relevant passages sit low (d0 third: 1.5/3.63 = 0.41)
+    _, best = data.augment(toy_dataset(), samples=50, size=5, seed=0, min_ndcg=0.5, filter_on="best")
+    _, init = data.augment(toy_dataset(), samples=50, size=5, seed=0, min_ndcg=0.5, filter_on="init")
+    assert 0 < best.below < init.below and best.no_relevant == init.no_relevant == st.no_relevant
+
+
+def test_instances_jsonl_round_trip_and_errors(tmp_path):
+    insts, _ = data.augment(toy_dataset(), samples=3, size=4, seed=1)
+    path = tmp_path / "train.jsonl"
+    data.write_instances(path, insts)
+    assert data.read_instances(path) == insts
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + '{"qid": "q1"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:2: not a training instance"):
+        data.read_instances(path)
+    path.write_text("{oops\n")
+    with pytest.raises(DataError, match=r"train.jsonl:1: invalid JSON"):
+        data.read_instances(path)
+
+
+def test_augment_command_on_dl21(data_root, tmp_path, capsys):
+    out = tmp_path / "train.jsonl"
+    data.main(["augment", "--dataset", "dl21", "--samples", "2", "--size", "20", "--data-dir", str(data_root),
+               "--out", str(out)])
+    kept = len(data.read_instances(out))
+    printed = capsys.readouterr().out
+    assert f"kept {kept}, dropped {2 * 53 - kept}" in printed
