@@ -419,6 +419,20 @@ def stop_lengths(completion_ids: list[list[int]], tokenizer, eos_ids: set[int], 
     return lengths
 
 
+_STOP_CRITERIA: dict[int, tuple] = {}
+
+
+def answer_stop(tokenizer):
+    """HF's StopStringCriteria for `</answer>`, built once per tokenizer: building it scans the whole vocabulary
+    (about a second), which would otherwise be paid on every generate call."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    key = id(tokenizer)
+    if key not in _STOP_CRITERIA:
+        _STOP_CRITERIA[key] = (tokenizer, StopStringCriteria(tokenizer, [ANSWER_END]))  # keep tokenizer: id stays valid
+    return _STOP_CRITERIA[key][1]
+
+
 def context_limit(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
@@ -454,7 +468,7 @@ def generate_tokens(
             )
         max_new_tokens = min(max_new_tokens, limit - P)
     eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None}
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -464,11 +478,10 @@ def generate_tokens(
         num_return_sequences=num_return_sequences,
         eos_token_id=sorted(eos_ids),
         pad_token_id=tokenizer.pad_token_id,
-        stop_strings=[ANSWER_END],
         use_cache=True,
     )
     with torch.inference_mode():
-        out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)  # (B*G, P + C)
+        out = model.generate(**enc, generation_config=config, stopping_criteria=[answer_stop(tokenizer)])  # (B*G, P+C)
     completion = out[:, P:]  # (B*G, C)
     lengths = stop_lengths(completion.tolist(), tokenizer, eos_ids)
     mask = (torch.arange(completion.shape[1], device=completion.device)[None, :] < torch.tensor(lengths, device=completion.device)[:, None]).long()

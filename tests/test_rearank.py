@@ -289,3 +289,101 @@ def test_eval_unreachable_model_is_a_clear_error(data_root, tmp_path):
     with pytest.raises(SystemExit, match="--model smollm2"):
         ev.main(["--dataset", "dl19", "--data-dir", str(data_root), "--model", "no-such-org/no-such-model-xyz",
                  "--limit", "1", "--top-k", "5", "--out", str(tmp_path)])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# token-level generation on a tiny random Llama with the SmolLM2 tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    try:
+        path = rr.smollm2_dir()  # converts the embedded model once (~30 s), then cached
+    except rr.ModelError as e:
+        pytest.skip(f"needs the embedded model's tokenizer: {e}")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_llama(tokenizer, cls=None, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+    config = LlamaConfig(**{**shape, **overrides})
+    return (cls or LlamaForCausalLM)(config).eval()
+
+
+def scripted_llama(tokenizer, scripts: dict[str, list[int]]):
+    """A tiny Llama that emits a fixed token script; the script is picked per row from the prompt it sees at
+    prefill ("short" for a left-padded row, else "long"), so the tests also check which row answers which prompt."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    class Scripted(LlamaForCausalLM):
+        def forward(self, input_ids=None, **kwargs):
+            out = super().forward(input_ids=input_ids, **kwargs)
+            if input_ids.shape[1] > 1:  # prefill: choose each row's script
+                self.rows = [scripts["short" if r[0] == tokenizer.pad_token_id else "long"] for r in input_ids.tolist()]
+                self.step = 0
+            for b, script in enumerate(self.rows):
+                out.logits[b, -1, :] = -1e9
+                out.logits[b, -1, script[min(self.step, len(script) - 1)]] = 0.0
+            self.step += 1
+            return out
+
+    return tiny_llama(tokenizer, cls=Scripted)
+
+
+def test_generate_tokens_stops_at_answer_or_eos_and_masks_the_rest(tokenizer):
+    import torch
+
+    answer = "<think>x</think><answer>[2] > [1]</answer>"
+    stop_at = len(tokenizer(answer, add_special_tokens=False).input_ids)
+    scripts = {
+        "long": tokenizer(answer + " and more after it", add_special_tokens=False).input_ids,
+        "short": tokenizer("no tags", add_special_tokens=False).input_ids + [tokenizer.eos_token_id] + [42] * 30,
+    }
+    model = scripted_llama(tokenizer, scripts)
+    prompts = [rr.build_prompt("q", ["a"]), rr.build_prompt("a longer query", ["passage one", "passage two"])]
+    g = rr.generate_tokens(model, tokenizer, prompts, max_new_tokens=40, do_sample=True, num_return_sequences=2)
+    B, P = g.prompt_ids.shape
+    assert B == 2 and g.prompt_mask[0, 0] == 0 and g.prompt_mask[:, -1].all()  # left padding
+    assert g.completion_ids.shape[0] == 4 and g.completion_ids.shape == g.completion_mask.shape
+    assert g.texts == ["no tags", "no tags", answer, answer]  # rows b*G .. b*G+G-1 answer prompt b
+    # the EOS counts (the policy chose it), the stop string's last token counts, nothing after either
+    assert g.completion_mask.sum(1).tolist() == [len(scripts["short"]) - 30] * 2 + [stop_at] * 2
+    assert g.completion_ids.shape[1] < 40  # generation ended once every row had stopped
+    mask_is_prefix = g.completion_mask.cummin(dim=1).values == g.completion_mask
+    assert bool(mask_is_prefix.all()) and g.completion_mask.dtype == torch.long
+
+
+def test_generate_tokens_sampling_shapes_and_hf_generator(tokenizer):
+    model = tiny_llama(tokenizer)
+    prompts = [rr.build_prompt("q", ["a", "b"]), rr.build_prompt("q2", ["c"])]
+    g = rr.generate_tokens(model, tokenizer, prompts, max_new_tokens=5, do_sample=True, temperature=0.7,
+                           num_return_sequences=3)  # fmt: skip
+    assert g.completion_ids.shape == (6, 5) and len(g.texts) == 6
+    gen = rr.HFGenerator(model, tokenizer, max_new_tokens=4, batch_size=1)
+    texts = gen(prompts)
+    assert len(texts) == 2 and gen.generated_tokens <= 8 and gen.prompt_tokens > 0
+    assert texts == rr.HFGenerator(model, tokenizer, max_new_tokens=4, batch_size=2)(prompts)  # greedy, batched
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(tokenizer):
+    model = tiny_llama(tokenizer, max_position_embeddings=300)
+    too_long = rr.build_prompt("q", ["word " * 80] * 20)  # 20 passages of 400 characters: far over 300 tokens
+    with pytest.raises(rr.ModelError, match="smaller --window"):
+        rr.generate_tokens(model, tokenizer, [too_long], max_new_tokens=8)
+    fits = rr.build_prompt("q", ["a"])
+    P = len(tokenizer.apply_chat_template(fits, add_generation_prompt=True))
+    g = rr.generate_tokens(model, tokenizer, [fits], max_new_tokens=10_000)  # capped to what the context leaves
+    assert g.completion_ids.shape[1] <= 300 - P
