@@ -1,1 +1,632 @@
-"""A hand-written GRPO loop for reasoning rerankers. (Built in issue 4.)"""
+"""A hand-written GRPO loop that teaches an LLM to rerank with reasoning (REARANK; METHOD §3-§5).
+
+    python grpo.py --model Qwen/Qwen2.5-7B-Instruct                         # the paper's recipe, one GPU
+    python grpo.py --model smollm2 --dataset dl21 --steps 40 --size 5       # the embedded model on CPU
+    python grpo.py --out runs/grpo --resume                                 # continue from the last checkpoint
+    python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
+
+One step: B training instances (candidate sets sampled by `data.py augment`, METHOD §4), each rendered with the REARANK
+prompt -> G completions each, sampled by `rearank.generate_tokens` (the generation path evaluation uses) -> the REARANK
+reward (reward.py) -> advantages within each group -> the clipped policy-gradient loss on the generated token ids ->
+one optimizer step. Everything a step did is one line on stdout and one JSON object in <out>/metrics.jsonl.
+
+How this departs from vanilla GRPO (DeepSeekMath, arXiv 2402.03300):
+
+1. The loss is averaged over all completion tokens of the rollout batch (DAPO; TRL's default `loss_type="dapo"`),
+   not per sequence and then per group: every token weighs the same, so a long completion is not diluted and a short
+   one not amplified (the per-sequence mean carries a length bias, Dr. GRPO). Gradient accumulation divides by the
+   token count of the whole batch, so micro-batching does not change the gradient.
+2. `--no-std` drops the std from the advantage (Dr. GRPO): with std, a group that differs only in a format bit gets
+   advantages as large as a group that differs in ranking quality (METHOD §5 pitfalls).
+3. The KL penalty is off by default (`--beta 0`, like TRL and DAPO); the frozen reference model is loaded only when
+   beta > 0. When on, it is the k3 estimator per token, as DeepSeekMath.
+4. With one update per rollout batch (`--updates 1`, the default) the old policy *is* the current one: the ratio is
+   exp(logp - logp.detach()) == 1, the clip is inert and no extra forward pass is made. With `--updates > 1` the old
+   log-probs are computed once, under no_grad, before the first update.
+5. Generation stops at `</answer>` (or EOS); what follows is masked, as is padding. Completions cut by
+   `--max-new-tokens` are kept and scored (their answer is missing, so they mostly score 0) and counted as truncated.
+6. Weights stay fp32 (master weights) and the forward runs in bf16 autocast on CUDA: Adam steps of size lr = 1e-6
+   vanish when added to bf16 weights (the bf16 spacing near 0.02 is 1.2e-4). The first step reports how many weights
+   moved. README: "7B memory" has the arithmetic.
+
+The loop is generic over a `Task` (prompt builder + reward): REARANK's listwise task is the only one for now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import DataError, TrainInstance, augment, load_dataset, make_instance, read_instances
+from rearank import ANSWER_END, ModelError, build_prompt, generate_tokens, load_model
+from reward import Reward, rerank_reward
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    model: str = "smollm2"  # "smollm2" (embedded, CPU-friendly), a local directory or a hub id
+    method: str = "rearank"  # the task: prompt builder + reward (only REARANK's listwise task for now)
+    dataset: str = "dl21"  # seeds for the training sets (augmented in memory) unless --train-file is given
+    train_file: str = ""  # JSONL of training instances written by `data.py augment`
+    samples: int = 50  # augmentation: candidate sets per query
+    size: int = 20  # augmentation: passages per set
+    min_ndcg: float = 0.1  # augmentation: drop sets whose best reachable nDCG@10 is below this
+    steps: int = 100  # optimizer steps (one rollout batch each)
+    batch_size: int = 4  # prompts per step (B)
+    group_size: int = 8  # completions per prompt (G)
+    updates: int = 1  # policy updates per rollout batch (mu); > 1 brings the old policy and the clip into play
+    grad_accum: int = 1  # micro-batches the B*G sequences are split into for the backward pass
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.0  # KL coefficient; 0 = no reference model at all
+    clip_eps: float = 0.2
+    no_std: bool = False  # Dr. GRPO advantages: r - mean(r), no division by the std
+    temperature: float = 1.0  # sampling temperature, also the one the log-probs are computed at
+    max_new_tokens: int = 512
+    gradient_checkpointing: bool = False
+    eval_dataset: str = "dl19"  # held-out windows: the top-`eval_size` candidates of each judged query
+    eval_size: int = 20
+    eval_queries: int = 0  # 0 = all judged queries
+    eval_every: int = 25  # held-out evaluation every N steps, before the first and after the last (0 = never)
+    eval_batch_size: int = 8
+    save_every: int = 25  # checkpoint every N steps (and at the end, and on Ctrl-C)
+    dump_every: int = 10  # write one group's full completions every N steps
+    out: str = "runs/grpo"
+    resume: bool = False
+    seed: int = 0
+    data_dir: str = ""  # default $REARANK_DATA, else ./data
+
+
+HELP = {
+    "model": "'smollm2' (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a hub id",
+    "method": "training task (prompt builder + reward)",
+    "dataset": "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)",
+    "train_file": "JSONL of training instances from `data.py augment` (overrides --dataset)",
+    "samples": "augmentation: candidate sets sampled per query",
+    "size": "augmentation: passages per candidate set (the paper: 20)",
+    "min_ndcg": "augmentation: drop sets whose best reachable nDCG@10 is below this",
+    "steps": "optimizer steps, one rollout batch each",
+    "batch_size": "prompts (training instances) per step",
+    "group_size": "completions sampled per prompt (G)",
+    "updates": "policy updates per rollout batch; >1 computes old-policy log-probs and makes the clip matter",
+    "grad_accum": "split the B*G sequences into this many micro-batches for the backward pass",
+    "lr": "learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "clip the gradient norm to this (0 = no clipping)",
+    "beta": "KL coefficient (k3 estimator); 0 = no reference model",
+    "clip_eps": "PPO clip range: the ratio is clipped to [1-eps, 1+eps]",
+    "no_std": "advantages r - mean(r) without dividing by std (Dr. GRPO)",
+    "temperature": "sampling temperature; log-probs are computed at the same temperature",
+    "max_new_tokens": "completion length cap for rollouts and held-out evaluation",
+    "gradient_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
+    "eval_dataset": "held-out dataset: its top-N windows are scored greedily (never a training set)",
+    "eval_size": "held-out window size N (the top-N candidates of each query)",
+    "eval_queries": "held-out queries to use (0 = all judged ones)",
+    "eval_every": "held-out evaluation every N steps, plus before the first and after the last (0 = never)",
+    "eval_batch_size": "prompts per generate call in held-out evaluation",
+    "save_every": "checkpoint every N steps (also at the end and on Ctrl-C)",
+    "dump_every": "write the completions of one group to <out>/episodes.jsonl every N steps (0 = never)",
+    "out": "output directory: config.json, metrics.jsonl, eval.jsonl, episodes.jsonl, checkpoint.pt, curves.png",
+    "resume": "continue from <out>/checkpoint.pt",
+    "seed": "one seed for data order, sampling and augmentation",
+    "data_dir": "data directory (default $REARANK_DATA, else ./data)",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=HELP[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument(flag, type=kind, default=f.default, help=f"{HELP[f.name]} (default {f.default!r})")
+    p.add_argument("--plot", action="store_true", help="only redraw <out>/curves.png from <out>/metrics.jsonl")
+    args = vars(p.parse_args(argv))
+    plot = args.pop("plot")
+    return Config(**args), plot
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the task: what a prompt looks like and how a completion is scored
+
+
+class Task(NamedTuple):
+    prompt: Callable[[TrainInstance], list[dict]]
+    reward: Callable[[str, TrainInstance], Reward]
+
+
+TASKS = {
+    "rearank": Task(
+        prompt=lambda inst: build_prompt(inst.query, [c.text for c in inst.candidates]),
+        reward=lambda text, inst: rerank_reward(text, [c.docid for c in inst.candidates], inst.judged),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the maths: pure functions on tensors (tests/test_grpo.py)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Per-group advantages for rewards laid out group after group, (B*G,) -> (B*G,).
+
+    (r - mean) / (std + eps) within each group (unbiased std, as TRL); with scale=False just r - mean (Dr. GRPO).
+    A group whose rewards are all equal gets zero advantages: it teaches nothing.
+
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), 2, scale=False)
+    tensor([ 0.5000, -0.5000,  0.0000,  0.0000])
+    """
+    r = rewards.view(-1, group_size)  # (B, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[target] per position: (N, C, V), (N, C) -> (N, C).
+
+    `logits[:, t]` must be the logits that *predict* `targets[:, t]`, i.e. those computed at the position before it.
+    """
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature) -> torch.Tensor:
+    """Log-probs of the completion tokens under `model`: (N, P) prompts (one row per completion) -> (N, C).
+
+    Positions are counted from the first real token, as `generate` counts them with left padding: without explicit
+    position_ids a padded row would see shifted positions and get other log-probs than it was sampled with.
+    """
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + C)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + C)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (N, P + C)
+    C = completion_ids.shape[1]
+    # only the last C + 1 positions' logits are needed: the vocabulary projection of a long prompt is the big cost
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=C + 1, use_cache=False).logits
+    return token_logprobs(logits[:, :-1], completion_ids, temperature)  # logits at t predict token t + 1
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    beta: float = 0.0,
+    n_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO objective as a loss: -[min(rho A, clip(rho, 1-eps, 1+eps) A) - beta KL_k3], summed over the unmasked
+    tokens and divided by `n_tokens` (the token count of the whole batch; default: of this one).
+
+    logp, old_logp, ref_logp, mask: (N, C); advantages: (N,). old_logp None = one update per batch (rho == 1).
+    Returns the loss and token means of the KL, of the ratio and of the clipped fraction (tokens whose gradient the
+    clip removed: rho > 1+eps with A > 0, or rho < 1-eps with A < 0, as TRL counts them).
+    """
+    mask = mask.float()
+    n_tokens = n_tokens or int(mask.sum().clamp(min=1))
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)  # (N, C)
+    adv = advantages[:, None]  # (N, 1)
+    objective = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # (N, C)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # k3: pi_ref/pi - log(pi_ref/pi) - 1 >= 0
+    per_token = -(objective - beta * kl)
+    loss = (per_token * mask).sum() / n_tokens
+    clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+    denom = mask.sum().clamp(min=1)
+    stats = {
+        "kl": float((kl.detach() * mask).sum() / denom),
+        "ratio": float((ratio.detach() * mask).sum() / denom),
+        "clip_frac": float((clipped.float() * mask).sum() / denom),
+    }
+    return loss, stats
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The training instances of `step`: a fresh permutation every epoch, a function of (step, seed) only, so a
+    resumed run reads exactly the data an uninterrupted one would.
+
+    >>> batch_indices(0, 3, 4, seed=0) + batch_indices(1, 3, 4, seed=0) == batch_indices(0, 6, 4, seed=0)
+    True
+    """
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        out.append(np.random.default_rng([seed, epoch]).permutation(n)[pos])
+    return [int(i) for i in out]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rollouts and held-out evaluation share one path: prompts -> generate_tokens -> rewards
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (N, P), each prompt repeated G times
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C)
+    completion_mask: torch.Tensor  # (N, C)
+    texts: list[str]  # (N,)
+    rewards: list[Reward]  # (N,)
+    truncated: list[bool]  # (N,) cut by max_new_tokens before the answer closed
+
+
+def rollout(model, tokenizer, task: Task, batch: Sequence[TrainInstance], group_size: int, *, max_new_tokens: int,
+            temperature: float = 1.0, greedy: bool = False) -> Rollout:
+    model.eval()  # no dropout while sampling; generate uses the KV cache
+    gen = generate_tokens(
+        model, tokenizer, [task.prompt(inst) for inst in batch], max_new_tokens=max_new_tokens,
+        do_sample=not greedy, temperature=temperature, num_return_sequences=group_size,
+    )
+    owners = [inst for inst in batch for _ in range(group_size)]  # rows b*G .. b*G+G-1 answer prompt b
+    rewards = [task.reward(text, inst) for text, inst in zip(gen.texts, owners)]
+    eos = {tokenizer.eos_token_id} | set(np.atleast_1d(model.generation_config.eos_token_id).tolist())
+    lengths = gen.completion_mask.sum(dim=1).tolist()
+    last = [int(gen.completion_ids[i, n - 1]) if n else -1 for i, n in enumerate(lengths)]
+    truncated = [ANSWER_END not in t and tok not in eos for t, tok in zip(gen.texts, last)]
+    prompt_ids = gen.prompt_ids.repeat_interleave(group_size, dim=0)  # (B*G, P)
+    prompt_mask = gen.prompt_mask.repeat_interleave(group_size, dim=0)
+    return Rollout(prompt_ids, prompt_mask, gen.completion_ids, gen.completion_mask, gen.texts, rewards, truncated)
+
+
+def held_out(cfg: Config) -> list[TrainInstance]:
+    """The top-`eval_size` candidates of each judged query of the held-out set, in first-stage order."""
+    ds = load_dataset(cfg.eval_dataset, cfg.data_dir or None)
+    judged = [r for r in ds.rankings if ds.qrels.get(r.query.qid)]
+    if cfg.eval_queries:
+        judged = judged[: cfg.eval_queries]
+    return [make_instance(r.query, r.candidates[: cfg.eval_size], ds.qrels[r.query.qid]) for r in judged]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: Config) -> dict[str, float]:
+    """Greedy completions for the held-out windows: mean reward (and parts) and nDCG@10 of the reordered windows."""
+    rewards, ndcg, base = [], [], []
+    for i in range(0, len(instances), cfg.eval_batch_size):
+        chunk = instances[i : i + cfg.eval_batch_size]
+        ro = rollout(model, tokenizer, task, chunk, 1, max_new_tokens=cfg.max_new_tokens, greedy=True)
+        rewards += ro.rewards
+        ndcg += [r.ndcg for r in ro.rewards]
+        base += [inst.r_init for inst in chunk]
+    mean = lambda xs: float(np.mean(xs))  # noqa: E731
+    return {
+        "reward": mean([r.total for r in rewards]),
+        "rank": mean([r.rank for r in rewards]),
+        "format1": mean([r.format1 for r in rewards]),
+        "format2": mean([r.format2 for r in rewards]),
+        "ndcg@10": mean(ndcg),
+        "ndcg@10_first_stage": mean(base),
+        "queries": len(instances),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model, optimizer, checkpoints
+
+
+def make_optimizer(model, cfg: Config):
+    """bitsandbytes 8-bit AdamW on CUDA (states in 2 bytes a parameter, not 8), torch AdamW on CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if torch.cuda.is_available():
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, rng: dict, cfg: Config) -> None:
+    """Everything the next step depends on: weights, optimizer moments, the step (which fixes the data position,
+    see batch_indices) and the RNG state at the start of that step. Written atomically."""
+    tmp = path.with_suffix(".tmp")
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+             "data_position": step * cfg.batch_size, "config": asdict(cfg)}
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def moved_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    changed = sum(int((a != b).sum()) for a, b in zip(after, before))
+    return changed / sum(b.numel() for b in before)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# logging and the plot
+
+
+def log_line(m: dict) -> str:
+    return (
+        f"step {m['step']}/{m['steps']} | reward {m['reward']:.3f}±{m['reward_std']:.3f} "
+        f"(rank {m['rank']:+.3f} f1 {m['format1']:.2f} f2 {m['format2']:.2f}) | zero-std {m['frac_zero_std']:.2f} | "
+        f"len {m['completion_len']:.0f} trunc {m['frac_truncated']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} | "
+        f"gnorm {m['grad_norm']:.3f} lr {m['lr']:.1e} | gen {m['gen_s']:.0f}s train {m['train_s']:.0f}s"
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot(out: Path) -> Path | None:
+    """curves.png: training reward, zero-std fraction, completion length, held-out reward and nDCG@10."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot: matplotlib is not installed, no curves.png (pip install matplotlib; then grpo.py --plot)")
+        return None
+    train, held = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "eval.jsonl")
+    if not train:
+        print(f"plot: {out / 'metrics.jsonl'} is empty")
+        return None
+    steps = [m["step"] for m in train]
+    panels = [
+        ("train reward", [m["reward"] for m in train], [m["reward_std"] for m in train]),
+        ("train rank / format", None, None),
+        ("completion length (tokens)", [m["completion_len"] for m in train], None),
+        ("held-out (greedy)", None, None),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for ax, (title, ys, err) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ys is not None:
+            ax.plot(steps, ys, lw=1)
+        if err is not None:
+            lo, hi = np.array(ys) - np.array(err), np.array(ys) + np.array(err)
+            ax.fill_between(steps, lo, hi, alpha=0.2)
+    for key in ("rank", "format1", "format2", "frac_zero_std"):
+        axes[1].plot(steps, [m[key] for m in train], lw=1, label=key)
+    axes[1].legend(fontsize=7)
+    if held:
+        hs = [h["step"] for h in held]
+        for key in ("reward", "ndcg@10", "ndcg@10_first_stage"):
+            axes[3].plot(hs, [h[key] for h in held], marker="o", lw=1, label=key)
+        axes[3].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    return out / "curves.png"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: Config) -> dict:
+    """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them)."""
+    from accelerate import Accelerator
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(asdict(cfg), indent=1))
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")  # bf16 autocast; the weights stay fp32
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    task = TASKS[cfg.method]
+
+    # --- data
+    if cfg.train_file:
+        instances = read_instances(cfg.train_file)
+    else:
+        instances, st = augment(load_dataset(cfg.dataset, cfg.data_dir or None), cfg.samples, cfg.size, cfg.seed,
+                                cfg.min_ndcg)
+        print(f"data: {cfg.dataset}: {st.kept} training sets of {cfg.size} ({st.no_relevant + st.below} dropped)")
+    held = held_out(cfg) if cfg.eval_every else []
+
+    # --- model: fp32 master weights, optimizer, optional frozen reference
+    model, tokenizer = load_model(cfg.model)
+    model.float()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = None
+    if cfg.beta > 0:  # the reference never trains: bf16 is enough on CUDA
+        ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    policy = accelerator.unwrap_model(model)  # generate() lives on the bare model
+
+    start, ckpt = 0, out / "checkpoint.pt"
+    if cfg.resume:
+        if not ckpt.exists():
+            raise DataError(f"--resume: {ckpt} not found; start without --resume")
+        state = torch.load(ckpt, weights_only=False)
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        set_rng_state(state["rng"])
+        for name, keep in (("metrics.jsonl", start), ("eval.jsonl", start - 1)):  # forget what came after it
+            kept = [m for m in read_jsonl(out / name) if m["step"] <= keep]
+            (out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
+        print(f"resumed from {ckpt} at step {start}")
+    else:
+        for name in ("metrics.jsonl", "eval.jsonl", "episodes.jsonl"):
+            (out / name).unlink(missing_ok=True)
+
+    def held_out_eval(step: int) -> None:
+        with accelerator.autocast():
+            ev = {"step": step, **evaluate(policy, tokenizer, task, held, cfg)}
+        print(f"eval step {step} | reward {ev['reward']:.3f} | nDCG@10 {ev['ndcg@10']:.4f} "
+              f"(first stage {ev['ndcg@10_first_stage']:.4f}) | f1 {ev['format1']:.2f} f2 {ev['format2']:.2f}")
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps(ev) + "\n")
+
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):  # first Ctrl-C: finish this step, checkpoint, stop; second: stop now
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit without saving)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    metrics: dict = {}
+    try:
+        for step in range(start, cfg.steps):
+            rng = rng_state()  # the state this step starts from: what a checkpoint taken now must restore
+
+            # --- held-out evaluation (before the first step, every eval_every, and after the last one below)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                held_out_eval(step)
+                set_rng_state(rng)  # evaluation is greedy, but keep sampling independent of whether it ran
+
+            # --- rollout
+            t0 = time.time()
+            batch = [instances[i] for i in batch_indices(step, cfg.batch_size, len(instances), cfg.seed)]
+            with accelerator.autocast():
+                ro = rollout(policy, tokenizer, task, batch, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature)
+            gen_s = time.time() - t0
+
+            # --- reward
+            r = torch.tensor([x.total for x in ro.rewards])  # (B*G,)
+
+            # --- advantages
+            adv = group_advantages(r, cfg.group_size, scale=not cfg.no_std).to(accelerator.device)  # (B*G,)
+            zero_std = (r.view(-1, cfg.group_size).std(dim=1) == 0).float().mean().item()
+
+            # --- log-probs of the old policy and the reference (no grad; only when they differ from the policy)
+            t1 = time.time()
+            model.train()
+            N, n_tokens = r.numel(), int(ro.completion_mask.sum().clamp(min=1))
+            micro = [range(i, min(i + math.ceil(N / cfg.grad_accum), N)) for i in range(0, N, math.ceil(N / cfg.grad_accum))]
+            seq = lambda idx: (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.completion_ids[idx], ro.completion_mask[idx])  # noqa: E731
+            old_logp, ref_logp = [None] * len(micro), [None] * len(micro)
+            with torch.no_grad(), accelerator.autocast():
+                for j, idx in enumerate(micro):
+                    idx = list(idx)
+                    if cfg.updates > 1:
+                        old_logp[j] = completion_logprobs(model, *seq(idx), cfg.temperature)
+                    if ref is not None:
+                        ref_logp[j] = completion_logprobs(ref, *seq(idx), cfg.temperature)
+
+            # --- update: `updates` passes over the batch, each micro-batch's loss scaled by the batch's token count
+            first = step == start and not cfg.resume
+            if first:  # prove the weights move at this lr (METHOD §5): snapshot a few tensors
+                watched = [p for p in policy.parameters() if p.requires_grad][:: 10]
+                before = [p.detach().clone() for p in watched]
+            stats: dict[str, list[float]] = {"kl": [], "ratio": [], "clip_frac": []}
+            losses, grad_norm = [], 0.0
+            for _ in range(cfg.updates):
+                for j, idx in enumerate(micro):
+                    idx = list(idx)
+                    with accelerator.autocast():
+                        logp = completion_logprobs(model, *seq(idx), cfg.temperature)  # (n, C)
+                    loss, s = grpo_loss(logp, old_logp[j], ref_logp[j], adv[idx], ro.completion_mask[idx],
+                                        cfg.clip_eps, cfg.beta, n_tokens)
+                    accelerator.backward(loss)
+                    losses.append(loss.item())
+                    for k in stats:
+                        stats[k].append(s[k])
+                if cfg.max_grad_norm > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                else:
+                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            train_s = time.time() - t1
+            if first:
+                moved = moved_fraction(before, [p.detach() for p in watched])
+                print(f"weights: {moved:.1%} of the watched parameters changed in the first step at lr {cfg.lr:g}")
+
+            # --- log / checkpoint
+            lengths = ro.completion_mask.sum(dim=1).float()
+            metrics = {
+                "step": step + 1,
+                "steps": cfg.steps,
+                "reward": r.mean().item(),
+                "reward_std": r.std().item() if N > 1 else 0.0,
+                "rank": float(np.mean([x.rank for x in ro.rewards])),
+                "format1": float(np.mean([x.format1 for x in ro.rewards])),
+                "format2": float(np.mean([x.format2 for x in ro.rewards])),
+                "ndcg@10": float(np.mean([x.ndcg for x in ro.rewards])),
+                "frac_zero_std": zero_std,
+                "completion_len": lengths.mean().item(),
+                "frac_truncated": float(np.mean(ro.truncated)),
+                "loss": float(np.sum(losses) / cfg.updates),
+                **{k: float(np.mean(v)) for k, v in stats.items()},
+                "grad_norm": grad_norm,
+                "lr": optimizer.param_groups[0]["lr"],
+                "gen_s": gen_s,
+                "train_s": train_s,
+            }
+            print(log_line(metrics), flush=True)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if cfg.dump_every and (step + 1) % cfg.dump_every == 0:
+                with open(out / "episodes.jsonl", "a") as f:
+                    for g in range(cfg.group_size):  # the first group of the batch, in full
+                        f.write(json.dumps({"step": step + 1, "qid": batch[0].qid, "query": batch[0].query,
+                                            "completion": ro.texts[g], "reward": ro.rewards[g].asdict(),
+                                            "advantage": adv[g].item()}) + "\n")
+            last = step + 1 == cfg.steps
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or stop["requested"]:
+                save_checkpoint(ckpt, policy, optimizer, step + 1, rng_state(), cfg)
+            if stop["requested"] and not last:
+                print(f"stopped after step {step + 1}; continue with --resume")
+                break
+        else:
+            if cfg.eval_every and cfg.steps > start:  # after the last step
+                held_out_eval(cfg.steps)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    plot(out)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, only_plot = parse_args(argv)
+    if only_plot:
+        path = plot(Path(cfg.out))
+        print(f"wrote {path}" if path else "no plot written")
+        return
+    try:
+        train(cfg)
+    except (DataError, ModelError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,6 +46,7 @@ class Reward:
     format1: float  # 1 if <think> and <answer> blocks are present
     format2: float  # 1 if the answer is a ranking list "[3] > [1] > [2]"
     total: float  # 0.8 rank + 0.1 format1 + 0.1 format2
+    ndcg: float  # r_rerank, nDCG@10 of P in the model's order (not part of the reward; evaluation reads it)
 
     def asdict(self) -> dict[str, float]:
         return asdict(self)
@@ -75,8 +76,9 @@ def rerank_reward(text: str, docids: Sequence[str], judged: Mapping[str, int], k
 
     `judged` is the query's full judgments {docid: grade} (at least every positive one): the ideal DCG needs them.
 
-    >>> rerank_reward("no answer at all", ["a", "b"], {"b": 3})  # initial order kept, no format credit
-    Reward(rank=0.0, format1=0.0, format2=0.0, total=0.0)
+    >>> r = rerank_reward("no answer at all", ["a", "b"], {"b": 3})  # initial order kept, no format credit
+    >>> (r.rank, r.format1, r.format2, r.total)
+    (0.0, 0.0, 0.0, 0.0)
     """
     order = parse_ranking(text, len(docids))
     r_init, r_star = ndcg_bounds(docids, judged, k)
@@ -84,7 +86,7 @@ def rerank_reward(text: str, docids: Sequence[str], judged: Mapping[str, int], k
     rank = rank_gain(r_rerank, r_init, r_star)
     blocks, ranking_list = answer_format(text)
     f1, f2 = float(blocks), float(ranking_list)
-    return Reward(rank, f1, f2, W_RANK * rank + W_FORMAT1 * f1 + W_FORMAT2 * f2)
+    return Reward(rank, f1, f2, W_RANK * rank + W_FORMAT1 * f1 + W_FORMAT2 * f2, r_rerank)
 
 
 SETWISE_ANSWER = re.compile(r"<think>.*?</think>\s*<answer>(.*?)</answer>", re.DOTALL)  # Rank-R1 (METHOD §6)

@@ -26,13 +26,13 @@ def test_bounds_by_hand():
 
 def test_best_order_scores_one_and_parts_add_up():
     r = rerank_reward(answer("[3] > [2] > [1]"), DOCIDS, JUDGED)
-    assert r == Reward(pytest.approx(1.0), 1.0, 1.0, pytest.approx(1.0))
+    assert r == Reward(pytest.approx(1.0), 1.0, 1.0, pytest.approx(1.0), pytest.approx(R_STAR))
 
 
 def test_partial_improvement_by_hand():
     r = rerank_reward(answer("[3] > [1] > [2]"), DOCIDS, JUDGED)  # c, a, b
     r_rerank = (3 + 0 + 1 / log2(4)) / IDCG
-    assert r.rank == pytest.approx((r_rerank - R_INIT) / (R_STAR - R_INIT))
+    assert r.rank == pytest.approx((r_rerank - R_INIT) / (R_STAR - R_INIT)) and r.ndcg == pytest.approx(r_rerank)
     assert r.total == pytest.approx(0.8 * r.rank + 0.2)
 
 
@@ -49,7 +49,7 @@ def test_partial_answer_appends_the_rest_in_initial_order():
 
 def test_unparseable_answer_keeps_initial_order_no_format_credit():
     r = rerank_reward("I think passage c is good.", DOCIDS, JUDGED)
-    assert r == Reward(0.0, 0.0, 0.0, 0.0)
+    assert r == Reward(0.0, 0.0, 0.0, 0.0, pytest.approx(R_INIT))
 
 
 def test_blocks_without_a_ranking_list_get_format1_only():

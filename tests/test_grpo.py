@@ -1,0 +1,224 @@
+"""The GRPO maths against oracles and hand-computed values, and the loop end to end on a tiny random model (CPU)."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import data
+import grpo
+from data import Candidate
+from grpo import completion_logprobs, group_advantages, grpo_loss, token_logprobs
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a tiny random Llama with the embedded model's tokenizer (its chat template is what the prompts need)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from rearank import smollm2_dir
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def padded_batch(vocab: int):
+    """Two prompts (the first left-padded by 2) with a 4-token completion each; the second completion stops early."""
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(3, vocab, (2, 6), generator=g)
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    prompt_ids[0, :2] = 2  # pad
+    completion_ids = torch.randint(3, vocab, (2, 4), generator=g)
+    completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# log-probs
+
+
+def test_logprobs_equal_minus_hf_cross_entropy_per_token():
+    model = tiny_model(100)
+    pids, pmask, cids, cmask = padded_batch(100)
+    logp = completion_logprobs(model, pids, pmask, cids, cmask, temperature=1.0)  # (2, 4)
+    ids, mask = torch.cat([pids, cids], 1), torch.cat([pmask, cmask], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    for row in range(2):
+        for t in range(int(cmask[row].sum())):
+            labels = torch.full_like(ids, -100)
+            labels[row, 6 + t] = ids[row, 6 + t]  # HF shifts labels itself: an off-by-one here would not match
+            hf = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+            assert logp[row, t].item() == pytest.approx(-hf.item(), abs=1e-5)
+
+
+def test_logprobs_of_a_padded_row_equal_those_computed_alone():
+    model = tiny_model(100)
+    pids, pmask, cids, cmask = padded_batch(100)
+    batch = completion_logprobs(model, pids, pmask, cids, cmask, 1.0)
+    alone = completion_logprobs(model, pids[:1, 2:], pmask[:1, 2:], cids[:1], cmask[:1], 1.0)
+    torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_at_the_sampling_temperature():
+    logits = torch.randn(2, 3, 7)
+    targets = torch.randint(0, 7, (2, 3))
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(token_logprobs(logits, targets, 0.7), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# advantages
+
+
+def test_advantages_zero_mean_per_group_and_zero_for_a_constant_group():
+    r = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2])
+    for scale in (True, False):
+        a = group_advantages(r, 4, scale=scale).view(2, 4)
+        torch.testing.assert_close(a.mean(1), torch.zeros(2), atol=1e-6, rtol=0)
+        assert torch.equal(a[1], torch.zeros(4))
+    a = group_advantages(r, 4).view(2, 4)[0]
+    assert a.std().item() == pytest.approx(1.0, abs=1e-3)  # unit std (up to eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the loss
+
+
+def test_loss_on_a_hand_made_batch():
+    logp = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.6]]))
+    old = torch.log(torch.tensor([[0.25, 0.2], [0.3, 0.4]]))  # ratios [[2, 1], [1, 1.5]]
+    ref = torch.log(torch.tensor([[0.5, 0.1], [0.6, 0.6]]))
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, stats = grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.1)
+    # token (0,0): ratio 2 clipped to 1.2, KL 0 -> -1.2
+    # token (0,1): ratio 1, KL(0.1/0.2) = 0.5 - ln 0.5 - 1 -> -(1 - 0.1 KL)
+    # token (1,0): ratio 1, A -2, KL(0.6/0.3) = 2 - ln 2 - 1 -> -(-2 - 0.1 KL); token (1,1) is masked
+    kl01, kl10 = 0.5 - math.log(0.5) - 1, 2 - math.log(2) - 1
+    expected = (-1.2 - (1 - 0.1 * kl01) + (2 + 0.1 * kl10)) / 3
+    assert loss.item() == pytest.approx(expected, abs=1e-6) and expected == pytest.approx(-0.05)
+    assert stats["clip_frac"] == pytest.approx(1 / 3) and stats["kl"] == pytest.approx((kl01 + kl10) / 3, abs=1e-6)
+    # n_tokens = the whole batch's count: a micro-batch's loss is scaled to add up to the batch loss
+    half, _ = grpo_loss(logp, old, ref, adv, mask, 0.2, 0.1, n_tokens=6)
+    assert half.item() == pytest.approx(expected / 2, abs=1e-6)
+
+
+def test_kl_is_nonnegative_and_zero_when_policy_is_reference():
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(4, 5, 11), -1)[..., 0]
+    ref = torch.log_softmax(torch.randn(4, 5, 11), -1)[..., 0]
+    mask, adv = torch.ones(4, 5), torch.randn(4)
+    _, stats = grpo_loss(logp, None, ref, adv, mask, beta=0.04)
+    assert stats["kl"] > 0
+    _, same = grpo_loss(logp, None, logp.clone(), adv, mask, beta=0.04)
+    assert same["kl"] == 0.0
+    kl = torch.exp(ref - logp) - (ref - logp) - 1  # the k3 term itself, token by token
+    assert (kl >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "ratio, adv, clipped",
+    [(1.1, 1.0, False), (1.5, 1.0, True), (1.5, -1.0, False), (0.9, -1.0, False), (0.5, -1.0, True), (0.5, 1.0, False)],
+)
+def test_clip_is_active_outside_the_trust_region(ratio, adv, clipped):
+    old = torch.log(torch.tensor([[0.4]]))
+    logp = (old + math.log(ratio)).requires_grad_(True)
+    loss, stats = grpo_loss(logp, old, None, torch.tensor([adv]), torch.ones(1, 1), clip_eps=0.2)
+    loss.backward()
+    assert stats["clip_frac"] == float(clipped)
+    assert (logp.grad.abs().item() == 0) == clipped  # a clipped token passes no gradient
+    assert stats["ratio"] == pytest.approx(ratio)
+
+
+def test_one_update_per_batch_gives_the_policy_gradient():
+    # old_logp None: rho = exp(logp - logp.detach()) == 1, and d loss / d logp = -A / n_tokens
+    logp = torch.log(torch.tensor([[0.3, 0.2]])).requires_grad_(True)
+    loss, stats = grpo_loss(logp, None, None, torch.tensor([2.0]), torch.ones(1, 2))
+    loss.backward()
+    assert stats["ratio"] == 1.0 and loss.item() == pytest.approx(-2.0)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, -1.0]]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# weights move at lr 1e-6 (fp32 master weights); in bf16 they would not
+
+
+def one_step(model, lr=1e-6):
+    pids, pmask, cids, cmask = padded_batch(model.config.vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=next(model.parameters()).dtype == torch.bfloat16):
+        logp = completion_logprobs(model.train(), pids, pmask, cids, cmask, 1.0)
+    loss, _ = grpo_loss(logp, None, None, torch.tensor([1.0, -1.0]), cmask)
+    loss.backward()
+    opt.step()
+    return grpo.moved_fraction(before, [p.detach() for p in model.parameters()])
+
+
+def test_one_step_at_lr_1e_6_moves_fp32_weights_but_not_bf16_ones():
+    model = tiny_model(100)
+    assert one_step(copy.deepcopy(model)) > 0.95  # every weight with a gradient moves by about lr
+    assert one_step(copy.deepcopy(model).to(torch.bfloat16)) < 0.05  # 1e-6 is below half the bf16 spacing
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the loop end to end, and resume
+
+
+def toy_instances(path):
+    cands = [Candidate(f"d{i}", f"passage number {i} about fleas" if i % 2 else f"cats {i}") for i in range(12)]
+    ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1, "d5": 3}})
+    instances, _ = data.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)
+    data.write_instances(path, instances)
+    return path
+
+
+def run(tiny_dir, out, steps, **kw):
+    cfg = grpo.Config(model=str(tiny_dir), train_file=str(kw.pop("train_file")), steps=steps, batch_size=2,
+                      group_size=3, max_new_tokens=6, lr=1e-3, eval_every=0, save_every=1, dump_every=1,
+                      out=str(out), **kw)
+    return grpo.train(cfg)
+
+
+def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
+    train_file = toy_instances(tmp_path / "train.jsonl")
+    full = run(tiny_dir, tmp_path / "full", 3, train_file=train_file, updates=2)
+    run(tiny_dir, tmp_path / "part", 2, train_file=train_file, updates=2)
+    resumed = run(tiny_dir, tmp_path / "part", 3, train_file=train_file, updates=2, resume=True)
+    for key in ("reward", "loss", "grad_norm", "completion_len", "ratio"):
+        assert resumed[key] == full[key], key
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    episodes = (tmp_path / "full" / "episodes.jsonl").read_text().splitlines()
+    assert len(episodes) == 3 * 3 and {"completion", "reward", "advantage"} <= set(json.loads(episodes[0]))
+
+
+def test_resume_without_a_checkpoint_says_so(tiny_dir, tmp_path):
+    with pytest.raises(data.DataError, match="checkpoint.pt not found"):
+        run(tiny_dir, tmp_path / "none", 1, train_file=toy_instances(tmp_path / "t.jsonl"), resume=True)
