@@ -1,0 +1,331 @@
+"""Compute a GRPO group's prompt once, with exact gradients (issue 6).
+
+GRPO samples G completions of the same prompt. The usual trainers (TRL, verl) feed `cat(prompt, completion)` G times,
+so the rollout prefill, the reference pass and the policy forward and backward all recompute the same ~2,300-token
+prompt G times. Its activations are identical for all G rows, so here the prompt runs once (with autograd), its
+per-layer keys and values are broadcast to the G completions, and gradients flow back through them to the single
+prompt pass. This is exact, not an approximation: the last prompt position's logits score the first completion token.
+
+    prefix, last_logits = prompt_forward(model, prompt_ids)           # the prompt, once
+    logp = prefix_logprobs(model, prefix, last_logits, ids, mask)      # (G, C), any micro-batch of completions
+    logp = completion_logprobs(model, prompt_ids, ids, mask)           # both steps; shared=False: the usual way
+    loss = shared_backward(model, prompt_ids, ids, mask, loss_fn, micro_batch=2)  # micro-batched backward
+    ids, mask = rollout(model, prompt_ids, group_size=8, max_new_tokens=256)      # prefill once, sample G
+
+A group shares ONE unpadded prompt: `prompt_ids` is `(P,)` or `(1, P)`, never a left-padded batch. Completions are
+right-padded `(G, C)` with `completion_mask` 1 on real tokens (pad with any valid token id).
+
+Pitfalls in transformers 5.23 that shape this file:
+- A checkpointed decoder layer (`GradientCheckpointingLayer`, modeling_layers.py) drops `past_key_values` (and
+  `use_cache`) unless the layer sets `_can_checkpoint_with_cache`. Our caches only read (or record once), so we set
+  that flag on the model's layers for the duration of a forward (`_cache_survives_checkpointing`).
+- A checkpointed layer calls the cache's `update` twice: forward, then recompute in backward. So `PrefixLayer.update`
+  never stores or mutates; it returns `cat(prefix broadcast to the batch, new)` each time. The same object then also
+  serves several micro-batches.
+- Reentrant checkpointing runs the layer under no_grad and only tracks its positional inputs; the broadcast prefix
+  reaches the layer through the cache, so its gradient is silently lost (issue 6 measured a relative error of ~1.15).
+  We refuse it (`check_checkpointing`). Non-reentrant checkpointing is exact.
+- Positions and the mask come from the cache: `get_seq_length()` (position ids, query offset) and
+  `get_mask_sizes()` (kv length = prefix + completion). A `DynamicCache` built from existing tensors copies them
+  (`cat([empty, k])`), so the layers here hold the prompt's tensors directly.
+"""
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+# --- cache layers
+
+
+class PrefixLayer(CacheLayerMixin):
+    """One layer's prompt keys/values `(1, H, P, D)`, broadcast to each completion batch, never modified.
+
+    `update(k, v)` with `k` of shape `(B, H, C, D)` returns `(cat(prefix expanded to B, k), ...)`: `(B, H, P+C, D)`.
+    Nothing is stored, so a checkpointed layer's recompute and every micro-batch see the same prefix.
+    """
+
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        assert keys.dim() == 4 and keys.shape[0] == 1 and keys.shape == values.shape, "one prompt: (1, H, P, D)"
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):
+        raise AssertionError("a PrefixLayer is built from the prompt's keys and values")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        batch = key_states.shape[0]
+        # expand is a view: the prompt is stored once; cat's backward sums the G rows' gradients into it
+        keys = torch.cat([self.keys.expand(batch, -1, -1, -1), key_states], dim=-2)  # (B, H, P+C, D)
+        values = torch.cat([self.values.expand(batch, -1, -1, -1), value_states], dim=-2)  # (B, H, P+C, D)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0  # (kv_length, kv_offset)
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class _RecordLayer(CacheLayerMixin):
+    """Records the keys/values of its first `update` (the prompt pass) and returns them as they are.
+
+    A checkpointed layer calls `update` again on recompute; that call must not overwrite the recorded tensors, which
+    the completions' graph already holds.
+    """
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):
+        raise AssertionError("unused")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.keys is None:
+            self.keys, self.values = key_states, value_states
+        return key_states, value_states  # no past: the prompt attends to itself only
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PrefixCache(Cache):
+    """A read-only cache holding one prompt's keys/values per layer; pass it as `past_key_values`."""
+
+    def __init__(self, layers: list[PrefixLayer]):
+        super().__init__(layers=layers)
+
+    def detached(self) -> "PrefixCache":
+        """The same prefix as fresh leaf tensors that collect gradients (for `shared_backward`)."""
+        return PrefixCache([PrefixLayer(lay.keys.detach().requires_grad_(), lay.values.detach().requires_grad_())
+                            for lay in self.layers])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for lay in self.layers for t in (lay.keys, lay.values)]
+
+
+# --- model plumbing
+
+
+def check_checkpointing(model) -> None:
+    """Refuse reentrant activation checkpointing: it silently drops the prefix's gradient (issue 6)."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+            kwargs = getattr(module._gradient_checkpointing_func, "keywords", {})
+            # torch's checkpoint defaults to reentrant when use_reentrant is not given (torch/utils/checkpoint.py)
+            if kwargs.get("use_reentrant", True) is not False:
+                raise ValueError(
+                    "the shared prompt needs non-reentrant activation checkpointing: reentrant checkpointing "
+                    "drops the gradient that flows through the prompt's keys/values. Use "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+                )
+
+
+def _check_full_attention(model) -> None:
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
+    assert all(t == "full_attention" for t in layer_types), f"only full-attention layers are supported: {layer_types}"
+
+
+@contextlib.contextmanager
+def _cache_survives_checkpointing(model):
+    """Let checkpointed decoder layers keep `past_key_values` (transformers drops it, modeling_layers.py).
+
+    Safe here because our caches never grow: the recompute reads the same prefix. The flag is only read when the
+    layer is called, so restoring it afterwards does not affect the later recompute.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+    before = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            if b is None:
+                del m._can_checkpoint_with_cache  # back to the class attribute
+            else:
+                m._can_checkpoint_with_cache = b
+
+
+def _one_prompt(prompt_ids: torch.Tensor) -> torch.Tensor:
+    # a group shares one prompt; a left-padded batch of prompts would need per-row positions and masks
+    assert prompt_ids.dim() == 1 or (prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1), \
+        f"one unpadded prompt per group, (P,) or (1, P); got {tuple(prompt_ids.shape)}"
+    return prompt_ids.reshape(1, -1)  # (1, P)
+
+
+def token_logprobs(scores: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(scores / temperature) at `ids`: (B, C, V), (B, C) -> (B, C); at least float32.
+
+    >>> token_logprobs(torch.zeros(1, 2, 4), torch.tensor([[0, 3]])).exp()
+    tensor([[0.2500, 0.2500]])
+    """
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / temperature  # (B, C, V)
+    return scores.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - scores.logsumexp(-1)  # (B, C)
+
+
+# --- the prompt once, then the completions
+
+
+def prompt_forward(model, prompt_ids: torch.Tensor) -> tuple[PrefixCache, torch.Tensor]:
+    """Run one prompt once (with autograd if enabled): its per-layer keys/values and its last logits `(1, V)`.
+
+    The last logits score the first completion token.
+    """
+    check_checkpointing(model)
+    _check_full_attention(model)
+    prompt_ids = _one_prompt(prompt_ids)  # (1, P)
+    record = Cache(layers=[_RecordLayer() for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)])
+    with _cache_survives_checkpointing(model):
+        out = model(input_ids=prompt_ids, past_key_values=record, use_cache=False, logits_to_keep=1)
+    prefix = PrefixCache([PrefixLayer(lay.keys, lay.values) for lay in record.layers])
+    return prefix, out.logits[:, -1]  # (1, V)
+
+
+def prefix_logprobs(model, prefix: PrefixCache, last_logits: torch.Tensor, completion_ids: torch.Tensor,
+                    completion_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs `(B, C)` of a batch of completions continuing the prompt held by `prefix`."""
+    check_checkpointing(model)
+    batch, _ = completion_ids.shape
+    prompt_len = prefix.get_seq_length()
+    attention_mask = torch.cat([completion_mask.new_ones(batch, prompt_len), completion_mask], dim=1)  # (B, P+C)
+    with _cache_survives_checkpointing(model):
+        # positions start at P because they are derived from prefix.get_seq_length() (LlamaModel.forward)
+        logits = model(input_ids=completion_ids, attention_mask=attention_mask, past_key_values=prefix,
+                       use_cache=False).logits  # (B, C, V)
+    # logits at t score token t+1; the prompt's last position scores completion token 0
+    scores = torch.cat([last_logits.unsqueeze(1).expand(batch, 1, -1), logits[:, :-1]], dim=1)  # (B, C, V)
+    return token_logprobs(scores, completion_ids, temperature)
+
+
+def plain_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """The usual way, for comparison: the prompt repeated per row, one forward over `cat(prompt, completion)`."""
+    prompt_ids = _one_prompt(prompt_ids)  # (1, P)
+    batch, length = completion_ids.shape
+    input_ids = torch.cat([prompt_ids.expand(batch, -1), completion_ids], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([completion_mask.new_ones(batch, prompt_ids.shape[1]), completion_mask], dim=1)
+    # keep the logits of the last prompt position and the completion: positions P-1 .. P+C-1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=length + 1).logits  # (B, C+1, V)
+    return token_logprobs(logits[:, :-1], completion_ids, temperature)
+
+
+def _row_chunks(n: int, micro_batch: int | None) -> list[slice]:
+    step = micro_batch or n
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor,
+                        completion_mask: torch.Tensor, temperature: float = 1.0, shared: bool = True,
+                        micro_batch: int | None = None) -> torch.Tensor:
+    """Log-probs `(G, C)` of a group's completions; `shared=False` repeats the prompt per row (the usual way).
+
+    Micro-batches bound the completions' activation memory under no_grad (reference and old-policy passes). With
+    grad, all micro-batches' graphs stay alive until backward; use `shared_backward` to free them as it goes.
+    """
+    chunks = _row_chunks(completion_ids.shape[0], micro_batch)
+    if not shared:
+        return torch.cat([plain_logprobs(model, prompt_ids, completion_ids[rows], completion_mask[rows], temperature)
+                          for rows in chunks])
+    prefix, last_logits = prompt_forward(model, prompt_ids)
+    return torch.cat([prefix_logprobs(model, prefix, last_logits, completion_ids[rows], completion_mask[rows],
+                                      temperature) for rows in chunks])  # (G, C)
+
+
+def shared_backward(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    loss_fn: Callable[[torch.Tensor, slice], torch.Tensor], temperature: float = 1.0,
+                    micro_batch: int | None = None) -> float:
+    """Backward of `sum over micro-batches of loss_fn(logp_rows (b, C), rows)`, running the prompt once.
+
+    Each micro-batch backpropagates into detached copies of the prompt's keys/values and last logits, so its graph
+    is freed at once; their summed gradients then go through the single prompt pass. By linearity this equals one
+    backward of the whole loss. `loss_fn` must return this micro-batch's share of the total (e.g. divide by the
+    whole group's token count, not the micro-batch's). Returns the total loss.
+    """
+    prefix, last_logits = prompt_forward(model, prompt_ids)
+    if not (last_logits.requires_grad and torch.is_grad_enabled()):
+        raise ValueError("shared_backward needs grad enabled and trainable parameters")
+    leaf_prefix, leaf_logits = prefix.detached(), last_logits.detach().requires_grad_()
+    total = 0.0
+    for rows in _row_chunks(completion_ids.shape[0], micro_batch):
+        logp = prefix_logprobs(model, leaf_prefix, leaf_logits, completion_ids[rows], completion_mask[rows],
+                               temperature)  # (b, C)
+        loss = loss_fn(logp, rows)
+        loss.backward()  # parameter grads of these completions; prompt-side grads pile up in the leaves
+        total += loss.item()
+    # the prompt's share of the gradient, once for the whole group
+    pairs = [(t, leaf.grad) for t, leaf in zip([*prefix.tensors(), last_logits], [*leaf_prefix.tensors(), leaf_logits])
+             if leaf.grad is not None]
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+    return total
+
+
+# --- rollout
+
+
+def _expanded_cache(model, prefix: PrefixCache, batch: int) -> DynamicCache:
+    """A growable cache whose layers start as the prefix broadcast to `batch` rows (views, no copy here)."""
+    cache = DynamicCache(config=model.config)
+    assert len(cache.layers) == len(prefix.layers)
+    for layer, pre in zip(cache.layers, prefix.layers):
+        assert isinstance(layer, DynamicLayer)
+        layer.lazy_initialization(pre.keys, pre.values)
+        layer.keys = pre.keys.expand(batch, -1, -1, -1)  # (G, H, P, D); the first cat in generate materialises it
+        layer.values = pre.values.expand(batch, -1, -1, -1)
+    return cache
+
+
+@torch.no_grad()
+def rollout(model, prompt_ids: torch.Tensor, group_size: int, max_new_tokens: int, shared: bool = True,
+            **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (or greedily decode) `group_size` completions of one prompt with `model.generate`.
+
+    `shared=True` prefills the prompt once: all but its last token go into a cache broadcast to G rows, and generate
+    feeds the last token (it only runs the tokens the cache has not seen). Returns the completion ids `(G, C)`, padded
+    with `pad_token_id` after EOS, and their mask (1 up to and including the first EOS).
+    """
+    prompt_ids = _one_prompt(prompt_ids)  # (1, P)
+    assert prompt_ids.shape[1] >= 2, "the shared prefill leaves the last prompt token to generate"
+    input_ids = prompt_ids.expand(group_size, -1)  # (G, P)
+    if shared:
+        _check_full_attention(model)
+        prefix, _ = prompt_forward(model, prompt_ids[:, :-1])
+        generate_kwargs["past_key_values"] = _expanded_cache(model, prefix, group_size)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         max_new_tokens=max_new_tokens, **generate_kwargs)
+    completion_ids = out[:, prompt_ids.shape[1]:]  # (G, C)
+    eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+    return completion_ids, completion_mask_after_eos(completion_ids, eos)
+
+
+def completion_mask_after_eos(ids: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after.
+
+    >>> completion_mask_after_eos(torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8]]), eos_token_id=2)
+    tensor([[1, 1, 0, 0],
+            [1, 1, 1, 1]])
+    """
+    if eos_token_id is None:
+        return torch.ones_like(ids)
+    eos = torch.isin(ids, torch.tensor(eos_token_id, device=ids.device).reshape(-1))  # (G, C)
+    after = (eos.cumsum(1) - eos.long()) > 0  # an EOS strictly before this position
+    return (~after).long()

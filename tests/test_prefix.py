@@ -1,0 +1,236 @@
+"""The prompt once per group (prefix.py) equals the usual path: log-probs, loss, every gradient, rollouts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama import modeling_llama
+
+import prefix
+
+EMBEDDED = Path.home() / ".cache" / "rearank" / "smollm2-135m-instruct"
+P, C, G, EOS = 11, 7, 5, 3
+
+
+def _rms_norm_in_input_dtype(self, hidden_states):
+    # LlamaRMSNorm always computes in float32, which caps a float64 comparison near 1e-8; same maths, input dtype
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+@pytest.fixture
+def true_float64(monkeypatch):
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+
+
+def tiny_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+    return LlamaForCausalLM(config).to(dtype).train()  # sdpa; dropout is 0
+
+
+def group(vocab=97, seed=1):
+    """One prompt (P,), G right-padded completions (G, C), their mask, and per-row advantages (G,)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(4, vocab, (P,), generator=gen)
+    completions = torch.randint(4, vocab, (G, C), generator=gen)
+    mask = torch.ones(G, C, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 1:] = 0
+    completions[mask == 0] = 0  # pad id
+    advantages = torch.randn(G, generator=gen, dtype=torch.float64)
+    return prompt, completions, mask, advantages
+
+
+def loss_of(logp, mask, advantages):
+    # a GRPO-shaped loss: nonlinear in logp so the test also covers exp/ratio terms
+    ratio = torch.exp(logp - logp.detach())
+    return -(ratio * advantages[:, None] * mask).sum() / mask.sum() + 0.1 * (logp.exp() * mask).sum()
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def plain_loss_and_grads(model, prompt, completions, mask, advantages, temperature):
+    model.zero_grad()
+    logp = prefix.completion_logprobs(model, prompt, completions, mask, temperature, shared=False)
+    loss = loss_of(logp, mask, advantages.to(logp.dtype))
+    loss.backward()
+    return loss.item(), grads(model), logp.detach()
+
+
+def max_rel(a, b):
+    return max(((a[n] - b[n]).norm() / b[n].norm()).item() for n in b)
+
+
+# --- the cache
+
+
+def test_prefix_layer_update_neither_stores_nor_mutates():
+    keys, values = torch.randn(1, 2, P, 8), torch.randn(1, 2, P, 8)
+    layer = prefix.PrefixLayer(keys, values)
+    new_k, new_v = torch.randn(3, 2, C, 8), torch.randn(3, 2, C, 8)
+    first = layer.update(new_k, new_v, 0)
+    second = layer.update(new_k, new_v, 0)  # a checkpointed layer's recompute
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert first[0].shape == (3, 2, P + C, 8) and torch.equal(first[0][2, :, :P], keys[0])
+    assert layer.keys is keys and layer.keys._version == 0 and layer.get_seq_length() == P
+    assert layer.get_mask_sizes(C) == (P + C, 0)
+    other = layer.update(new_k[:1], new_v[:1], 0)  # another micro-batch
+    assert other[0].shape == (1, 2, P + C, 8)
+
+
+def test_prompt_forward_holds_the_prompts_keys(true_float64):
+    model = tiny_model().eval()
+    prompt, *_ = group()
+    cache, last_logits = prefix.prompt_forward(model, prompt)
+    assert cache.get_seq_length() == P and len(cache.layers) == 2
+    assert cache.layers[0].keys.shape == (1, 2, P, 8)  # (1, kv heads, P, head dim)
+    full = model(prompt[None]).logits  # (1, P, V)
+    torch.testing.assert_close(last_logits, full[:, -1], rtol=1e-12, atol=1e-12)
+
+
+def test_plain_logprobs_match_hf_cross_entropy():
+    # oracle for the off-by-one alignment: HF's own loss on the completion tokens
+    model = tiny_model().eval()
+    prompt, completions, _, _ = group()
+    mask = torch.ones_like(completions)
+    logp = prefix.plain_logprobs(model, prompt, completions, mask)  # (G, C)
+    input_ids = torch.cat([prompt.expand(G, -1), completions], dim=1)
+    labels = torch.cat([torch.full((G, P), -100), completions], dim=1)
+    hf_loss = model(input_ids=input_ids, labels=labels).loss  # HF upcasts its loss to float32 only
+    torch.testing.assert_close(-logp.mean(), hf_loss.double(), rtol=1e-6, atol=1e-6)
+
+
+# --- exactness: float64, every gradient
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("micro_batch", [None, 2])
+def test_float64_loss_and_every_gradient_equal_plain(true_float64, checkpointing, micro_batch):
+    model = tiny_model()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompt, completions, mask, advantages = group()
+    loss0, grads0, logp0 = plain_loss_and_grads(model, prompt, completions, mask, advantages, 0.7)
+
+    # one backward through the whole group
+    model.zero_grad()
+    logp = prefix.completion_logprobs(model, prompt, completions, mask, 0.7, micro_batch=micro_batch)
+    loss = loss_of(logp, mask, advantages)
+    loss.backward()
+    assert torch.isfinite(logp).all()
+    torch.testing.assert_close(logp * mask, logp0 * mask, rtol=1e-12, atol=1e-12)
+    assert abs(loss.item() - loss0) <= 1e-10 * abs(loss0)
+    assert max_rel(grads(model), grads0) < 1e-10
+
+    # micro-batched backward: each micro-batch's graph freed as it goes, the prompt backpropagated once
+    model.zero_grad()
+    total = prefix.shared_backward(
+        model, prompt, completions, mask, temperature=0.7, micro_batch=micro_batch,
+        loss_fn=lambda lp, rows: -(torch.exp(lp - lp.detach()) * advantages[rows, None] * mask[rows]).sum()
+        / mask.sum() + 0.1 * (lp.exp() * mask[rows]).sum())
+    assert abs(total - loss0) <= 1e-10 * abs(loss0)
+    assert max_rel(grads(model), grads0) < 1e-10
+
+
+def test_reference_pass_without_grad_matches(true_float64):
+    model = tiny_model().eval()
+    prompt, completions, mask, _ = group()
+    with torch.no_grad():
+        shared = prefix.completion_logprobs(model, prompt, completions, mask, micro_batch=3)
+        plain = prefix.completion_logprobs(model, prompt, completions, mask, shared=False, micro_batch=3)
+    assert not shared.requires_grad
+    torch.testing.assert_close(shared * mask, plain * mask, rtol=1e-12, atol=1e-12)
+
+
+def test_reentrant_checkpointing_is_refused():
+    # it runs layers under no_grad and tracks only positional inputs: the prefix's gradient would be lost (issue 6)
+    model = tiny_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    prompt, completions, mask, _ = group()
+    with pytest.raises(ValueError, match="non-reentrant"):
+        prefix.completion_logprobs(model, prompt, completions, mask)
+
+
+def test_checkpointing_flag_is_restored():
+    model = tiny_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompt, completions, mask, _ = group()
+    prefix.completion_logprobs(model, prompt, completions, mask).sum().backward()
+    assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())
+
+
+def test_one_unpadded_prompt_per_group():
+    model = tiny_model()
+    _, completions, mask, _ = group()
+    with pytest.raises(AssertionError, match="one unpadded prompt"):
+        prefix.completion_logprobs(model, torch.ones(2, P, dtype=torch.long), completions, mask)
+
+
+def test_float32_within_the_plain_paths_own_error(true_float64):
+    _float32_within_plain_error(tiny_model(torch.float32))
+
+
+@pytest.mark.skipif(not (EMBEDDED / "config.json").exists(), reason=f"embedded model not cached at {EMBEDDED}")
+def test_embedded_model_float32_within_the_plain_paths_own_error(true_float64):
+    _float32_within_plain_error(AutoModelForCausalLM.from_pretrained(EMBEDDED, dtype=torch.float32).train())
+
+
+def _float32_within_plain_error(model):
+    """Shared and plain float32 are both roundings of the float64 result: the shared one is no further off."""
+    prompt, completions, mask, advantages = group(vocab=model.config.vocab_size)
+    loss32, grads32, _ = plain_loss_and_grads(model, prompt, completions, mask, advantages.float(), 1.0)
+    model.zero_grad()
+    logp = prefix.completion_logprobs(model, prompt, completions, mask, micro_batch=2)
+    loss = loss_of(logp, mask, advantages.float())
+    loss.backward()
+    shared = grads(model)
+    loss64, grads64, _ = plain_loss_and_grads(model.to(torch.float64), prompt, completions, mask, advantages, 1.0)
+
+    assert abs(loss.item() - loss64) <= 4 * max(abs(loss32 - loss64), 1e-6 * abs(loss64))
+    plain_error = distance(grads32, grads64)
+    assert distance(shared, grads64) <= 4 * plain_error + 1e-12
+
+
+def distance(a, b):
+    """Euclidean distance between two sets of gradients, as if each were one flat vector."""
+    return sum((a[n].double() - b[n]).pow(2).sum() for n in b).sqrt().item()
+
+
+# --- rollout
+
+
+def _embedding_inputs(model):
+    shapes = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    return shapes, handle
+
+
+def test_greedy_rollout_token_identical_and_prefilled_once(true_float64):
+    model = tiny_model().eval()
+    prompt, *_ = group()
+    plain, plain_mask = prefix.rollout(model, prompt, G, max_new_tokens=8, shared=False, do_sample=False)
+    eos = int(plain[0, 4])  # make the 5th greedy token the EOS so the mask and padding are exercised
+    plain, plain_mask = prefix.rollout(model, prompt, G, 8, shared=False, do_sample=False, eos_token_id=eos)
+    shapes, handle = _embedding_inputs(model)
+    shared, shared_mask = prefix.rollout(model, prompt, G, 8, do_sample=False, eos_token_id=eos)
+    handle.remove()
+    assert torch.equal(shared, plain) and torch.equal(shared_mask, plain_mask)
+    assert shared.shape[1] == plain[0].tolist().index(eos) + 1 and shared_mask.all()  # stopped at the EOS
+    assert shapes[0] == (1, P - 1) and all(s == (G, 1) for s in shapes[1:])  # the prompt ran once, not G times
+
+
+def test_sampled_rollout_identical_under_the_same_seed(true_float64):
+    model = tiny_model().eval()
+    prompt, *_ = group()
+    sample = dict(do_sample=True, temperature=0.9, top_k=0, top_p=1.0)
+    torch.manual_seed(7)
+    shared, _ = prefix.rollout(model, prompt, G, 10, **sample)
+    torch.manual_seed(7)
+    plain, _ = prefix.rollout(model, prompt, G, 10, shared=False, **sample)
+    assert torch.equal(shared, plain) and len({tuple(r) for r in shared.tolist()}) > 1
