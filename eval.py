@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         help="'bm25' = the first stage, no reranking; 'smollm2' = the embedded SmolLM2-135M-Instruct; or a hub id / "
         "local checkpoint directory (default: le723z/Rearank-7B with CUDA, else smollm2)",
     )
-    p.add_argument("--prompt", default="rearank", choices=sorted(MAX_CHARS), help="prompt: REARANK reasoning or RankGPT")
+    p.add_argument("--prompt", default="rearank", choices=sorted(MAX_CHARS), help="REARANK (reasoning) or RankGPT")
     p.add_argument("--top-k", type=int, default=100, help="candidates per query to consider")
     p.add_argument("--window", type=int, default=20, help="passages per window")
     p.add_argument("--step", type=int, default=10, help="how far the window moves up each time")
@@ -232,7 +232,7 @@ def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tu
         print(f"resuming: {resumed} of {len(all_windows)} windows already in {trace_path}")
     t = time.time()
     model, tokenizer = load_model(cfg.model)
-    print(f"model {cfg.model}: loaded in {time.time() - t:.1f}s on {model.device}, greedy, {cfg.max_new_tokens} new tokens")
+    print(f"model {cfg.model}: loaded in {time.time() - t:.1f}s on {model.device}; greedy, {cfg.max_new_tokens} tokens")
     generate = HFGenerator(model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     bar = tqdm(total=len(all_windows), initial=resumed, desc="windows", unit="win")
     with open(trace_path, "a") as f:
@@ -260,8 +260,8 @@ def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tu
     }
     print(
         f"{stats['windows'] - resumed} windows generated in {generate.seconds:.0f}s "
-        f"({generate.generated_tokens} new tokens); answers: {stats['think_and_answer']:.0%} with <think> and <answer>, "
-        f"{stats['answer_is_ranking_list']:.0%} a ranking list"
+        f"({generate.generated_tokens} new tokens); answers: {stats['think_and_answer']:.0%} with <think> and "
+        f"<answer>, {stats['answer_is_ranking_list']:.0%} a ranking list"
     )
     return reranked, stats
 

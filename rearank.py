@@ -20,9 +20,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from data import DataError, Ranking, cache_dir
+
+if TYPE_CHECKING:  # torch and transformers load lazily: eval.py --model bm25 and the pure parts start instantly
+    import torch
 
 # ----------------------------------------------------------------------------------------------------------------------
 # prompts (METHOD §2). The released REARANK-7B was trained on this exact text, oddities included: no space after
@@ -36,7 +39,8 @@ REARANK_PREFIX = (
     "I will provide you with passages, each indicated by number identifier []. Rank the passages based on their "
     "relevance to the search query.Search Query: {query}. \nRank the {num} passages above based on their relevance to "
     "the search query.The passages should be listed in descending order using identifiers. The most relevant passages "
-    "should be listed first. The output format should be <answer> [] > [] </answer>, e.g., <answer> [1] > [2] </answer>."
+    "should be listed first. The output format should be <answer> [] > [] </answer>, "
+    "e.g., <answer> [1] > [2] </answer>."
 )
 REARANK_SUFFIX = (
     'Please rank these passages according to their relevance to the search query: "{query}"\n'
@@ -48,7 +52,9 @@ REARANK_SUFFIX = (
     "            2. Then, within <answer> tags, provide ONLY the final ranking in descending order of relevance using "
     "the format: [X] > [Y] > [Z]"
 )
-RANKGPT_SYSTEM = "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."
+RANKGPT_SYSTEM = (
+    "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."
+)
 RANKGPT_PREFIX = (
     "I will provide you with {num} passages, each indicated by number identifier []. \n"
     "Rank the passages based on their relevance to query: {query}."
@@ -56,7 +62,8 @@ RANKGPT_PREFIX = (
 RANKGPT_SUFFIX = (
     "Search Query: {query}. \nRank the {num} passages above based on their relevance to the search query. The passages "
     "should be listed in descending order using identifiers. The most relevant passages should be listed first. The "
-    "output format should be [] > [], e.g., [1] > [2]. Only response the ranking results, do not say any word or explain."
+    "output format should be [] > [], e.g., [1] > [2]. Only response the ranking results, do not say any word or "
+    "explain."
 )
 ACK = "Okay, please provide the passages."
 MAX_CHARS = {"rearank": 400, "rankgpt": 300}  # characters, not tokens (METHOD §2)
@@ -109,7 +116,8 @@ def build_prompt(query: str, passages: Sequence[str], style: str = "rearank") ->
         {"role": "assistant", "content": ACK},
     ]
     for i, t in enumerate(texts, 1):
-        messages += [{"role": "user", "content": f"[{i}] {t}"}, {"role": "assistant", "content": f"Received passage [{i}]."}]
+        messages.append({"role": "user", "content": f"[{i}] {t}"})
+        messages.append({"role": "assistant", "content": f"Received passage [{i}]."})
     return messages + [{"role": "user", "content": REARANK_SUFFIX.format(query=query)}]
 
 
@@ -268,7 +276,9 @@ def rerank(
             all_traces.append(old)
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
-            prompts = [build_prompt(rankings[i].query.text, [c.text for c in current[i][s:e]], style) for i, s, e in batch]
+            prompts = [
+                build_prompt(rankings[i].query.text, [c.text for c in current[i][s:e]], style) for i, s, e in batch
+            ]
             completions = generate(prompts)
             if len(completions) != len(prompts):
                 raise ValueError(f"generate returned {len(completions)} completions for {len(prompts)} prompts")
@@ -392,10 +402,10 @@ def load_model(name: str):
 class Generation:
     """Token-level result of `generate_tokens`; the GRPO loop trains on these ids, never on re-tokenised text."""
 
-    prompt_ids: "torch.Tensor"  # (B, P) left-padded
-    prompt_mask: "torch.Tensor"  # (B, P) 1 = real prompt token
-    completion_ids: "torch.Tensor"  # (B*G, C) rows b*G .. b*G+G-1 answer prompt b
-    completion_mask: "torch.Tensor"  # (B*G, C) 1 up to and including the EOS / the token closing </answer>, then 0
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) 1 = real prompt token
+    completion_ids: torch.Tensor  # (B*G, C) rows b*G .. b*G+G-1 answer prompt b
+    completion_mask: torch.Tensor  # (B*G, C) 1 up to and including the EOS / the token closing </answer>, then 0
     texts: list[str]  # (B*G,) the completions up to the stop, special tokens skipped
 
 
@@ -484,7 +494,8 @@ def generate_tokens(
         out = model.generate(**enc, generation_config=config, stopping_criteria=[answer_stop(tokenizer)])  # (B*G, P+C)
     completion = out[:, P:]  # (B*G, C)
     lengths = stop_lengths(completion.tolist(), tokenizer, eos_ids)
-    mask = (torch.arange(completion.shape[1], device=completion.device)[None, :] < torch.tensor(lengths, device=completion.device)[:, None]).long()
+    positions = torch.arange(completion.shape[1], device=completion.device)  # (C,)
+    mask = (positions[None, :] < torch.tensor(lengths, device=completion.device)[:, None]).long()  # (B*G, C)
     decoded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(completion.tolist(), lengths)]
     return Generation(enc.input_ids, enc.attention_mask, completion, mask, decoded)
 
@@ -502,7 +513,8 @@ class HFGenerator:
         texts = []
         for b in range(0, len(prompts), self.batch_size):
             t = time.time()
-            g = generate_tokens(self.model, self.tokenizer, prompts[b : b + self.batch_size], max_new_tokens=self.max_new_tokens)
+            chunk = prompts[b : b + self.batch_size]
+            g = generate_tokens(self.model, self.tokenizer, chunk, max_new_tokens=self.max_new_tokens)
             self.seconds += time.time() - t
             self.prompt_tokens += int(g.prompt_mask.sum())
             self.generated_tokens += int(g.completion_mask.sum())

@@ -65,7 +65,8 @@ def test_passages_are_cut_to_characters_after_labels_and_whitespace():
     rankgpt_text = rr.build_prompt("q", [long], style="rankgpt")[3]["content"]
     assert rearank_text == "[1] " + ("Flea facts " + "word " * 100)[:400]
     assert rankgpt_text == "[1] " + ("Flea facts " + "word " * 100)[:300]
-    assert rr.clean_passage("A passage about Title: and Content: labels", 400) == "A passage about Title: and Content: labels"
+    mentions = "A passage about Title: and Content: labels"
+    assert rr.clean_passage(mentions, 400) == mentions  # labels only count at the start
     with pytest.raises(ValueError, match="prompt style"):
         rr.build_prompt("q", ["a"], style="listwise")
 
@@ -160,7 +161,8 @@ def test_window_spans_published_and_bad_arguments():
 def ranking(qid, n, rel=None):
     """Candidates d0..d{n-1} in that order; passage text carries a hidden relevance the fake model reads."""
     rel = rel or list(range(n))
-    return Ranking(Query(qid, f"query {qid}"), [Candidate(f"{qid}-d{i}", f"doc rel={rel[i]}", float(n - i)) for i in range(n)])
+    candidates = [Candidate(f"{qid}-d{i}", f"doc rel={rel[i]}", float(n - i)) for i in range(n)]
+    return Ranking(Query(qid, f"query {qid}"), candidates)
 
 
 class PerfectModel:

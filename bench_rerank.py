@@ -1,0 +1,103 @@
+"""Speed of window generation: the same fixed DL19 windows generated one at a time and in batches.
+
+    python bench_rerank.py                                   # embedded model, 8 windows, batch sizes 1 4 8, 64 tokens
+    python bench_rerank.py --prompt rankgpt --max-new-tokens 128
+
+Each window is a query's BM25 top-20 as one prompt (what `eval.py --top-k 20` sends). Every batch size generates the
+same windows with the same greedy settings through `rearank.generate_tokens`, the path evaluation and GRPO use, and
+stops each sequence at EOS or `</answer>` as they do. Reported: windows/s, prompt tokens/s (real tokens, padding not
+counted), generated tokens/s (tokens up to each sequence's stop), and the share of the computed positions that were
+padding or ran past a sequence's stop (the cost of batching sequences of unequal length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data import load_dataset
+from rearank import SMOLLM2, build_prompt, generate_tokens, load_model
+
+
+@dataclass
+class BenchConfig:
+    model: str = SMOLLM2
+    dataset: str = "dl19"
+    data_dir: str | None = None
+    windows: int = 8
+    window: int = 20
+    prompt: str = "rearank"
+    batch_sizes: str = "1,4,8"
+    max_new_tokens: int = 64
+    out: str = "runs/bench_rerank.json"
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=SMOLLM2, help="'smollm2' (embedded), a hub id or a local directory")
+    p.add_argument("--dataset", default="dl19", help="where the windows come from")
+    p.add_argument("--data-dir", default=None, help="data directory (default: $REARANK_DATA, else ./data)")
+    p.add_argument("--windows", type=int, default=8, help="how many windows (the first N queries, one window each)")
+    p.add_argument("--window", type=int, default=20, help="passages per window")
+    p.add_argument("--prompt", default="rearank", choices=["rearank", "rankgpt"], help="prompt style")
+    p.add_argument("--batch-sizes", default="1,4,8", help="comma-separated batch sizes to compare")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per window (fixed for comparison)")
+    p.add_argument("--out", default="runs/bench_rerank.json", help="where to save the table as JSON")
+    return BenchConfig(**vars(p.parse_args(argv)))
+
+
+def bench(model, tokenizer, prompts: list, batch_size: int, max_new_tokens: int) -> dict:
+    """Generate all `prompts` in batches of `batch_size`; throughput and waste."""
+    t = time.perf_counter()
+    prompt_tokens = prompt_positions = generated = generated_positions = 0
+    for b in range(0, len(prompts), batch_size):
+        g = generate_tokens(model, tokenizer, prompts[b : b + batch_size], max_new_tokens=max_new_tokens)
+        prompt_tokens += int(g.prompt_mask.sum())
+        prompt_positions += g.prompt_mask.numel()
+        generated += int(g.completion_mask.sum())
+        generated_positions += g.completion_mask.numel()
+    seconds = time.perf_counter() - t
+    return {
+        "batch_size": batch_size,
+        "seconds": round(seconds, 1),
+        "windows_per_s": len(prompts) / seconds,
+        "prompt_tokens_per_s": prompt_tokens / seconds,
+        "generated_tokens_per_s": generated / seconds,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated,
+        "wasted": 1 - (prompt_tokens + generated) / (prompt_positions + generated_positions),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    cfg = parse_args(argv)
+    print("config: " + json.dumps(asdict(cfg)))
+    rankings = load_dataset(cfg.dataset, cfg.data_dir).rankings[: cfg.windows]
+    prompts = [build_prompt(r.query.text, [c.text for c in r.candidates[: cfg.window]], cfg.prompt) for r in rankings]
+    model, tokenizer = load_model(cfg.model)
+    device = f"{model.device}" + ("" if model.device.type == "cuda" else f", {torch.get_num_threads()} threads")
+    print(f"{cfg.model} on {device}; {len(prompts)} windows of {cfg.window} passages, greedy")
+    generate_tokens(model, tokenizer, prompts[:1], max_new_tokens=2)  # warm-up: allocator, kernels, stop criterion
+    rows = []
+    for bs in [int(x) for x in cfg.batch_sizes.split(",")]:
+        rows.append(bench(model, tokenizer, prompts, bs, cfg.max_new_tokens))
+        print(f"batch {bs}: {rows[-1]['seconds']}s", flush=True)
+    print(f"\n| batch size | windows/s | prompt tokens/s | generated tokens/s | wall s | padded/after-stop positions |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['batch_size']} | {r['windows_per_s']:.3f} | {r['prompt_tokens_per_s']:.0f} | "
+            f"{r['generated_tokens_per_s']:.1f} | {r['seconds']} | {r['wasted']:.1%} |"
+        )
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps({"config": asdict(cfg), "device": device, "rows": rows}, indent=1))
+    print(f"\nwrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()
