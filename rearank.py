@@ -479,12 +479,17 @@ def generate_tokens(
         max_new_tokens = min(max_new_tokens, limit - P)
     eos = model.generation_config.eos_token_id
     eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None}
+    # every decoding knob explicit: HF fills unset ones from the checkpoint's generation_config.json (Qwen2.5 ships
+    # repetition_penalty 1.05, top_k 20, top_p 0.8), which would bend greedy evaluation and the sampled distribution
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_k=0 if do_sample else None,
-        top_p=1.0 if do_sample else None,
+        temperature=temperature if do_sample else 1.0,
+        top_k=0 if do_sample else 50,  # greedy ignores it; 50 is HF's default, anything else makes it warn
+        top_p=1.0,
+        min_p=None,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
         num_return_sequences=num_return_sequences,
         eos_token_id=sorted(eos_ids),
         pad_token_id=tokenizer.pad_token_id,

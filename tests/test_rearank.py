@@ -389,3 +389,14 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tokenizer):
     P = len(tokenizer.apply_chat_template(fits, add_generation_prompt=True))
     g = rr.generate_tokens(model, tokenizer, [fits], max_new_tokens=10_000)  # capped to what the context leaves
     assert g.completion_ids.shape[1] <= 300 - P
+
+
+def test_checkpoint_generation_defaults_do_not_leak_into_decoding(tokenizer):
+    # Qwen2.5's generation_config.json sets repetition_penalty 1.05, top_k 20, ...: decoding must ignore them
+    repeat = tokenizer(" ha", add_special_tokens=False).input_ids * 4 + [tokenizer.eos_token_id]
+    model = scripted_llama(tokenizer, {"short": repeat, "long": repeat})
+    model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, temperature=0.1, top_k=1)
+    prompt = rr.build_prompt("q", ["a"])
+    for sample in (False, True):
+        g = rr.generate_tokens(model, tokenizer, [prompt], max_new_tokens=8, do_sample=sample)
+        assert g.completion_ids[0, : len(repeat)].tolist() == repeat and g.texts == [" ha ha ha ha"]
