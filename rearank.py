@@ -267,10 +267,10 @@ def rerank(
                 todo.append((i, start, end))
                 continue
             shown = [c.docid for c in current[i][start:end]]
-            if old.docids and old.docids != shown:
+            if (old.docids and old.docids != shown) or sorted(old.order) != list(range(end - start)):
                 raise ValueError(
                     f"trace for query {r.query.qid} window ({start}, {end}) was made on other candidates "
-                    f"({old.docids[:3]}... vs {shown[:3]}...): resume only with the same run settings"
+                    f"({old.docids[:3]}... vs {shown[:3]}...) or is damaged: resume only with the same run settings"
                 )
             current[i][start:end] = [current[i][start + j] for j in old.order]
             all_traces.append(old)

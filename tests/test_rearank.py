@@ -233,6 +233,9 @@ def test_rerank_resumes_from_traces_without_regenerating():
     stale = rr.WindowTrace("a", 30, 50, "", list(range(20)), [f"x{i}" for i in range(20)])
     with pytest.raises(ValueError, match="other candidates"):
         rr.rerank(other, PerfectModel(), traces=[stale])
+    damaged = rr.WindowTrace("a", 30, 50, "", [0, 0, 1], [])  # not a permutation of the window
+    with pytest.raises(ValueError, match="damaged"):
+        rr.rerank(other, PerfectModel(), traces=[damaged])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
