@@ -497,7 +497,7 @@ def read_instances(path: str | Path) -> list[TrainInstance]:
             rec["candidates"] = [Candidate(**c) for c in rec["candidates"]]
             inst = TrainInstance(**rec)
         except (KeyError, TypeError) as e:
-            raise DataError(f"{path}:{lineno}: not a training instance ({e}); write it with `data.py augment`") from None
+            raise DataError(f"{path}:{lineno}: not a training instance ({e}); `data.py augment` writes them") from None
         if len(inst.grades) != len(inst.candidates):
             raise DataError(f"{path}:{lineno}: {len(inst.grades)} grades for {len(inst.candidates)} candidates")
         instances.append(inst)
@@ -534,7 +534,8 @@ def augment(
         if not grades:
             continue  # an unjudged query cannot be scored
         for _ in range(samples):
-            inst = make_instance(ranking.query, rng.sample(ranking.candidates, min(size, len(ranking.candidates))), grades)
+            sample = rng.sample(ranking.candidates, min(size, len(ranking.candidates)))
+            inst = make_instance(ranking.query, sample, grades)
             if not any(g > 0 for g in inst.grades):
                 stats.no_relevant += 1
             elif (inst.r_star if filter_on == "best" else inst.r_init) < min_ndcg:

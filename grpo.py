@@ -25,9 +25,12 @@ How this departs from vanilla GRPO (DeepSeekMath, arXiv 2402.03300):
    log-probs are computed once, under no_grad, before the first update.
 5. Generation stops at `</answer>` (or EOS); what follows is masked, as is padding. Completions cut by
    `--max-new-tokens` are kept and scored (their answer is missing, so they mostly score 0) and counted as truncated.
-6. Weights stay fp32 (master weights) and the forward runs in bf16 autocast on CUDA: Adam steps of size lr = 1e-6
-   vanish when added to bf16 weights (the bf16 spacing near 0.02 is 1.2e-4). The first step reports how many weights
-   moved. README: "7B memory" has the arithmetic.
+6. Adam steps of size lr = 1e-6 vanish when added to bf16 weights (the bf16 spacing near 0.02 is 1.2e-4), so by
+   default the weights stay fp32 (master weights) and the forward runs in bf16 autocast on CUDA. That costs 10 bytes a
+   parameter with 8-bit Adam: 76 GB for a 7B model, too much for one 80 GB GPU once activations come in. With
+   `--bf16-weights` the weights stay bf16 and `BF16AdamW` keeps bf16 moments and writes each update back with
+   stochastic rounding (unbiased: a 1e-6 step moves a weight one bf16 spacing with probability 1e-6 / spacing):
+   8 bytes a parameter, 61 GB for 7B. The first step reports how many weights moved.
 
 The loop is generic over a `Task` (prompt builder + reward): REARANK's listwise task is the only one for now.
 """
@@ -38,7 +41,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -49,7 +51,6 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data import DataError, TrainInstance, augment, load_dataset, make_instance, read_instances
 from rearank import ANSWER_END, ModelError, build_prompt, generate_tokens, load_model
@@ -82,6 +83,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature, also the one the log-probs are computed at
     max_new_tokens: int = 512
     gradient_checkpointing: bool = False
+    bf16_weights: bool = False  # bf16 weights + BF16AdamW (stochastic rounding) instead of fp32 master weights
     eval_dataset: str = "dl19"  # held-out windows: the top-`eval_size` candidates of each judged query
     eval_size: int = 20
     eval_queries: int = 0  # 0 = all judged queries
@@ -117,6 +119,7 @@ HELP = {
     "temperature": "sampling temperature; log-probs are computed at the same temperature",
     "max_new_tokens": "completion length cap for rollouts and held-out evaluation",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
+    "bf16_weights": "bf16 weights updated with stochastic rounding (BF16AdamW): what fits a 7B model on 80 GB",
     "eval_dataset": "held-out dataset: its top-N windows are scored greedily (never a training set)",
     "eval_size": "held-out window size N (the top-N candidates of each query)",
     "eval_queries": "held-out queries to use (0 = all judged ones)",
@@ -203,7 +206,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (N, P + C)
     C = completion_ids.shape[1]
     # only the last C + 1 positions' logits are needed: the vocabulary projection of a long prompt is the big cost
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=C + 1, use_cache=False).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=C + 1,
+                   use_cache=False).logits  # (N, C + 1, V)
     return token_logprobs(logits[:, :-1], completion_ids, temperature)  # logits at t predict token t + 1
 
 
@@ -273,6 +277,10 @@ class Rollout:
     rewards: list[Reward]  # (N,)
     truncated: list[bool]  # (N,) cut by max_new_tokens before the answer closed
 
+    def rows(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        """(prompt_ids, prompt_mask, completion_ids, completion_mask) of the rows `idx`: completion_logprobs' input."""
+        return self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx], self.completion_mask[idx]
+
 
 def rollout(model, tokenizer, task: Task, batch: Sequence[TrainInstance], group_size: int, *, max_new_tokens: int,
             temperature: float = 1.0, greedy: bool = False) -> Rollout:
@@ -327,9 +335,56 @@ def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: 
 # model, optimizer, checkpoints
 
 
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Write fp32 `src` into bf16 `dst`, rounding up or down at random with probability proportional to closeness, so
+    the rounding is unbiased and updates far below bf16's spacing still add up (Gupta et al., 2015).
+
+    bf16 is the top half of fp32: add uniform noise to the 16 bits that get cut, then cut them (sign-magnitude, so this
+    rounds away from zero with the right probability for negative numbers too).
+    """
+    bits = src.contiguous().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    dst.copy_(((bits + noise) & -65536).view(torch.float32))  # the low 16 bits are 0: the cast to bf16 is exact
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights: moments stored in bf16, the step computed in fp32, written back with stochastic
+    rounding. 8 bytes a parameter (weight, grad, two moments), against 10 for fp32 master weights with 8-bit Adam."""
+
+    CHUNK = 1 << 24  # elements per fp32 temporary: a 545M-parameter embedding must not need 4 fp32 copies at once
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["step"] += 1
+                c1, c2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
+                views = (t.view(-1).split(self.CHUNK) for t in (p, p.grad, state["m"], state["v"]))
+                for w, g, m, v in zip(*views):
+                    g = g.float()
+                    m32 = m.float().mul_(b1).add_(g, alpha=1 - b1)
+                    v32 = v.float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                    m.copy_(m32)
+                    v.copy_(v32)
+                    update = (m32 / c1) / ((v32 / c2).sqrt() + group["eps"])
+                    stochastic_round_(w, w.float() * (1 - lr * group["weight_decay"]) - lr * update)
+
+
 def make_optimizer(model, cfg: Config):
-    """bitsandbytes 8-bit AdamW on CUDA (states in 2 bytes a parameter, not 8), torch AdamW on CPU."""
+    """BF16AdamW with --bf16-weights; else bitsandbytes 8-bit AdamW on CUDA (2 bytes of state a parameter, not 8),
+    torch AdamW on CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.bf16_weights:
+        return BF16AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if torch.cuda.is_available():
         import bitsandbytes as bnb
 
@@ -456,9 +511,9 @@ def train(cfg: Config) -> dict:
         print(f"data: {cfg.dataset}: {st.kept} training sets of {cfg.size} ({st.no_relevant + st.below} dropped)")
     held = held_out(cfg) if cfg.eval_every else []
 
-    # --- model: fp32 master weights, optimizer, optional frozen reference
+    # --- model: fp32 master weights (or bf16 ones with stochastic rounding), optimizer, optional frozen reference
     model, tokenizer = load_model(cfg.model)
-    model.float()
+    model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None
@@ -531,16 +586,15 @@ def train(cfg: Config) -> dict:
             t1 = time.time()
             model.train()
             N, n_tokens = r.numel(), int(ro.completion_mask.sum().clamp(min=1))
-            micro = [range(i, min(i + math.ceil(N / cfg.grad_accum), N)) for i in range(0, N, math.ceil(N / cfg.grad_accum))]
-            seq = lambda idx: (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.completion_ids[idx], ro.completion_mask[idx])  # noqa: E731
+            size = math.ceil(N / cfg.grad_accum)
+            micro = [list(range(i, min(i + size, N))) for i in range(0, N, size)]
             old_logp, ref_logp = [None] * len(micro), [None] * len(micro)
             with torch.no_grad(), accelerator.autocast():
                 for j, idx in enumerate(micro):
-                    idx = list(idx)
                     if cfg.updates > 1:
-                        old_logp[j] = completion_logprobs(model, *seq(idx), cfg.temperature)
+                        old_logp[j] = completion_logprobs(model, *ro.rows(idx), cfg.temperature)
                     if ref is not None:
-                        ref_logp[j] = completion_logprobs(ref, *seq(idx), cfg.temperature)
+                        ref_logp[j] = completion_logprobs(ref, *ro.rows(idx), cfg.temperature)
 
             # --- update: `updates` passes over the batch, each micro-batch's loss scaled by the batch's token count
             first = step == start and not cfg.resume
@@ -551,19 +605,16 @@ def train(cfg: Config) -> dict:
             losses, grad_norm = [], 0.0
             for _ in range(cfg.updates):
                 for j, idx in enumerate(micro):
-                    idx = list(idx)
                     with accelerator.autocast():
-                        logp = completion_logprobs(model, *seq(idx), cfg.temperature)  # (n, C)
+                        logp = completion_logprobs(model, *ro.rows(idx), cfg.temperature)  # (n, C)
                     loss, s = grpo_loss(logp, old_logp[j], ref_logp[j], adv[idx], ro.completion_mask[idx],
                                         cfg.clip_eps, cfg.beta, n_tokens)
                     accelerator.backward(loss)
                     losses.append(loss.item())
                     for k in stats:
                         stats[k].append(s[k])
-                if cfg.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                else:
-                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+                # the norm before clipping; an infinite bound measures without clipping
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             train_s = time.time() - t1
@@ -607,8 +658,8 @@ def train(cfg: Config) -> dict:
             if stop["requested"] and not last:
                 print(f"stopped after step {step + 1}; continue with --resume")
                 break
-        else:
-            if cfg.eval_every and cfg.steps > start:  # after the last step
+        else:  # the final weights, unless already evaluated (resuming a finished run only evaluates it)
+            if cfg.eval_every and not any(e["step"] == cfg.steps for e in read_jsonl(out / "eval.jsonl")):
                 held_out_eval(cfg.steps)
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -166,9 +166,9 @@ def test_one_update_per_batch_gives_the_policy_gradient():
 # weights move at lr 1e-6 (fp32 master weights); in bf16 they would not
 
 
-def one_step(model, lr=1e-6):
+def one_step(model, lr=1e-6, optimizer=torch.optim.AdamW):
     pids, pmask, cids, cmask = padded_batch(model.config.vocab_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = optimizer(model.parameters(), lr=lr, weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=next(model.parameters()).dtype == torch.bfloat16):
         logp = completion_logprobs(model.train(), pids, pmask, cids, cmask, 1.0)
@@ -222,3 +222,19 @@ def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
 def test_resume_without_a_checkpoint_says_so(tiny_dir, tmp_path):
     with pytest.raises(data.DataError, match="checkpoint.pt not found"):
         run(tiny_dir, tmp_path / "none", 1, train_file=toy_instances(tmp_path / "t.jsonl"), resume=True)
+
+
+def test_stochastic_rounding_is_unbiased_and_moves_bf16_weights():
+    torch.manual_seed(0)
+    x = torch.full((200_000,), 0.02) + 1e-6  # 1e-6 is 1/120 of the bf16 spacing near 0.02
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    grpo.stochastic_round_(out, x)
+    assert set(out.float().unique().tolist()) <= {0.02001953125, 0.0198974609375}  # the two neighbours
+    # unbiased: the mean lands on x (round-to-nearest would give 0.0200195, 1.9e-5 off)
+    assert out.double().mean().item() == pytest.approx(x.double().mean().item(), abs=5e-7)
+
+
+def test_bf16_weights_with_stochastic_rounding_move_at_lr_1e_6():
+    # each weight moves one bf16 spacing with probability ~ 1e-6 / spacing: a few percent of a small model's weights
+    moved = one_step(tiny_model(100).to(torch.bfloat16), optimizer=grpo.BF16AdamW)
+    assert 1e-3 < moved < 0.5

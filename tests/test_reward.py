@@ -4,6 +4,8 @@ from math import log2
 
 import pytest
 
+import data
+from data import Candidate, DataError, Dataset, Query, Ranking
 from reward import Reward, ndcg_bounds, rank_gain, rerank_reward, setwise_reward
 
 # P = a, b, c in this initial order; z is judged relevant but not in P, so the best order of P cannot reach 1
@@ -44,7 +46,8 @@ def test_worse_order_is_negative():
 
 def test_partial_answer_appends_the_rest_in_initial_order():
     # "[3]" alone: c first, then a and b as they were (the parser inference uses)
-    assert rerank_reward(answer("[3]"), DOCIDS, JUDGED).rank == rerank_reward(answer("[3] > [1] > [2]"), DOCIDS, JUDGED).rank
+    alone, spelled_out = (rerank_reward(answer(ids), DOCIDS, JUDGED) for ids in ("[3]", "[3] > [1] > [2]"))
+    assert alone.rank == spelled_out.rank
 
 
 def test_unparseable_answer_keeps_initial_order_no_format_credit():
@@ -94,8 +97,6 @@ def test_setwise_reward(text, label, expected):
 # ----------------------------------------------------------------------------------------------------------------------
 # training instances (data.py augment, METHOD §4): r_init and r* are the reward's own bounds
 
-import data  # noqa: E402
-from data import Candidate, DataError, Dataset, Query, Ranking  # noqa: E402
 
 
 def toy_dataset() -> Dataset:
