@@ -6,14 +6,16 @@
 Each window is a query's BM25 top-20 as one prompt (what `eval.py --top-k 20` sends). Every batch size generates the
 same windows with the same greedy settings through `rearank.generate_tokens`, the path evaluation and GRPO use, and
 stops each sequence at EOS or `</answer>` as they do. Reported: windows/s, prompt tokens/s (real tokens, padding not
-counted), generated tokens/s (tokens up to each sequence's stop), and the share of the computed positions that were
-padding or ran past a sequence's stop (the cost of batching sequences of unequal length).
+counted), generated tokens/s (tokens up to each sequence's stop), the CPU seconds used (on a shared machine they
+compare better than wall time), and the share of the computed positions that were padding or ran past a sequence's
+stop (the cost of batching sequences of unequal length).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 
 def bench(model, tokenizer, prompts: list, batch_size: int, max_new_tokens: int) -> dict:
     """Generate all `prompts` in batches of `batch_size`; throughput and waste."""
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     prompt_tokens = prompt_positions = generated = generated_positions = 0
     for b in range(0, len(prompts), batch_size):
         g = generate_tokens(model, tokenizer, prompts[b : b + batch_size], max_new_tokens=max_new_tokens)
@@ -59,10 +61,11 @@ def bench(model, tokenizer, prompts: list, batch_size: int, max_new_tokens: int)
         prompt_positions += g.prompt_mask.numel()
         generated += int(g.completion_mask.sum())
         generated_positions += g.completion_mask.numel()
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     return {
         "batch_size": batch_size,
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),  # on a shared machine, work done per CPU second compares better than wall time
         "windows_per_s": len(prompts) / seconds,
         "prompt_tokens_per_s": prompt_tokens / seconds,
         "generated_tokens_per_s": generated / seconds,
@@ -81,18 +84,19 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [build_prompt(r.query.text, [c.text for c in r.candidates[: cfg.window]], cfg.prompt) for r in rankings]
     model, tokenizer = load_model(cfg.model)
     device = f"{model.device}" + ("" if model.device.type == "cuda" else f", {torch.get_num_threads()} threads")
-    print(f"{cfg.model} on {device}; {len(prompts)} windows of {cfg.window} passages, greedy")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{cfg.model} on {device}; {len(prompts)} windows of {cfg.window} passages, greedy; load average {load}")
     generate_tokens(model, tokenizer, prompts[:1], max_new_tokens=2)  # warm-up: allocator, kernels, stop criterion
     rows = []
     for bs in [int(x) for x in cfg.batch_sizes.split(",")]:
         rows.append(bench(model, tokenizer, prompts, bs, cfg.max_new_tokens))
         print(f"batch {bs}: {rows[-1]['seconds']}s", flush=True)
-    print(f"\n| batch size | windows/s | prompt tokens/s | generated tokens/s | wall s | padded/after-stop positions |")
-    print("|---|---|---|---|---|---|")
+    print("\n| batch size | windows/s | prompt tokens/s | generated tokens/s | wall s | CPU s | padded/after-stop |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['batch_size']} | {r['windows_per_s']:.3f} | {r['prompt_tokens_per_s']:.0f} | "
-            f"{r['generated_tokens_per_s']:.1f} | {r['seconds']} | {r['wasted']:.1%} |"
+            f"{r['generated_tokens_per_s']:.1f} | {r['seconds']} | {r['cpu_seconds']} | {r['wasted']:.1%} |"
         )
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps({"config": asdict(cfg), "device": device, "rows": rows}, indent=1))
