@@ -4,10 +4,16 @@ GRPO samples G completions of the same prompt. The usual trainers (TRL, verl) fe
 so the rollout prefill, the reference pass and the policy forward and backward all recompute the same ~2,300-token
 prompt G times. Its activations are identical for all G rows, so here the prompt runs once (with autograd), its
 per-layer keys and values are broadcast to the G completions, and gradients flow back through them to the single
-prompt pass. This is exact, not an approximation: the last prompt position's logits score the first completion token.
+prompt pass. This is exact, not an approximation.
 
-    prefix, last_logits = prompt_forward(model, prompt_ids)           # the prompt, once
-    logp = prefix_logprobs(model, prefix, last_logits, ids, mask)      # (G, C), any micro-batch of completions
+The prefix is the prompt minus its last token; each completion row starts with that last token, whose logits score
+the first completion token. That costs one token per row and keeps every logit in one batched pass: scoring the
+first token from the prompt pass's single last-logits row made float32 gradients ~4x further from float64 than the
+plain path's, because CPU float32 matmuls with 1-7 rows (the (1, V) @ (V, H) lm_head backward) are ~10x less
+accurate than with 35+ (measured here: 4e-6 vs 4e-7 relative at K=49152).
+
+    prefix = prompt_forward(model, prompt_ids)                         # the prompt, once
+    logp = prefix_logprobs(model, prefix, ids, mask)                   # (G, C), any micro-batch of completions
     logp = completion_logprobs(model, prompt_ids, ids, mask)           # both steps; shared=False: the usual way
     loss = shared_backward(model, prompt_ids, ids, mask, loss_fn, micro_batch=2)  # micro-batched backward
     ids, mask = rollout(model, prompt_ids, group_size=8, max_new_tokens=256)      # prefill once, sample G
@@ -107,15 +113,19 @@ class _RecordLayer(CacheLayerMixin):
 
 
 class PrefixCache(Cache):
-    """A read-only cache holding one prompt's keys/values per layer; pass it as `past_key_values`."""
+    """A read-only cache: the keys/values of a prompt's first P-1 tokens per layer, and its last token `(1, 1)`.
 
-    def __init__(self, layers: list[PrefixLayer]):
+    Pass it as `past_key_values` to a forward whose rows start with `last_token`.
+    """
+
+    def __init__(self, layers: list[PrefixLayer], last_token: torch.Tensor):
         super().__init__(layers=layers)
+        self.last_token = last_token  # (1, 1)
 
     def detached(self) -> "PrefixCache":
         """The same prefix as fresh leaf tensors that collect gradients (for `shared_backward`)."""
         return PrefixCache([PrefixLayer(lay.keys.detach().requires_grad_(), lay.values.detach().requires_grad_())
-                            for lay in self.layers])
+                            for lay in self.layers], self.last_token)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for lay in self.layers for t in (lay.keys, lay.values)]
@@ -184,35 +194,33 @@ def token_logprobs(scores: torch.Tensor, ids: torch.Tensor, temperature: float =
 # --- the prompt once, then the completions
 
 
-def prompt_forward(model, prompt_ids: torch.Tensor) -> tuple[PrefixCache, torch.Tensor]:
-    """Run one prompt once (with autograd if enabled): its per-layer keys/values and its last logits `(1, V)`.
-
-    The last logits score the first completion token.
-    """
+def prompt_forward(model, prompt_ids: torch.Tensor) -> PrefixCache:
+    """Run all but the last token of one prompt once (with autograd if enabled): their per-layer keys/values."""
     check_checkpointing(model)
     _check_full_attention(model)
     prompt_ids = _one_prompt(prompt_ids)  # (1, P)
+    assert prompt_ids.shape[1] >= 2, "the prefix is the prompt minus its last token"
     record = Cache(layers=[_RecordLayer() for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)])
     with _cache_survives_checkpointing(model):
-        out = model(input_ids=prompt_ids, past_key_values=record, use_cache=False, logits_to_keep=1)
-    prefix = PrefixCache([PrefixLayer(lay.keys, lay.values) for lay in record.layers])
-    return prefix, out.logits[:, -1]  # (1, V)
+        # logits_to_keep=1: the prefix's logits are never used, so skip the (P, V) lm_head product
+        model(input_ids=prompt_ids[:, :-1], past_key_values=record, use_cache=False, logits_to_keep=1)
+    return PrefixCache([PrefixLayer(lay.keys, lay.values) for lay in record.layers], prompt_ids[:, -1:])
 
 
-def prefix_logprobs(model, prefix: PrefixCache, last_logits: torch.Tensor, completion_ids: torch.Tensor,
-                    completion_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def prefix_logprobs(model, prefix: PrefixCache, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
     """Log-probs `(B, C)` of a batch of completions continuing the prompt held by `prefix`."""
     check_checkpointing(model)
     batch, _ = completion_ids.shape
-    prompt_len = prefix.get_seq_length()
-    attention_mask = torch.cat([completion_mask.new_ones(batch, prompt_len), completion_mask], dim=1)  # (B, P+C)
+    input_ids = torch.cat([prefix.last_token.expand(batch, 1), completion_ids], dim=1)  # (B, 1+C)
+    ones = completion_mask.new_ones(batch, prefix.get_seq_length() + 1)
+    attention_mask = torch.cat([ones, completion_mask], dim=1)  # (B, P+C)
     with _cache_survives_checkpointing(model):
-        # positions start at P because they are derived from prefix.get_seq_length() (LlamaModel.forward)
-        logits = model(input_ids=completion_ids, attention_mask=attention_mask, past_key_values=prefix,
-                       use_cache=False).logits  # (B, C, V)
-    # logits at t score token t+1; the prompt's last position scores completion token 0
-    scores = torch.cat([last_logits.unsqueeze(1).expand(batch, 1, -1), logits[:, :-1]], dim=1)  # (B, C, V)
-    return token_logprobs(scores, completion_ids, temperature)
+        # positions start at P-1 because they are derived from prefix.get_seq_length() (LlamaModel.forward)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=prefix,
+                       use_cache=False).logits  # (B, 1+C, V)
+    # logits at t score token t+1: the last prompt token's score completion token 0
+    return token_logprobs(logits[:, :-1], completion_ids, temperature)
 
 
 def plain_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -228,7 +236,7 @@ def plain_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor
     return token_logprobs(logits[:, :-1], completion_ids, temperature)
 
 
-def _row_chunks(n: int, micro_batch: int | None) -> list[slice]:
+def micro_batches(n: int, micro_batch: int | None) -> list[slice]:
     step = micro_batch or n
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
@@ -241,13 +249,13 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.T
     Micro-batches bound the completions' activation memory under no_grad (reference and old-policy passes). With
     grad, all micro-batches' graphs stay alive until backward; use `shared_backward` to free them as it goes.
     """
-    chunks = _row_chunks(completion_ids.shape[0], micro_batch)
+    chunks = micro_batches(completion_ids.shape[0], micro_batch)
     if not shared:
         return torch.cat([plain_logprobs(model, prompt_ids, completion_ids[rows], completion_mask[rows], temperature)
                           for rows in chunks])
-    prefix, last_logits = prompt_forward(model, prompt_ids)
-    return torch.cat([prefix_logprobs(model, prefix, last_logits, completion_ids[rows], completion_mask[rows],
-                                      temperature) for rows in chunks])  # (G, C)
+    prefix = prompt_forward(model, prompt_ids)
+    return torch.cat([prefix_logprobs(model, prefix, completion_ids[rows], completion_mask[rows], temperature)
+                      for rows in chunks])  # (G, C)
 
 
 def shared_backward(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -255,25 +263,23 @@ def shared_backward(model, prompt_ids: torch.Tensor, completion_ids: torch.Tenso
                     micro_batch: int | None = None) -> float:
     """Backward of `sum over micro-batches of loss_fn(logp_rows (b, C), rows)`, running the prompt once.
 
-    Each micro-batch backpropagates into detached copies of the prompt's keys/values and last logits, so its graph
+    Each micro-batch backpropagates into detached copies of the prompt's keys/values, so its graph
     is freed at once; their summed gradients then go through the single prompt pass. By linearity this equals one
     backward of the whole loss. `loss_fn` must return this micro-batch's share of the total (e.g. divide by the
     whole group's token count, not the micro-batch's). Returns the total loss.
     """
-    prefix, last_logits = prompt_forward(model, prompt_ids)
-    if not (last_logits.requires_grad and torch.is_grad_enabled()):
+    prefix = prompt_forward(model, prompt_ids)
+    if not (prefix.layers[0].keys.requires_grad and torch.is_grad_enabled()):
         raise ValueError("shared_backward needs grad enabled and trainable parameters")
-    leaf_prefix, leaf_logits = prefix.detached(), last_logits.detach().requires_grad_()
+    leaves = prefix.detached()
     total = 0.0
-    for rows in _row_chunks(completion_ids.shape[0], micro_batch):
-        logp = prefix_logprobs(model, leaf_prefix, leaf_logits, completion_ids[rows], completion_mask[rows],
-                               temperature)  # (b, C)
+    for rows in micro_batches(completion_ids.shape[0], micro_batch):
+        logp = prefix_logprobs(model, leaves, completion_ids[rows], completion_mask[rows], temperature)  # (b, C)
         loss = loss_fn(logp, rows)
         loss.backward()  # parameter grads of these completions; prompt-side grads pile up in the leaves
         total += loss.item()
     # the prompt's share of the gradient, once for the whole group
-    pairs = [(t, leaf.grad) for t, leaf in zip([*prefix.tensors(), last_logits], [*leaf_prefix.tensors(), leaf_logits])
-             if leaf.grad is not None]
+    pairs = [(t, leaf.grad) for t, leaf in zip(prefix.tensors(), leaves.tensors()) if leaf.grad is not None]
     if pairs:
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
     return total
@@ -304,11 +310,10 @@ def rollout(model, prompt_ids: torch.Tensor, group_size: int, max_new_tokens: in
     with `pad_token_id` after EOS, and their mask (1 up to and including the first EOS).
     """
     prompt_ids = _one_prompt(prompt_ids)  # (1, P)
-    assert prompt_ids.shape[1] >= 2, "the shared prefill leaves the last prompt token to generate"
     input_ids = prompt_ids.expand(group_size, -1)  # (G, P)
     if shared:
         _check_full_attention(model)
-        prefix, _ = prompt_forward(model, prompt_ids[:, :-1])
+        prefix = prompt_forward(model, prompt_ids)
         generate_kwargs["past_key_values"] = _expanded_cache(model, prefix, group_size)
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                          max_new_tokens=max_new_tokens, **generate_kwargs)
