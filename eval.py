@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,7 @@ class EvalConfig:
     limit: int | None = None
     max_new_tokens: int = 2048
     out: str | None = None
+    command: str = ""  # the command line, saved with the metrics so every number says how it was made
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
@@ -144,7 +146,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     args = p.parse_args(argv)
     if (args.candidates or args.run) and not args.qrels:
         p.error("--candidates and --run need --qrels")
-    return EvalConfig(**vars(args))
+    command = shlex.join(["python", "eval.py", *(sys.argv[1:] if argv is None else argv)])
+    return EvalConfig(**vars(args), command=command)
 
 
 def slug(text: str) -> str:
@@ -159,7 +162,7 @@ def print_metrics(ev: Evaluation, label: str = "") -> None:
 
 def save_metrics(path: Path, cfg: EvalConfig, ev: Evaluation, **extra) -> None:
     record = {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": cfg.command,
         "config": asdict(cfg),
         "mean": ev.mean,
         "judged": len(ev.per_query),
