@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     print("config: " + json.dumps(asdict(cfg)))
     rankings = load_dataset(cfg.dataset, cfg.data_dir).rankings[: cfg.windows]
     prompts = [build_prompt(r.query.text, [c.text for c in r.candidates[: cfg.window]], cfg.prompt) for r in rankings]
+    prompts.sort(key=lambda m: sum(len(x["content"]) for x in m))  # as rerank() batches them: less padding
     model, tokenizer = load_model(cfg.model)
     device = f"{model.device}" + ("" if model.device.type == "cuda" else f", {torch.get_num_threads()} threads")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -274,11 +274,14 @@ def rerank(
                 )
             current[i][start:end] = [current[i][start + j] for j in old.order]
             all_traces.append(old)
+        # each query has one window at position k, so all its prompts can be built now; sorted by length, similar
+        # prompts share a batch and less of it is padding (on CPU, prefill dominates and padding costs in full)
+        built = {(i, s, e): build_prompt(rankings[i].query.text, [c.text for c in current[i][s:e]], style)
+                 for i, s, e in todo}  # fmt: skip
+        todo.sort(key=lambda job: sum(len(m["content"]) for m in built[job]))
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
-            prompts = [
-                build_prompt(rankings[i].query.text, [c.text for c in current[i][s:e]], style) for i, s, e in batch
-            ]
+            prompts = [built[job] for job in batch]
             completions = generate(prompts)
             if len(completions) != len(prompts):
                 raise ValueError(f"generate returned {len(completions)} completions for {len(prompts)} prompts")
