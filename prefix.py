@@ -18,6 +18,8 @@ accurate than with 35+ (measured here: 4e-6 vs 4e-7 relative at K=49152).
     loss = shared_backward(model, prompt_ids, ids, mask, loss_fn, micro_batch=2)  # micro-batched backward
     ids, mask = rollout(model, prompt_ids, group_size=8, max_new_tokens=256)      # prefill once, sample G
 
+Tests: `python -m pytest tests/test_prefix.py`; timing: `nice python bench_prefix.py` (see its docstring).
+
 A group shares ONE unpadded prompt: `prompt_ids` is `(P,)` or `(1, P)`, never a left-padded batch. Completions are
 right-padded `(G, C)` with `completion_mask` 1 on real tokens (pad with any valid token id).
 
@@ -30,7 +32,10 @@ Pitfalls in transformers 5.23 that shape this file:
   serves several micro-batches.
 - Reentrant checkpointing runs the layer under no_grad and only tracks its positional inputs; the broadcast prefix
   reaches the layer through the cache, so its gradient is silently lost (issue 6 measured a relative error of ~1.15).
-  We refuse it (`check_checkpointing`). Non-reentrant checkpointing is exact.
+  We refuse it (`check_checkpointing`). Non-reentrant checkpointing is exact. (`gradient_checkpointing_enable` is
+  deprecated in 5.23 for `activation_checkpointing_enable`, whose default is already non-reentrant.)
+- Checkpointed layers drop the cache whenever `model.training`, even under no_grad, so `rollout` generates in eval
+  mode.
 - Positions and the mask come from the cache: `get_seq_length()` (position ids, query offset) and
   `get_mask_sizes()` (kv length = prefix + completion). A `DynamicCache` built from existing tensors copies them
   (`cat([empty, k])`), so the layers here hold the prompt's tensors directly.
@@ -311,12 +316,16 @@ def rollout(model, prompt_ids: torch.Tensor, group_size: int, max_new_tokens: in
     """
     prompt_ids = _one_prompt(prompt_ids)  # (1, P)
     input_ids = prompt_ids.expand(group_size, -1)  # (G, P)
-    if shared:
-        _check_full_attention(model)
-        prefix = prompt_forward(model, prompt_ids)
-        generate_kwargs["past_key_values"] = _expanded_cache(model, prefix, group_size)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         max_new_tokens=max_new_tokens, **generate_kwargs)
+    was_training = model.training
+    model.eval()  # checkpointed layers in train mode would drop the cache (modeling_layers.py)
+    try:
+        if shared:
+            prefix = prompt_forward(model, prompt_ids)
+            generate_kwargs["past_key_values"] = _expanded_cache(model, prefix, group_size)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, **generate_kwargs)
+    finally:
+        model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1]:]  # (G, C)
     eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     return completion_ids, completion_mask_after_eos(completion_ids, eos)

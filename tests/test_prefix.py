@@ -237,3 +237,14 @@ def test_sampled_rollout_identical_under_the_same_seed(true_float64):
     torch.manual_seed(7)
     plain, _ = prefix.rollout(model, prompt, G, 10, shared=False, **sample)
     assert torch.equal(shared, plain) and len({tuple(r) for r in shared.tolist()}) > 1
+
+
+def test_rollout_from_a_checkpointed_training_model(true_float64):
+    # checkpointed layers drop the cache whenever model.training, so rollout generates in eval mode and restores it
+    model = tiny_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompt, *_ = group()
+    shared, _ = prefix.rollout(model, prompt, 2, 6, do_sample=False)
+    assert model.training
+    plain, _ = prefix.rollout(model.eval(), prompt, 2, 6, shared=False, do_sample=False)
+    assert torch.equal(shared, plain)
