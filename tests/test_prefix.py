@@ -1,5 +1,11 @@
-"""The prompt once per group (prefix.py) equals the usual path: log-probs, loss, every gradient, rollouts."""
+"""The prompt once per group (prefix.py) equals the usual path: log-probs, loss, every gradient, rollouts.
 
+A float64 Llama in transformers 5.23 is not all float64: LlamaRMSNorm computes in float32 (so does the eager
+attention softmax, and HF's loss), which caps float64 agreement near 1e-8. The `true_float64` fixture runs the norm
+in the input dtype; the default sdpa attention stays float64.
+"""
+
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +15,7 @@ from transformers.models.llama import modeling_llama
 
 import prefix
 
-EMBEDDED = Path.home() / ".cache" / "rearank" / "smollm2-135m-instruct"
+EMBEDDED = Path(os.environ.get("REARANK_CACHE") or Path.home() / ".cache" / "rearank") / "smollm2-135m-instruct"
 P, C, G, EOS = 11, 7, 5, 3
 
 
@@ -248,3 +254,17 @@ def test_rollout_from_a_checkpointed_training_model(true_float64):
     assert model.training
     plain, _ = prefix.rollout(model.eval(), prompt, 2, 6, shared=False, do_sample=False)
     assert torch.equal(shared, plain)
+
+
+def test_checkpointed_layers_read_the_prefix_on_forward_and_recompute(monkeypatch):
+    # proves checkpointing really ran with the prefix (transformers would otherwise drop it): 2 reads per layer
+    calls = []
+    update = prefix.PrefixLayer.update
+    monkeypatch.setattr(prefix.PrefixLayer, "update", lambda self, *a, **k: calls.append(1) or update(self, *a, **k))
+    model = tiny_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompt, completions, mask, _ = group()
+    logp = prefix.completion_logprobs(model, prompt, completions, mask)
+    assert len(calls) == 2  # forward: one per layer
+    logp.sum().backward()
+    assert len(calls) == 4  # recompute: one more per layer
