@@ -110,6 +110,7 @@ class EvalConfig:
     qrels: str | None = None
     data_dir: str | None = None
     model: str | None = None  # None: rearank.default_model() (the embedded model without a GPU)
+    method: str = "listwise"  # listwise: REARANK sliding windows; setwise: Rank-R1 heap sort
     prompt: str = "rearank"
     top_k: int = 100
     window: int = 20
@@ -117,6 +118,9 @@ class EvalConfig:
     batch_size: int = 8
     limit: int | None = None
     max_new_tokens: int = 2048
+    num_child: int = 19
+    k: int = 10
+    seed: int = 0
     out: str | None = None
     command: str = ""  # the command line, saved with the metrics so every number says how it was made
 
@@ -135,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         help="'bm25' = the first stage, no reranking; 'smollm2' = the embedded SmolLM2-135M-Instruct; or a hub id / "
         "local checkpoint directory (default: le723z/Rearank-7B with CUDA, else smollm2)",
     )
+    p.add_argument("--method", default="listwise", choices=["listwise", "setwise"],
+                   help="listwise: REARANK sliding windows; setwise: Rank-R1 heap sort (best of a set, reasoning first)")
     p.add_argument("--prompt", default="rearank", choices=sorted(MAX_CHARS), help="REARANK (reasoning) or RankGPT")
     p.add_argument("--top-k", type=int, default=100, help="candidates per query to consider")
     p.add_argument("--window", type=int, default=20, help="passages per window")
@@ -142,7 +148,10 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p.add_argument("--batch-size", type=int, default=8, help="windows (of different queries) generated together")
     p.add_argument("--limit", type=int, default=None, help="only the first N queries")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="generation budget per window (paper: 2048)")
-    p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>)")
+    p.add_argument("--num-child", type=int, default=19, help="setwise: children per heap node (a call shows 1 + this)")
+    p.add_argument("--k", type=int, default=10, help="setwise: how many top documents the heap sort extracts")
+    p.add_argument("--seed", type=int, default=0, help="setwise: seed of the per-call document shuffles")
+    p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>[-setwise])")
     args = p.parse_args(argv)
     if (args.candidates or args.run) and not args.qrels:
         p.error("--candidates and --run need --qrels")
@@ -183,23 +192,26 @@ def load_input(cfg: EvalConfig) -> Dataset:
 # reranking with a model, resumable from traces.jsonl
 
 # the settings that change what the model is asked or how it answers: a resumed run must share them
-RESUME_KEYS = ("dataset", "candidates", "model", "prompt", "top_k", "window", "step", "max_new_tokens")
+RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "window", "step", "max_new_tokens",
+               "num_child", "k", "seed")
 
 
-def read_traces(path: Path) -> list[WindowTrace]:
-    """traces.jsonl back into records. A half-written last line (the run was killed mid-write) is dropped."""
+def read_traces(path: Path, record: type = WindowTrace) -> list:
+    """traces.jsonl back into records (WindowTrace or SetwiseTrace). A half-written last line (the run was killed
+    mid-write) is dropped."""
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
     traces = []
     for lineno, line in enumerate(lines, 1):
         try:
-            t = json.loads(line)
-            traces.append(WindowTrace(t["qid"], t["start"], t["end"], t["completion"], t["order"], t["docids"]))
-        except (json.JSONDecodeError, KeyError) as e:
+            traces.append(record(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as e:
             if lineno == len(lines):
                 break
-            raise DataError(f"{path}:{lineno}: not a window trace ({e!r}); delete the file to start afresh") from None
+            raise DataError(f"{path}:{lineno}: not a {record.__name__} ({e!r}); delete the file to start afresh") from None
+    # rewrite what survived, so new lines never land on the tail of a half-written one
+    path.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
     return traces
 
 
@@ -218,37 +230,49 @@ def check_resumable(out: Path, cfg: EvalConfig) -> None:
     path.write_text(json.dumps(settings, indent=1))
 
 
-def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tuple[list[Ranking], dict]:
-    """Rerank with cfg.model, appending each finished batch of windows to out/traces.jsonl; returns run statistics."""
-    from tqdm import tqdm
+def load_generator(cfg: EvalConfig):
+    """The model as a greedy `Generate` (rearank.HFGenerator), with its load time printed."""
+    from rearank import HFGenerator, load_model
 
-    from rearank import HFGenerator, load_model, rerank
-
-    check_resumable(out, cfg)
-    trace_path = out / "traces.jsonl"
-    done = read_traces(trace_path)
-    # rewrite what survived, so new lines never land on the tail of a half-written one
-    trace_path.write_text("".join(json.dumps(asdict(w)) + "\n" for w in done))
-    all_windows = {(r.query.qid, *s) for r in rankings for s in window_spans(len(r.candidates), cfg.window, cfg.step)}
-    resumed = sum((t.qid, t.start, t.end) in all_windows for t in done)
-    if resumed:
-        print(f"resuming: {resumed} of {len(all_windows)} windows already in {trace_path}")
     t = time.time()
     model, tokenizer = load_model(cfg.model)
     print(f"model {cfg.model}: loaded in {time.time() - t:.1f}s on {model.device}; greedy, {cfg.max_new_tokens} tokens")
     generate = HFGenerator(model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    return generate
+
+
+def append_traces(f, bar):
+    """A callback that appends new trace records to the open traces.jsonl and advances the progress bar."""
+
+    def on_new(new: list) -> None:
+        f.writelines(json.dumps(asdict(t)) + "\n" for t in new)
+        f.flush()  # a killed run loses at most the batch in flight
+        bar.update(len(new))
+
+    return on_new
+
+
+def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tuple[list[Ranking], dict]:
+    """Rerank with cfg.model, appending each finished batch of windows to out/traces.jsonl; returns run statistics."""
+    from tqdm import tqdm
+
+    from rearank import rerank
+
+    check_resumable(out, cfg)
+    trace_path = out / "traces.jsonl"
+    if cfg.method == "setwise":
+        return setwise_with_model(cfg, rankings, trace_path)
+    done = read_traces(trace_path)
+    all_windows = {(r.query.qid, *s) for r in rankings for s in window_spans(len(r.candidates), cfg.window, cfg.step)}
+    resumed = sum((t.qid, t.start, t.end) in all_windows for t in done)
+    if resumed:
+        print(f"resuming: {resumed} of {len(all_windows)} windows already in {trace_path}")
+    generate = load_generator(cfg)
     bar = tqdm(total=len(all_windows), initial=resumed, desc="windows", unit="win")
     with open(trace_path, "a") as f:
-
-        def on_window(new: list[WindowTrace]) -> None:
-            for w in new:
-                f.write(json.dumps(asdict(w)) + "\n")
-            f.flush()  # a killed run loses at most the batch in flight
-            bar.update(len(new))
-
         reranked, traces = rerank(
             rankings, generate, window=cfg.window, step=cfg.step, style=cfg.prompt, batch_size=cfg.batch_size,
-            traces=done, on_window=on_window,
+            traces=done, on_window=append_traces(f, bar),
         )
     bar.close()
     formats = [answer_format(w.completion) for w in traces]
@@ -265,6 +289,47 @@ def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tu
         f"{stats['windows'] - resumed} windows generated in {generate.seconds:.0f}s "
         f"({generate.generated_tokens} new tokens); answers: {stats['think_and_answer']:.0%} with <think> and "
         f"<answer>, {stats['answer_is_ranking_list']:.0%} a ranking list"
+    )
+    return reranked, stats
+
+
+def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], trace_path: Path) -> tuple[list[Ranking], dict]:
+    """Rank-R1's heap sort with cfg.model, one trace per LLM call appended to traces.jsonl (replayed on resume)."""
+    from tqdm import tqdm
+
+    from rearank import SetwiseTrace, setwise_rerank
+
+    done = read_traces(trace_path, SetwiseTrace)
+    if done:
+        print(f"resuming: {len(done)} calls already in {trace_path}")
+    generate = load_generator(cfg)
+
+    def truncate(text: str) -> str:  # Rank-R1 cuts passages to 512 tokens on TREC DL (METHOD §6)
+        ids = generate.tokenizer(text, add_special_tokens=False).input_ids
+        return text if len(ids) <= 512 else generate.tokenizer.decode(ids[:512])
+
+    bar = tqdm(desc="setwise calls", unit="call", initial=len(done))  # the count per query depends on the answers
+    with open(trace_path, "a") as f:
+        reranked, calls, traces = setwise_rerank(
+            rankings, generate, k=cfg.k, num_child=cfg.num_child, seed=cfg.seed, batch_size=cfg.batch_size,
+            truncate=truncate, traces=done, on_calls=append_traces(f, bar),
+        )
+    bar.close()
+    n = max(len(rankings), 1)
+    stats = {
+        "llm_calls": len(traces),
+        "calls_per_query": len(traces) / n,
+        "resumed_calls": len(done),
+        "unparseable_answers": sum(t.pick is None for t in traces) / max(len(traces), 1),
+        "prompt_tokens": generate.prompt_tokens,
+        "generated_tokens": generate.generated_tokens,
+        "generated_tokens_per_query": generate.generated_tokens / n,
+        "generate_seconds": round(generate.seconds, 1),
+    }
+    print(
+        f"LLM calls per query {stats['calls_per_query']:.1f} ({len(traces)} calls, {len(done)} replayed); "
+        f"{generate.generated_tokens} new tokens in {generate.seconds:.0f}s; "
+        f"unparseable answers {stats['unparseable_answers']:.0%}"
     )
     return reranked, stats
 
@@ -290,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
             from rearank import default_model
 
             cfg.model = default_model()
-        out = Path(cfg.out or f"runs/{ds.name}-{slug(cfg.model)}")
+        out = Path(cfg.out or f"runs/{ds.name}-{slug(cfg.model)}" + ("-setwise" if cfg.method == "setwise" else ""))
         out.mkdir(parents=True, exist_ok=True)
         extra = {}
         if cfg.model != "bm25":
