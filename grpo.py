@@ -496,7 +496,7 @@ def train(cfg: Config) -> dict:
     print(json.dumps(asdict(cfg), indent=1))
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")  # bf16 autocast; the weights stay fp32
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")  # bf16 autocast, weights keep their dtype
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -532,8 +532,8 @@ def train(cfg: Config) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         set_rng_state(state["rng"])
-        for name, keep in (("metrics.jsonl", start), ("eval.jsonl", start - 1)):  # forget what came after it
-            kept = [m for m in read_jsonl(out / name) if m["step"] <= keep]
+        for name, keep in (("metrics.jsonl", start), ("episodes.jsonl", start), ("eval.jsonl", start - 1)):
+            kept = [m for m in read_jsonl(out / name) if m["step"] <= keep]  # forget what came after the checkpoint
             (out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
         print(f"resumed from {ckpt} at step {start}")
     else:

@@ -217,6 +217,7 @@ def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
     assert [m["step"] for m in lines] == [1, 2, 3]
     episodes = (tmp_path / "full" / "episodes.jsonl").read_text().splitlines()
     assert len(episodes) == 3 * 3 and {"completion", "reward", "advantage"} <= set(json.loads(episodes[0]))
+    assert (tmp_path / "part" / "episodes.jsonl").read_text().splitlines() == episodes  # one group per step, no repeats
 
 
 def test_resume_without_a_checkpoint_says_so(tiny_dir, tmp_path):
