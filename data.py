@@ -546,6 +546,39 @@ def augment(
     return instances, stats
 
 
+def augment_setwise(
+    ds: Dataset, samples: int = 50, size: int = 20, seed: int = 0, min_grade: int = 2
+) -> tuple[list[TrainInstance], AugmentStats]:
+    """Rank-R1's training sets (METHOD §6): one relevant passage (grade >= `min_grade`) and `size - 1` non-relevant
+    ones from the same query's first-stage candidates, shuffled; up to `samples` sets per judged query.
+
+    Non-relevant means judged 0 or unjudged (MS MARCO's convention: an unjudged passage counts as not relevant);
+    passages with 0 < grade < min_grade are never used, so the label is unambiguous. A query with no relevant
+    candidate, or too few non-relevant ones, gives no sets (counted as `no_relevant` / `below`).
+    """
+    import random
+
+    rng, stats, instances = random.Random(seed), AugmentStats(), []
+    for ranking in ds.rankings:
+        grades = ds.qrels.get(ranking.query.qid)
+        if not grades:
+            continue
+        relevant = [c for c in ranking.candidates if grades.get(c.docid, 0) >= min_grade]
+        negatives = [c for c in ranking.candidates if grades.get(c.docid, 0) <= 0]
+        if not relevant:
+            stats.no_relevant += samples
+            continue
+        if len(negatives) < size - 1:
+            stats.below += samples
+            continue
+        for _ in range(samples):
+            chosen = [rng.choice(relevant)] + rng.sample(negatives, size - 1)
+            rng.shuffle(chosen)
+            instances.append(make_instance(ranking.query, chosen, grades))
+            stats.kept += 1
+    return instances, stats
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # command line
 
@@ -559,6 +592,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
     a = sub.add_parser("augment", help="sample training candidate sets (METHOD §4) into a JSONL file")
     a.add_argument("--dataset", default="dl21", help="dataset whose judged queries seed the sets (dl21, scifact-train)")
+    a.add_argument("--method", choices=("listwise", "setwise"), default="listwise",
+                   help="listwise: REARANK's sampled sets; setwise: Rank-R1's one relevant + size-1 non-relevant")
+    a.add_argument("--min-grade", type=int, default=2, help="setwise: the grade that makes a passage the relevant one")
     a.add_argument("--samples", type=int, default=50, help="candidate sets drawn per query")
     a.add_argument("--size", type=int, default=20, help="passages per candidate set")
     a.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same file")
@@ -576,6 +612,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{ds.name}: {len(ds.rankings)} queries, {sum(len(r.candidates) for r in ds.rankings)} candidates")
         elif args.cmd == "augment":
             ds = load_dataset(args.dataset, args.data_dir)
+            if args.method == "setwise":
+                instances, st = augment_setwise(ds, args.samples, args.size, args.seed, args.min_grade)
+                write_instances(args.out, instances)
+                print(
+                    f"{ds.name}: kept {st.kept} setwise sets, dropped {st.no_relevant + st.below} ({st.no_relevant} "
+                    f"for queries with no passage of grade >= {args.min_grade}, {st.below} for too few non-relevant "
+                    f"ones); wrote {args.out}"
+                )
+                return
             instances, st = augment(ds, args.samples, args.size, args.seed, args.min_ndcg, args.filter_on)
             write_instances(args.out, instances)
             print(

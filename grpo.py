@@ -52,9 +52,9 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from data import DataError, TrainInstance, augment, load_dataset, make_instance, read_instances
-from rearank import ANSWER_END, ModelError, build_prompt, generate_tokens, load_model
-from reward import Reward, rerank_reward
+from data import AugmentStats, DataError, Dataset, TrainInstance, augment, augment_setwise, load_dataset, make_instance, read_instances
+from rearank import ANSWER_END, ModelError, build_prompt, build_setwise_prompt, generate_tokens, load_model
+from reward import Reward, rerank_reward, setwise_set_reward
 
 # ----------------------------------------------------------------------------------------------------------------------
 # config
@@ -63,7 +63,7 @@ from reward import Reward, rerank_reward
 @dataclass
 class Config:
     model: str = "smollm2"  # "smollm2" (embedded, CPU-friendly), a local directory or a hub id
-    method: str = "rearank"  # the task: prompt builder + reward (only REARANK's listwise task for now)
+    method: str = "listwise"  # the task: "listwise" (REARANK) or "setwise" (Rank-R1): data, prompt and reward
     dataset: str = "dl21"  # seeds for the training sets (augmented in memory) unless --train-file is given
     train_file: str = ""  # JSONL of training instances written by `data.py augment`
     samples: int = 50  # augmentation: candidate sets per query
@@ -99,7 +99,7 @@ class Config:
 
 HELP = {
     "model": "'smollm2' (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a hub id",
-    "method": "training task (prompt builder + reward)",
+    "method": "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant passage)",
     "dataset": "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)",
     "train_file": "JSONL of training instances from `data.py augment` (overrides --dataset)",
     "samples": "augmentation: candidate sets sampled per query",
@@ -146,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     p.add_argument("--plot", action="store_true", help="only redraw <out>/curves.png from <out>/metrics.jsonl")
     args = vars(p.parse_args(argv))
     plot = args.pop("plot")
+    if args["method"] not in TASKS:
+        p.error(f"--method {args['method']!r}: choose one of {', '.join(TASKS)}")
     return Config(**args), plot
 
 
@@ -154,14 +156,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
 
 
 class Task(NamedTuple):
+    """What differs between REARANK and Rank-R1: the training sets, the prompt, and the reward. The loop is shared."""
+
+    augment: Callable[[Dataset, Config], tuple[list[TrainInstance], AugmentStats]]
     prompt: Callable[[TrainInstance], list[dict]]
     reward: Callable[[str, TrainInstance], Reward]
 
 
 TASKS = {
-    "rearank": Task(
+    "listwise": Task(
+        augment=lambda ds, cfg: augment(ds, cfg.samples, cfg.size, cfg.seed, cfg.min_ndcg),
         prompt=lambda inst: build_prompt(inst.query, [c.text for c in inst.candidates]),
         reward=lambda text, inst: rerank_reward(text, [c.docid for c in inst.candidates], inst.judged),
+    ),
+    "setwise": Task(
+        augment=lambda ds, cfg: augment_setwise(ds, cfg.samples, cfg.size, cfg.seed),
+        prompt=lambda inst: build_setwise_prompt(inst.query, [c.text for c in inst.candidates]),
+        reward=lambda text, inst: setwise_set_reward(text, [c.docid for c in inst.candidates], inst.judged),
     ),
 }
 
@@ -506,9 +517,9 @@ def train(cfg: Config) -> dict:
     if cfg.train_file:
         instances = read_instances(cfg.train_file)
     else:
-        instances, st = augment(load_dataset(cfg.dataset, cfg.data_dir or None), cfg.samples, cfg.size, cfg.seed,
-                                cfg.min_ndcg)
-        print(f"data: {cfg.dataset}: {st.kept} training sets of {cfg.size} ({st.no_relevant + st.below} dropped)")
+        instances, st = task.augment(load_dataset(cfg.dataset, cfg.data_dir or None), cfg)
+        print(f"data: {cfg.dataset}: {st.kept} {cfg.method} training sets of {cfg.size} "
+              f"({st.no_relevant + st.below} dropped)")
     held = held_out(cfg) if cfg.eval_every else []
 
     # --- model: fp32 master weights (or bf16 ones with stochastic rounding), optimizer, optional frozen reference

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 from eval import ndcg_at_k
-from rearank import answer_format, parse_ranking
+from rearank import answer_format, parse_ranking, parse_setwise
 
 K = 10
 W_RANK, W_FORMAT1, W_FORMAT2 = 0.8, 0.1, 0.1  # METHOD §3
@@ -102,3 +102,25 @@ def setwise_reward(text: str, label: int) -> float:
     """
     m = SETWISE_ANSWER.search(text)
     return float(m is not None and m.group(1).strip() == f"[{label}]")
+
+
+def setwise_set_reward(text: str, docids: Sequence[str], judged: Mapping[str, int], k: int = K) -> Reward:
+    """Rank-R1's reward as a `Reward` record, so the GRPO loop logs both tasks alike.
+
+    total = rank = `setwise_reward` against the label of the best-graded passage of the set (a training set has
+    exactly one relevant passage; on a held-out window with several, any passage of the top grade counts).
+    format1: the think-then-answer pattern matched; format2: the answer named a usable label.
+    ndcg: nDCG@k of the set with the picked passage moved to the top (the rest in their order), for evaluation.
+
+    >>> r = setwise_set_reward("<think>b</think> <answer>[2]</answer>", ["a", "b"], {"b": 2})
+    >>> (r.total, r.format1, r.format2, r.ndcg)
+    (1.0, 1.0, 1.0, 1.0)
+    """
+    grades = [max(judged.get(d, 0), 0) for d in docids]
+    top = max(grades, default=0)
+    labels = [i + 1 for i, g in enumerate(grades) if g == top and top > 0]
+    correct = max((setwise_reward(text, label) for label in labels), default=0.0)
+    pick = parse_setwise(text, len(docids))
+    order = list(range(len(docids))) if pick is None else [pick] + [i for i in range(len(docids)) if i != pick]
+    ndcg = ndcg_at_k([docids[i] for i in order], judged, k)
+    return Reward(correct, float(SETWISE_ANSWER.search(text) is not None), float(pick is not None), correct, ndcg)

@@ -239,3 +239,30 @@ def test_bf16_weights_with_stochastic_rounding_move_at_lr_1e_6():
     # each weight moves one bf16 spacing with probability ~ 1e-6 / spacing: a few percent of a small model's weights
     moved = one_step(tiny_model(100).to(torch.bfloat16), optimizer=grpo.BF16AdamW)
     assert 1e-3 < moved < 0.5
+
+
+def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatch):
+    from data import Query, Ranking
+
+    cands = [Candidate(f"d{i}", f"passage number {i}") for i in range(12)]
+    ds = data.Dataset("toy", [Ranking(Query("q", "which passage"), cands)], {"q": {"d3": 2}})
+    insts, _ = data.augment_setwise(ds, samples=4, size=4, seed=0)
+    path = tmp_path / "sw.jsonl"
+    data.write_instances(path, insts)
+    task, prompts, scored = grpo.TASKS["setwise"], [], []
+
+    def prompt(inst):
+        prompts.append(task.prompt(inst))
+        return prompts[-1]
+
+    def reward(text, inst):
+        scored.append(task.reward(text, inst))
+        return scored[-1]
+
+    monkeypatch.setitem(grpo.TASKS, "setwise", task._replace(prompt=prompt, reward=reward))
+    last = run(tiny_dir, tmp_path / "sw", 1, train_file=path, method="setwise")
+    assert last["step"] == 1 and math.isfinite(last["loss"])
+    assert len(prompts) == 2 and "which of the following documents is most relevant?" in prompts[0][1]["content"]
+    assert len(scored) == 2 * 3  # B prompts x G completions, each scored by Rank-R1's reward
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--method", "pointwise"])

@@ -1,5 +1,6 @@
 """The REARANK reward on hand-computed cases, the silent cases reward.py chooses, and Rank-R1's binary reward."""
 
+import math
 from math import log2
 
 import pytest
@@ -151,3 +152,46 @@ def test_augment_command_on_dl21(data_root, tmp_path, capsys):
     kept = len(data.read_instances(out))
     printed = capsys.readouterr().out
     assert f"kept {kept}, dropped {2 * 53 - kept}" in printed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rank-R1 (setwise) training sets and reward
+
+
+def test_setwise_augment_one_relevant_and_the_rest_non_relevant():
+    insts, st = data.augment_setwise(toy_dataset(), samples=10, size=5, seed=3)
+    assert st.kept == len(insts) == 20  # q1 (d0 has grade 3) and q2 (d0 has grade 2); q3 unjudged
+    for inst in insts:
+        assert len(inst.candidates) == 5 and sorted(inst.grades) == [0, 0, 0, 0, inst.judged["d0"]]
+        if inst.qid == "q1":  # q1 grades d1 as 1: neither the relevant one nor a negative
+            assert "d1" not in [c.docid for c in inst.candidates]
+    assert len({tuple(g.index(max(g)) for g in [i.grades]) for i in insts}) > 1  # the relevant one moves around
+    again, _ = data.augment_setwise(toy_dataset(), samples=10, size=5, seed=3)
+    assert again == insts
+    none, st = data.augment_setwise(toy_dataset(), samples=10, size=5, seed=3, min_grade=4)
+    assert none == [] and st.no_relevant == 20
+
+
+def test_setwise_set_reward_scores_the_pick():
+    from reward import setwise_set_reward
+
+    docids, judged = ["a", "b", "c"], {"b": 2}
+    good = setwise_set_reward("<think>b fits</think> <answer>[2]</answer>", docids, judged)
+    assert (good.total, good.format1, good.format2, good.ndcg) == (1.0, 1.0, 1.0, 1.0)
+    wrong = setwise_set_reward("<think>a</think> <answer>[1]</answer>", docids, judged)
+    assert (wrong.total, wrong.format1, wrong.format2) == (0.0, 1.0, 1.0)
+    assert wrong.ndcg == pytest.approx(1 / math.log2(3))  # nothing moved: b stays second
+    lazy = setwise_set_reward("<answer>[2]</answer>", docids, judged)  # right label, no reasoning: Rank-R1 gives 0
+    assert (lazy.total, lazy.format1, lazy.format2, lazy.ndcg) == (0.0, 0.0, 1.0, 1.0)
+    # a held-out window with two top-graded passages: either counts
+    assert setwise_set_reward("<think>x</think><answer>[3]</answer>", docids, {"b": 2, "c": 2}).total == 1.0
+
+
+def test_augment_command_setwise(data_root, tmp_path, capsys):
+    out = tmp_path / "sw.jsonl"
+    data.main(["augment", "--method", "setwise", "--dataset", "dl21", "--samples", "2", "--data-dir", str(data_root),
+               "--out", str(out)])
+    insts = data.read_instances(out)
+    assert f"kept {len(insts)} setwise sets" in capsys.readouterr().out
+    assert insts and all(len(i.candidates) == 20 and sum(g >= 2 for g in i.grades) == 1 for i in insts)
+    assert all(sum(g > 0 for g in i.grades) == 1 for i in insts)
