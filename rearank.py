@@ -1,7 +1,9 @@
-"""REARANK listwise reranking: prompts, answer parsing, sliding windows, and generation with Hugging Face models.
+"""REARANK listwise reranking: prompts, answer parsing, sliding windows, and generation with Hugging Face models;
+and Rank-R1's setwise reranking (pick the most relevant of a set, reasoning first) beside it.
 
 Reading order: the prompt templates (METHOD §2, byte for byte), `build_prompt`, the answer parser (`parse_ranking`,
-`answer_format`), `window_spans`, the sliding-window `rerank` loop (the model is injected as a `Generate`), and last
+`answer_format`), `window_spans`, the sliding-window `rerank` loop (the model is injected as a `Generate`), Rank-R1's
+setwise prompt, parser and heap sort (`build_setwise_prompt`, `parse_setwise`, `setwise_rerank`), and last
 the Hugging Face backend (`load_model`, `generate_tokens`, `HFGenerator`). The GRPO loop samples its rollouts with
 `generate_tokens` too, so evaluation and training share one prompt builder, one parser and one generation path.
 
