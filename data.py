@@ -355,7 +355,9 @@ SCIFACT_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/dataset
 REMOTE: dict[str, tuple[str, str]] = {
     "trec_dl/bm25_top100_dl19.rankgpt.json": ("hf", "retrieve_results/BM25/retrieve_results_dl19_top100.json"),
     "trec_dl/bm25_top100_dl20.rankgpt.json": ("hf", "retrieve_results/BM25/retrieve_results_dl20_top100.json"),
-    "trec_dl21_msmarco_v2/bm25_top100_dl21.rankgpt.json": ("hf", "retrieve_results/BM25/retrieve_results_dl21_top100.json"),
+    "trec_dl21_msmarco_v2/bm25_top100_dl21.rankgpt.json": (
+        "hf", "retrieve_results/BM25/retrieve_results_dl21_top100.json"
+    ),
     "trec_dl/qrels.dl19-passage.txt": ("url", QRELS_URL + "qrels.dl19-passage.txt"),
     "trec_dl/qrels.dl20-passage.txt": ("url", QRELS_URL + "qrels.dl20-passage.txt"),
     "trec_dl21_msmarco_v2/qrels.dl21-passage.txt": ("url", QRELS_URL + "qrels.dl21-passage.txt"),

@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         "local checkpoint directory (default: le723z/Rearank-7B with CUDA, else smollm2)",
     )
     p.add_argument("--method", default="listwise", choices=["listwise", "setwise"],
-                   help="listwise: REARANK sliding windows; setwise: Rank-R1 heap sort (best of a set, reasoning first)")
+                   help="listwise: REARANK sliding windows; setwise: Rank-R1 heap sort (best of a set, reasons first)")
     p.add_argument("--prompt", default="rearank", choices=sorted(MAX_CHARS), help="REARANK (reasoning) or RankGPT")
     p.add_argument("--top-k", type=int, default=100, help="candidates per query to consider")
     p.add_argument("--window", type=int, default=20, help="passages per window")
@@ -209,7 +209,8 @@ def read_traces(path: Path, record: type = WindowTrace) -> list:
         except (json.JSONDecodeError, TypeError) as e:
             if lineno == len(lines):
                 break
-            raise DataError(f"{path}:{lineno}: not a {record.__name__} ({e!r}); delete the file to start afresh") from None
+            what = f"not a {record.__name__} ({e!r})"
+            raise DataError(f"{path}:{lineno}: {what}; delete the file to start afresh") from None
     # rewrite what survived, so new lines never land on the tail of a half-written one
     path.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
     return traces

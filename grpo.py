@@ -52,7 +52,10 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from data import AugmentStats, DataError, Dataset, TrainInstance, augment, augment_setwise, load_dataset, make_instance, read_instances
+from data import (
+    AugmentStats, DataError, Dataset, TrainInstance,
+    augment, augment_setwise, load_dataset, make_instance, read_instances,
+)
 from rearank import ANSWER_END, ModelError, build_prompt, build_setwise_prompt, generate_tokens, load_model
 from reward import Reward, rerank_reward, setwise_set_reward
 
