@@ -56,6 +56,7 @@ from data import (
     AugmentStats, DataError, Dataset, TrainInstance,
     augment, augment_setwise, load_dataset, make_instance, read_instances,
 )
+from prefix import token_logprobs  # log softmax(logits / T) at the targets: one copy, shared with prefix.py
 from rearank import ANSWER_END, ModelError, build_prompt, build_setwise_prompt, generate_tokens, load_model
 from reward import Reward, rerank_reward, setwise_set_reward
 
@@ -198,15 +199,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     if scale:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
     return adv.view(-1)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T)[target] per position: (N, C, V), (N, C) -> (N, C).
-
-    `logits[:, t]` must be the logits that *predict* `targets[:, t]`, i.e. those computed at the position before it.
-    """
-    logits = logits.float() / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature) -> torch.Tensor:
