@@ -90,11 +90,8 @@ def main():
 
     def policy(shared):
         model.zero_grad(set_to_none=True)
-        if shared:  # the micro-batched backward that frees each micro-batch's graph
-            prefix.shared_backward(model, prompt, completions, mask, lambda lp, rows: lp.mean(), micro_batch=micro)
-        else:  # the usual way: one backward per micro-batch (each repeats the prompt)
-            for rows in prefix.micro_batches(cfg.group_size, micro):
-                prefix.plain_logprobs(model, prompt, completions[rows], mask[rows]).mean().backward()
+        prefix.group_backward(model, prompt, completions, mask, lambda lp, rows: lp.mean(), micro_batch=micro,
+                              shared=shared)
 
     @torch.no_grad()
     def reference(shared):

@@ -2,13 +2,16 @@
 
     python bench_rerank.py                                   # embedded model, 8 windows, batch sizes 1 4 8, 64 tokens
     python bench_rerank.py --prompt rankgpt --max-new-tokens 128
+    python bench_rerank.py --padded-prefill                  # plain generate on the padded batch (the old way)
+    python bench_rerank.py --fixed-length                    # every window generates exactly --max-new-tokens
 
 Each window is a query's BM25 top-20 as one prompt (what `eval.py --top-k 20` sends). Every batch size generates the
 same windows with the same greedy settings through `rearank.generate_tokens`, the path evaluation and GRPO use, and
 stops each sequence at EOS or `</answer>` as they do. Reported: windows/s, prompt tokens/s (real tokens, padding not
 counted), generated tokens/s (tokens up to each sequence's stop), the CPU seconds used (on a shared machine they
 compare better than wall time), and the share of the computed positions that were padding or ran past a sequence's
-stop (the cost of batching sequences of unequal length).
+stop (the cost of batching sequences of unequal length). Each prompt is prefilled alone (`prefix.generate`), so its
+padding is only computed with `--padded-prefill`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class BenchConfig:
     prompt: str = "rearank"
     batch_sizes: str = "1,4,8"
     max_new_tokens: int = 64
+    padded_prefill: bool = False
+    fixed_length: bool = False
     out: str = "runs/bench_rerank.json"
 
 
@@ -47,18 +52,24 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--prompt", default="rearank", choices=["rearank", "rankgpt"], help="prompt style")
     p.add_argument("--batch-sizes", default="1,4,8", help="comma-separated batch sizes to compare")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per window (fixed for comparison)")
+    p.add_argument("--padded-prefill", action="store_true",
+                   help="prefill the left-padded batch in one forward (plain generate) instead of each prompt alone")
+    p.add_argument("--fixed-length", action="store_true",
+                   help="hold EOS back: every window generates exactly --max-new-tokens (decoding-bound workload)")
     p.add_argument("--out", default="runs/bench_rerank.json", help="where to save the table as JSON")
     return BenchConfig(**vars(p.parse_args(argv)))
 
 
-def bench(model, tokenizer, prompts: list, batch_size: int, max_new_tokens: int) -> dict:
+def bench(model, tokenizer, prompts: list, batch_size: int, max_new_tokens: int, padded_prefill: bool,
+          fixed_length: bool) -> dict:
     """Generate all `prompts` in batches of `batch_size`; throughput and waste."""
     t, cpu = time.perf_counter(), time.process_time()
     prompt_tokens = prompt_positions = generated = generated_positions = 0
     for b in range(0, len(prompts), batch_size):
-        g = generate_tokens(model, tokenizer, prompts[b : b + batch_size], max_new_tokens=max_new_tokens)
+        g = generate_tokens(model, tokenizer, prompts[b : b + batch_size], max_new_tokens=max_new_tokens,
+                            shared_prompt=not padded_prefill, min_new_tokens=max_new_tokens if fixed_length else 0)
         prompt_tokens += int(g.prompt_mask.sum())
-        prompt_positions += g.prompt_mask.numel()
+        prompt_positions += g.prompt_mask.numel() if padded_prefill else int(g.prompt_mask.sum())
         generated += int(g.completion_mask.sum())
         generated_positions += g.completion_mask.numel()
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     generate_tokens(model, tokenizer, prompts[:1], max_new_tokens=2)  # warm-up: allocator, kernels, stop criterion
     rows = []
     for bs in [int(x) for x in cfg.batch_sizes.split(",")]:
-        rows.append(bench(model, tokenizer, prompts, bs, cfg.max_new_tokens))
+        rows.append(bench(model, tokenizer, prompts, bs, cfg.max_new_tokens, cfg.padded_prefill, cfg.fixed_length))
         print(f"batch {bs}: {rows[-1]['seconds']}s", flush=True)
     print("\n| batch size | windows/s | prompt tokens/s | generated tokens/s | wall s | CPU s | padded/after-stop |")
     print("|---|---|---|---|---|---|---|")

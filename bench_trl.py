@@ -1,19 +1,23 @@
-"""Benchmark: one GRPO step of grpo.py against TRL's GRPOTrainer, same model, prompts, G and lengths.
+"""Benchmark: one GRPO step of grpo.py (prompt once per group, and repeated as usual) against TRL's GRPOTrainer.
 
     pip install --no-deps trl && pip install datasets    # benchmark only: TRL is not a project requirement
-    python bench_trl.py --size 5 --group-size 4 --max-new-tokens 32
+    python bench_trl.py --size 20 --group-size 8 --max-new-tokens 256 --threads 2     # P ~ 2300, C = 256, G = 8
+    python bench_trl.py --size 3 --group-size 4 --max-new-tokens 16                   # a quick look
 
-Both sides run at the same time, each in its own process (so peak memory is its own, and a busy machine slows both
-alike): each loads the model, takes one step from the same
-training instance (the first DL21 candidate set of `--size` passages drawn with `--seed`), and reports the step's
-wall time and the process's peak resident memory (getrusage ru_maxrss). Both sides sample at temperature 1 with
-top-k/top-p off, average the loss over tokens (TRL `loss_type="dapo"`), use no KL (beta 0), one update per batch, lr 1e-6,
-fp32 on CPU. The step covers generation, reward, loss, backward and the optimizer step; model loading does not count.
+Three sides, one after another, each in its own process (so peak memory is its own): `ours` (grpo.py, each group's
+prompt run once: prefix.py), `ours-repeat` (grpo.py --repeat-prompt: the prompt repeated per completion, as TRL
+does) and `trl` (GRPOTrainer). Each loads the model, takes one step from the same training instance (the first DL21
+candidate set of `--size` passages drawn with `--seed`), and reports the step's wall time and the process's peak
+resident memory (getrusage ru_maxrss). All sample at temperature 1 with top-k/top-p off, generate exactly
+`--max-new-tokens` tokens (EOS and the `</answer>` stop held back, so C is fixed whatever the model writes), average
+the loss over tokens (TRL `loss_type="dapo"`), use no KL (beta 0), one update per batch, lr 1e-6, fp32 on CPU. The
+step covers generation, reward, loss, backward and the optimizer step; model loading does not count.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -21,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+SIDES = ("ours", "ours-repeat", "trl")
 
 
 def instance(args):
@@ -30,18 +36,21 @@ def instance(args):
     return instances[0]
 
 
-def run_ours(args) -> dict:
+def run_ours(args, repeat_prompt: bool) -> dict:
     import grpo
     from data import write_instances
 
     grpo.save_checkpoint = lambda *a, **k: None  # a benchmark step writes nothing (TRL's side saves nothing either)
+    grpo.generate_tokens = functools.partial(grpo.generate_tokens, min_new_tokens=args.max_new_tokens)  # C fixed
     with tempfile.TemporaryDirectory() as tmp:
         write_instances(Path(tmp) / "train.jsonl", [instance(args)])
         cfg = grpo.Config(model=args.model, train_file=str(Path(tmp) / "train.jsonl"), steps=1, batch_size=1,
                           group_size=args.group_size, max_new_tokens=args.max_new_tokens, lr=1e-6, beta=0.0,
-                          eval_every=0, save_every=0, dump_every=0, out=tmp, seed=args.seed)
+                          eval_every=0, save_every=0, dump_every=0, out=tmp, seed=args.seed,
+                          repeat_prompt=repeat_prompt)
         m = grpo.train(cfg)
-    return {"step_s": m["gen_s"] + m["train_s"], "gen_s": m["gen_s"], "completion_len": m["completion_len"]}
+    return {"step_s": m["gen_s"] + m["train_s"], "gen_s": m["gen_s"], "train_s": m["train_s"],
+            "completion_len": m["completion_len"]}
 
 
 def run_trl(args) -> dict:
@@ -76,6 +85,7 @@ def run_trl(args) -> dict:
             max_completion_length=args.max_new_tokens, learning_rate=1e-6, beta=0.0, temperature=1.0, top_k=0,
             top_p=1.0, loss_type="dapo", max_steps=1, logging_steps=1, save_strategy="no", report_to=[],
             use_cpu=True, bf16=False, gradient_checkpointing=False, seed=args.seed, shuffle_dataset=False,
+            generation_kwargs={"min_new_tokens": args.max_new_tokens},  # C fixed, as on our side
             # TRL's defaults differ: bf16=True and gradient_checkpointing=True; set as grpo.py runs on CPU
         )
         trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[reward], args=cfg,
@@ -89,35 +99,42 @@ def run_trl(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", choices=("ours", "trl"), help="run one side only (the driver runs both, each in a process)")
-    p.add_argument("--model", default="smollm2", help="model for both sides")
+    p.add_argument("--impl", choices=SIDES, help="run one side only (the driver runs all three, each in a process)")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides for the driver to run")
+    p.add_argument("--model", default="smollm2", help="model for all sides")
     p.add_argument("--size", type=int, default=5, help="passages in the prompt (20 = the paper's window, P ~ 2300)")
     p.add_argument("--group-size", type=int, default=4, help="completions per prompt (G)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="completion length cap (C)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="completion length (C), generated in full")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per side (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed for the candidate set and sampling")
     p.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA, else ./data)")
     args = p.parse_args()
     if args.impl:
-        result = run_ours(args) if args.impl == "ours" else run_trl(args)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = run_trl(args) if args.impl == "trl" else run_ours(args, repeat_prompt=args.impl == "ours-repeat")
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         print("RESULT " + json.dumps(result))
         return
-    # both sides at once, each in its own process: on a shared machine they then see the same load
-    cmds = {impl: [sys.executable, __file__, "--impl", impl] + sys.argv[1:] for impl in ("ours", "trl")}
-    procs = {impl: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for impl, cmd in cmds.items()}
     results = {}
-    for impl, proc in procs.items():
-        stdout, stderr = proc.communicate()
-        line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+    argv = [a for a in sys.argv[1:]]
+    for impl in args.sides.split(","):  # one after another: each side has the machine to itself
+        proc = subprocess.run([sys.executable, __file__, "--impl", impl] + argv, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
-            sys.exit(f"{impl} failed:\n{stderr[-3000:]}")
+            sys.exit(f"{impl} failed:\n{proc.stderr[-3000:]}")
         results[impl] = json.loads(line[-1][len("RESULT "):])
-        print(f"{impl:4s}: step {results[impl]['step_s']:.1f}s, peak RSS {results[impl]['peak_rss_gb']:.2f} GB, "
-              f"mean completion {results[impl]['completion_len']} tokens")
-    ours, trl = results["ours"], results["trl"]
-    print(f"ratio ours/TRL: step time {ours['step_s'] / trl['step_s']:.2f}, peak memory "
-          f"{ours['peak_rss_gb'] / trl['peak_rss_gb']:.2f}")
+        r = results[impl]
+        phases = f" (generation {r['gen_s']:.1f}s, training {r['train_s']:.1f}s)" if "gen_s" in r else ""
+        print(f"{impl:11s}: step {r['step_s']:.1f}s{phases}, peak RSS {r['peak_rss_gb']:.2f} GB, "
+              f"mean completion {r['completion_len']} tokens", flush=True)
+    if "trl" in results:
+        trl = results["trl"]
+        for impl in (x for x in results if x != "trl"):
+            print(f"ratio {impl}/TRL: step time {results[impl]['step_s'] / trl['step_s']:.2f}, peak memory "
+                  f"{results[impl]['peak_rss_gb'] / trl['peak_rss_gb']:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,17 @@ prompt -> G completions each, sampled by `rearank.generate_tokens` (the generati
 reward (reward.py) -> advantages within each group -> the clipped policy-gradient loss on the generated token ids ->
 one optimizer step. Everything a step did is one line on stdout and one JSON object in <out>/metrics.jsonl.
 
+A group's G completions share one prompt (~2,300 tokens for 20 passages, against a few hundred per completion), so
+the prompt runs once per group, not G times: in the rollout prefill, the old-policy and reference passes and the
+policy's forward and backward (prefix.py; exact, its tests compare gradients with the usual way in float64).
+`--repeat-prompt` runs it G times, as TRL and verl do, to compare.
+
 How this departs from vanilla GRPO (DeepSeekMath, arXiv 2402.03300):
 
 1. The loss is averaged over all completion tokens of the rollout batch (DAPO; TRL's default `loss_type="dapo"`),
    not per sequence and then per group: every token weighs the same, so a long completion is not diluted and a short
    one not amplified (the per-sequence mean carries a length bias, Dr. GRPO). Gradient accumulation divides by the
-   token count of the whole batch, so micro-batching does not change the gradient.
+   token count of the whole batch, so micro-batches (`--micro-batch`) do not change the gradient.
 2. `--no-std` drops the std from the advantage (Dr. GRPO): with std, a group that differs only in a format bit gets
    advantages as large as a group that differs in ranking quality (METHOD §5 pitfalls).
 3. The KL penalty is off by default (`--beta 0`, like TRL and DAPO); the frozen reference model is loaded only when
@@ -56,7 +61,7 @@ from data import (
     AugmentStats, DataError, Dataset, TrainInstance,
     augment, augment_setwise, load_dataset, make_instance, read_instances,
 )
-from prefix import token_logprobs  # log softmax(logits / T) at the targets: one copy, shared with prefix.py
+from prefix import completion_logprobs, group_backward, unpadded
 from rearank import ANSWER_END, ModelError, build_prompt, build_setwise_prompt, generate_tokens, load_model
 from reward import Reward, rerank_reward, setwise_set_reward
 
@@ -77,7 +82,8 @@ class Config:
     batch_size: int = 4  # prompts per step (B)
     group_size: int = 8  # completions per prompt (G)
     updates: int = 1  # policy updates per rollout batch (mu); > 1 brings the old policy and the clip into play
-    grad_accum: int = 1  # micro-batches the B*G sequences are split into for the backward pass
+    micro_batch: int = 0  # completions per forward/backward pass within a group (0 = the whole group)
+    repeat_prompt: bool = False  # the usual way: run the prompt once per completion instead of once per group
     lr: float = 1e-6
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -113,7 +119,8 @@ HELP = {
     "batch_size": "prompts (training instances) per step",
     "group_size": "completions sampled per prompt (G)",
     "updates": "policy updates per rollout batch; >1 computes old-policy log-probs and makes the clip matter",
-    "grad_accum": "split the B*G sequences into this many micro-batches for the backward pass",
+    "micro_batch": "completions per forward/backward pass within a group (0 = all G); bounds activation memory",
+    "repeat_prompt": "run each prompt once per completion, as TRL does, instead of once per group (to compare)",
     "lr": "learning rate (AdamW)",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "clip the gradient norm to this (0 = no clipping)",
@@ -201,22 +208,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return adv.view(-1)
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature) -> torch.Tensor:
-    """Log-probs of the completion tokens under `model`: (N, P) prompts (one row per completion) -> (N, C).
-
-    Positions are counted from the first real token, as `generate` counts them with left padding: without explicit
-    position_ids a padded row would see shifted positions and get other log-probs than it was sampled with.
-    """
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + C)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + C)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (N, P + C)
-    C = completion_ids.shape[1]
-    # only the last C + 1 positions' logits are needed: the vocabulary projection of a long prompt is the big cost
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=C + 1,
-                   use_cache=False).logits  # (N, C + 1, V)
-    return token_logprobs(logits[:, :-1], completion_ids, temperature)  # logits at t predict token t + 1
-
-
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -275,25 +266,31 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 @dataclass
 class Rollout:
-    prompt_ids: torch.Tensor  # (N, P), each prompt repeated G times
-    prompt_mask: torch.Tensor  # (N, P)
-    completion_ids: torch.Tensor  # (N, C)
-    completion_mask: torch.Tensor  # (N, C)
-    texts: list[str]  # (N,)
-    rewards: list[Reward]  # (N,)
-    truncated: list[bool]  # (N,) cut by max_new_tokens before the answer closed
+    prompts: list[torch.Tensor]  # (B,) unpadded prompt ids (P_b,); completions b*G .. b*G+G-1 continue prompt b
+    completion_ids: torch.Tensor  # (B*G, C), padded after each completion's stop
+    completion_mask: torch.Tensor  # (B*G, C)
+    texts: list[str]  # (B*G,)
+    rewards: list[Reward]  # (B*G,)
+    truncated: list[bool]  # (B*G,) cut by max_new_tokens before the answer closed
 
-    def rows(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
-        """(prompt_ids, prompt_mask, completion_ids, completion_mask) of the rows `idx`: completion_logprobs' input."""
-        return self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx], self.completion_mask[idx]
+    @property
+    def group_size(self) -> int:
+        return len(self.texts) // len(self.prompts)
+
+    def group(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice]:
+        """Group b: its prompt (P,), completions (G, C_b) and mask (G, C_b) cut to its longest completion, its rows."""
+        rows = slice(b * self.group_size, (b + 1) * self.group_size)
+        mask = self.completion_mask[rows]
+        length = max(1, int(mask.sum(dim=1).max()))
+        return self.prompts[b], self.completion_ids[rows, :length], mask[:, :length], rows
 
 
 def rollout(model, tokenizer, task: Task, batch: Sequence[TrainInstance], group_size: int, *, max_new_tokens: int,
-            temperature: float = 1.0, greedy: bool = False) -> Rollout:
+            temperature: float = 1.0, greedy: bool = False, shared_prompt: bool = True) -> Rollout:
     model.eval()  # no dropout while sampling; generate uses the KV cache
     gen = generate_tokens(
         model, tokenizer, [task.prompt(inst) for inst in batch], max_new_tokens=max_new_tokens,
-        do_sample=not greedy, temperature=temperature, num_return_sequences=group_size,
+        do_sample=not greedy, temperature=temperature, num_return_sequences=group_size, shared_prompt=shared_prompt,
     )
     owners = [inst for inst in batch for _ in range(group_size)]  # rows b*G .. b*G+G-1 answer prompt b
     rewards = [task.reward(text, inst) for text, inst in zip(gen.texts, owners)]
@@ -301,9 +298,44 @@ def rollout(model, tokenizer, task: Task, batch: Sequence[TrainInstance], group_
     lengths = gen.completion_mask.sum(dim=1).tolist()
     last = [int(gen.completion_ids[i, n - 1]) if n else -1 for i, n in enumerate(lengths)]
     truncated = [ANSWER_END not in t and tok not in eos for t, tok in zip(gen.texts, last)]
-    prompt_ids = gen.prompt_ids.repeat_interleave(group_size, dim=0)  # (B*G, P)
-    prompt_mask = gen.prompt_mask.repeat_interleave(group_size, dim=0)
-    return Rollout(prompt_ids, prompt_mask, gen.completion_ids, gen.completion_mask, gen.texts, rewards, truncated)
+    prompts = unpadded(gen.prompt_ids, gen.prompt_mask)
+    return Rollout(prompts, gen.completion_ids, gen.completion_mask, gen.texts, rewards, truncated)
+
+
+def group_logprobs(model, ro: Rollout, cfg: Config) -> list[torch.Tensor]:
+    """Log-probs of each group's completions, (G, C_b) per group, under `model` (no grad: old policy, reference)."""
+    out = []
+    for b in range(len(ro.prompts)):
+        prompt, ids, mask, _ = ro.group(b)
+        out.append(completion_logprobs(model, prompt, ids, mask, cfg.temperature, shared=not cfg.repeat_prompt,
+                                       micro_batch=cfg.micro_batch or None))
+    return out
+
+
+def policy_backward(model, ro: Rollout, adv: torch.Tensor, old_logp: list | None, ref_logp: list | None,
+                    cfg: Config) -> tuple[float, dict[str, float]]:
+    """One backward of the GRPO loss over the whole rollout batch, group by group and micro-batch by micro-batch.
+
+    Every micro-batch's loss is divided by the token count of the whole batch (DAPO), so the gradients add up to
+    those of one loss over the batch. Returns the loss and the token means of grpo_loss's statistics.
+    """
+    n_tokens = int(ro.completion_mask.sum().clamp(min=1))
+    total, sums = 0.0, {"kl": 0.0, "ratio": 0.0, "clip_frac": 0.0}
+    for b in range(len(ro.prompts)):
+        prompt, ids, mask, rows = ro.group(b)
+
+        def loss_fn(logp: torch.Tensor, sub: slice) -> torch.Tensor:  # sub: rows within the group
+            old = None if old_logp is None else old_logp[b][sub]
+            ref = None if ref_logp is None else ref_logp[b][sub]
+            loss, stats = grpo_loss(logp, old, ref, adv[rows][sub], mask[sub], cfg.clip_eps, cfg.beta, n_tokens)
+            for k in sums:  # token-weighted, so the means are over the batch's tokens
+                sums[k] += stats[k] * float(mask[sub].sum())
+            return loss
+
+        # the backward runs inside (loss.backward()): Accelerate's backward adds nothing on one device with bf16
+        total += group_backward(model, prompt, ids, mask, loss_fn, cfg.temperature, cfg.micro_batch or None,
+                                shared=not cfg.repeat_prompt)
+    return total, {k: v / n_tokens for k, v in sums.items()}
 
 
 def held_out(cfg: Config) -> list[TrainInstance]:
@@ -578,7 +610,7 @@ def train(cfg: Config) -> dict:
             batch = [instances[i] for i in batch_indices(step, cfg.batch_size, len(instances), cfg.seed)]
             with accelerator.autocast():
                 ro = rollout(policy, tokenizer, task, batch, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature)
+                             temperature=cfg.temperature, shared_prompt=not cfg.repeat_prompt)
             gen_s = time.time() - t0
 
             # --- reward
@@ -591,34 +623,24 @@ def train(cfg: Config) -> dict:
             # --- log-probs of the old policy and the reference (no grad; only when they differ from the policy)
             t1 = time.time()
             model.train()
-            N, n_tokens = r.numel(), int(ro.completion_mask.sum().clamp(min=1))
-            size = math.ceil(N / cfg.grad_accum)
-            micro = [list(range(i, min(i + size, N))) for i in range(0, N, size)]
-            old_logp, ref_logp = [None] * len(micro), [None] * len(micro)
+            N = r.numel()
+            old_logp = ref_logp = None
             with torch.no_grad(), accelerator.autocast():
-                for j, idx in enumerate(micro):
-                    if cfg.updates > 1:
-                        old_logp[j] = completion_logprobs(model, *ro.rows(idx), cfg.temperature)
-                    if ref is not None:
-                        ref_logp[j] = completion_logprobs(ref, *ro.rows(idx), cfg.temperature)
+                if cfg.updates > 1:
+                    old_logp = group_logprobs(model, ro, cfg)
+                if ref is not None:
+                    ref_logp = group_logprobs(ref, ro, cfg)
 
-            # --- update: `updates` passes over the batch, each micro-batch's loss scaled by the batch's token count
+            # --- update: `updates` passes over the batch, each followed by an optimizer step
             first = step == start and not cfg.resume
             if first:  # prove the weights move at this lr (METHOD §5): snapshot a few tensors
                 watched = [p for p in policy.parameters() if p.requires_grad][:: 10]
                 before = [p.detach().clone() for p in watched]
-            stats: dict[str, list[float]] = {"kl": [], "ratio": [], "clip_frac": []}
-            losses, grad_norm = [], 0.0
+            losses, stats, grad_norm = [], {}, 0.0  # stats: of the last update (the first one's ratio is 1)
             for _ in range(cfg.updates):
-                for j, idx in enumerate(micro):
-                    with accelerator.autocast():
-                        logp = completion_logprobs(model, *ro.rows(idx), cfg.temperature)  # (n, C)
-                    loss, s = grpo_loss(logp, old_logp[j], ref_logp[j], adv[idx], ro.completion_mask[idx],
-                                        cfg.clip_eps, cfg.beta, n_tokens)
-                    accelerator.backward(loss)
-                    losses.append(loss.item())
-                    for k in stats:
-                        stats[k].append(s[k])
+                with accelerator.autocast():
+                    loss, stats = policy_backward(model, ro, adv, old_logp, ref_logp, cfg)
+                losses.append(loss)
                 # the norm before clipping; an infinite bound measures without clipping
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
                 optimizer.step()
@@ -642,8 +664,8 @@ def train(cfg: Config) -> dict:
                 "frac_zero_std": zero_std,
                 "completion_len": lengths.mean().item(),
                 "frac_truncated": float(np.mean(ro.truncated)),
-                "loss": float(np.sum(losses) / cfg.updates),
-                **{k: float(np.mean(v)) for k, v in stats.items()},
+                "loss": float(np.mean(losses)),
+                **stats,
                 "grad_norm": grad_norm,
                 "lr": optimizer.param_groups[0]["lr"],
                 "gen_s": gen_s,

@@ -642,8 +642,15 @@ def generate_tokens(
     do_sample: bool = False,
     temperature: float = 1.0,
     num_return_sequences: int = 1,
+    shared_prompt: bool = True,
+    min_new_tokens: int = 0,
 ) -> Generation:
     """Generate completions for chat prompts in one batch; each stops at `</answer>` or EOS.
+
+    Each prompt is prefilled once, alone and unpadded, however many samples it gets (`prefix.generate`): on CPU a
+    padded prefill is 2x slower, and GRPO's G samples of a prompt share its prefill. `shared_prompt=False` is plain
+    `generate` on the padded batch, for comparison.
+    `min_new_tokens` holds EOS and the `</answer>` stop back that long (benchmarks use it to fix the length).
 
     Greedy by default (evaluation). Sampling is plain softmax(logits / temperature), with top-k and top-p off, so the
     GRPO loss computes log-probs under the distribution the tokens were drawn from (METHOD §5 pitfalls).
@@ -651,6 +658,8 @@ def generate_tokens(
     """
     import torch
     from transformers import GenerationConfig
+
+    from prefix import generate
 
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -669,6 +678,7 @@ def generate_tokens(
     # repetition_penalty 1.05, top_k 20, top_p 0.8), which would bend greedy evaluation and the sampled distribution
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens or None,
         do_sample=do_sample,
         temperature=temperature if do_sample else 1.0,
         top_k=0 if do_sample else 50,  # greedy ignores it; 50 is HF's default, anything else makes it warn
@@ -676,13 +686,14 @@ def generate_tokens(
         min_p=None,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
-        num_return_sequences=num_return_sequences,
         eos_token_id=sorted(eos_ids),
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
     )
-    with torch.inference_mode():
-        out = model.generate(**enc, generation_config=config, stopping_criteria=[answer_stop(tokenizer)])  # (B*G, P+C)
+    with torch.no_grad():  # not inference_mode: GRPO's backward gathers on these ids, and inference tensors can't
+        out = generate(model, enc.input_ids, enc.attention_mask, num_return_sequences, shared_prompt,
+                       generation_config=config,
+                       stopping_criteria=[] if min_new_tokens else [answer_stop(tokenizer)])  # (B*G, P+C)
     completion = out[:, P:]  # (B*G, C)
     lengths = stop_lengths(completion.tolist(), tokenizer, eos_ids)
     positions = torch.arange(completion.shape[1], device=completion.device)  # (C,)

@@ -10,7 +10,8 @@ import torch
 import data
 import grpo
 from data import Candidate
-from grpo import completion_logprobs, group_advantages, grpo_loss, token_logprobs
+from grpo import group_advantages, grpo_loss
+from prefix import completion_logprobs, token_logprobs
 
 # ----------------------------------------------------------------------------------------------------------------------
 # a tiny random Llama with the embedded model's tokenizer (its chat template is what the prompts need)
@@ -45,15 +46,13 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def padded_batch(vocab: int):
-    """Two prompts (the first left-padded by 2) with a 4-token completion each; the second completion stops early."""
+def one_group(vocab: int):
+    """One 6-token prompt with two 4-token completions; the second stops after 2 tokens."""
     g = torch.Generator().manual_seed(1)
-    prompt_ids = torch.randint(3, vocab, (2, 6), generator=g)
-    prompt_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    prompt_ids[0, :2] = 2  # pad
+    prompt = torch.randint(3, vocab, (6,), generator=g)
     completion_ids = torch.randint(3, vocab, (2, 4), generator=g)
     completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
+    return prompt, completion_ids, completion_mask
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -62,24 +61,80 @@ def padded_batch(vocab: int):
 
 def test_logprobs_equal_minus_hf_cross_entropy_per_token():
     model = tiny_model(100)
-    pids, pmask, cids, cmask = padded_batch(100)
-    logp = completion_logprobs(model, pids, pmask, cids, cmask, temperature=1.0)  # (2, 4)
-    ids, mask = torch.cat([pids, cids], 1), torch.cat([pmask, cmask], 1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    prompt, cids, cmask = one_group(100)
+    logp = completion_logprobs(model, prompt, cids, cmask, temperature=1.0)  # (2, 4), the prompt run once
     for row in range(2):
+        ids = torch.cat([prompt, cids[row]])[None]  # (1, 10)
         for t in range(int(cmask[row].sum())):
             labels = torch.full_like(ids, -100)
-            labels[row, 6 + t] = ids[row, 6 + t]  # HF shifts labels itself: an off-by-one here would not match
-            hf = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+            labels[0, 6 + t] = ids[0, 6 + t]  # HF shifts labels itself: an off-by-one here would not match
+            hf = model(input_ids=ids, labels=labels).loss
             assert logp[row, t].item() == pytest.approx(-hf.item(), abs=1e-5)
 
 
-def test_logprobs_of_a_padded_row_equal_those_computed_alone():
-    model = tiny_model(100)
-    pids, pmask, cids, cmask = padded_batch(100)
-    batch = completion_logprobs(model, pids, pmask, cids, cmask, 1.0)
-    alone = completion_logprobs(model, pids[:1, 2:], pmask[:1, 2:], cids[:1], cmask[:1], 1.0)
-    torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-5)
+def toy_batch(n: int = 2):
+    """Training instances whose prompts differ in length, so the rollout batch is left-padded."""
+    cands = [Candidate(f"d{i}", "flea " * (1 + 9 * i)) for i in range(6)]
+    ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1}})
+    return [data.make_instance(ds.rankings[0].query, cands[i : i + 3], ds.qrels["q1"]) for i in range(n)]
+
+
+def test_greedy_rollout_of_a_padded_batch_is_what_the_training_pass_scores(tokenizer, true_float64):
+    # generation prefills each prompt alone and decodes a left-padded batch; the loss scores each group's unpadded
+    # prompt: positions and masks must agree, so every greedy token is the argmax of the teacher-forced logits
+    model = tiny_model(len(tokenizer)).double()
+    task, batch = grpo.TASKS["listwise"], toy_batch()
+    shared = grpo.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True)
+    plain = grpo.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True, shared_prompt=False)
+    assert len(shared.prompts[0]) != len(shared.prompts[1])  # the batch really was padded
+    assert torch.equal(shared.completion_ids, plain.completion_ids) and shared.texts == plain.texts
+    for b in range(2):
+        prompt, ids, mask, _ = shared.group(b)
+        assert torch.equal(prompt, plain.prompts[b])
+        logits = model(input_ids=torch.cat([prompt, ids[0]])[None]).logits[0, len(prompt) - 1 : -1]  # (C, V)
+        n = int(mask[0].sum())
+        assert torch.equal(logits.argmax(-1)[:n], ids[0, :n])
+
+
+def hand_rollout(vocab: int, G: int = 3) -> grpo.Rollout:
+    """Two groups whose prompts differ in length, G right-padded completions each (one stops after 2 tokens)."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, vocab, (n,), generator=g) for n in (9, 5)]
+    ids = torch.randint(3, vocab, (2 * G, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 2:] = 0
+    mask[G:, 4:] = 0  # the second group's longest completion is 4 tokens: its passes are cut to 4 columns
+    reward = grpo.Reward(0.0, False, False, 0.0, 0.0)
+    return grpo.Rollout(prompts, ids, mask, [""] * 2 * G, [reward] * 2 * G, [False] * 2 * G)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_prompt_once_per_group_gives_the_usual_loss_and_gradients_in_float64(true_float64, checkpointing, micro_batch):
+    # the loss with every term in play (old policy, clip, KL to a reference) and every parameter's gradient: the
+    # prompt run once per group equals the prompt repeated per completion (TRL's way) to 1e-10 relative
+    model = tiny_model(100).double().train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = tiny_model(100, seed=1).double().eval()
+    ro = hand_rollout(100)
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5], dtype=torch.float64)
+    results = {}
+    for repeat in (True, False):
+        cfg = grpo.Config(beta=0.04, clip_eps=0.2, temperature=0.8, micro_batch=micro_batch, repeat_prompt=repeat)
+        with torch.no_grad():
+            ref_logp = grpo.group_logprobs(ref, ro, cfg)
+            old_logp = [lp + 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(5), dtype=lp.dtype)
+                        for lp in grpo.group_logprobs(model, ro, cfg)]  # far enough from the policy to clip
+        model.zero_grad()
+        loss, stats = grpo.policy_backward(model, ro, adv, old_logp, ref_logp, cfg)
+        results[repeat] = loss, stats, {n: p.grad.clone() for n, p in model.named_parameters()}
+    (loss0, stats0, grads0), (loss1, stats1, grads1) = results[True], results[False]
+    assert 0 < stats0["clip_frac"] < 1 and stats0["kl"] > 0  # the clip and the KL really took part
+    assert abs(loss1 - loss0) <= 1e-10 * abs(loss0)
+    assert stats1 == pytest.approx(stats0, rel=1e-10)
+    for name, g in grads0.items():
+        assert (grads1[name] - g).norm() <= 1e-10 * g.norm(), name
 
 
 def test_logprobs_at_the_sampling_temperature():
@@ -167,11 +222,11 @@ def test_one_update_per_batch_gives_the_policy_gradient():
 
 
 def one_step(model, lr=1e-6, optimizer=torch.optim.AdamW):
-    pids, pmask, cids, cmask = padded_batch(model.config.vocab_size)
+    prompt, cids, cmask = one_group(model.config.vocab_size)
     opt = optimizer(model.parameters(), lr=lr, weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=next(model.parameters()).dtype == torch.bfloat16):
-        logp = completion_logprobs(model.train(), pids, pmask, cids, cmask, 1.0)
+        logp = completion_logprobs(model.train(), prompt, cids, cmask, 1.0)
     loss, _ = grpo_loss(logp, None, None, torch.tensor([1.0, -1.0]), cmask)
     loss.backward()
     opt.step()

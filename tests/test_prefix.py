@@ -1,8 +1,6 @@
 """The prompt once per group (prefix.py) equals the usual path: log-probs, loss, every gradient, rollouts.
 
-A float64 Llama in transformers 5.23 is not all float64: LlamaRMSNorm computes in float32 (so does the eager
-attention softmax, and HF's loss), which caps float64 agreement near 1e-8. The `true_float64` fixture runs the norm
-in the input dtype; the default sdpa attention stays float64.
+Float64 comparisons use the `true_float64` fixture (conftest.py): it keeps LlamaRMSNorm in float64.
 """
 
 import os
@@ -11,23 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-from transformers.models.llama import modeling_llama
 
 import prefix
 
 EMBEDDED = Path(os.environ.get("REARANK_CACHE") or Path.home() / ".cache" / "rearank") / "smollm2-135m-instruct"
 P, C, G, EOS = 11, 7, 5, 3
-
-
-def _rms_norm_in_input_dtype(self, hidden_states):
-    # LlamaRMSNorm always computes in float32, which caps a float64 comparison near 1e-8; same maths, input dtype
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
-@pytest.fixture
-def true_float64(monkeypatch):
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
 
 
 def tiny_model(dtype=torch.float64, seed=0):
@@ -137,7 +123,7 @@ def test_float64_loss_and_every_gradient_equal_plain(true_float64, checkpointing
 
     # micro-batched backward: each micro-batch's graph freed as it goes, the prompt backpropagated once
     model.zero_grad()
-    total = prefix.shared_backward(
+    total = prefix.group_backward(
         model, prompt, completions, mask, temperature=0.7, micro_batch=micro_batch,
         loss_fn=lambda lp, rows: -(torch.exp(lp - lp.detach()) * advantages[rows, None] * mask[rows]).sum()
         / mask.sum() + 0.1 * (lp.exp() * mask[rows]).sum())
@@ -268,3 +254,23 @@ def test_checkpointed_layers_read_the_prefix_on_forward_and_recompute(monkeypatc
     assert len(calls) == 2  # forward: one per layer
     logp.sum().backward()
     assert len(calls) == 4  # recompute: one more per layer
+
+
+def test_generate_prefills_each_prompt_of_a_padded_batch_once(true_float64):
+    # left-padded prompts of different lengths, 2 samples each: the same greedy tokens as plain generate on the padded
+    # batch, with each prompt's P_b - 1 tokens run once, alone, and then one token per row per step
+    model = tiny_model().eval()
+    prompt, *_ = group()
+    ids = torch.stack([prompt, torch.cat([torch.zeros(4, dtype=torch.long), prompt[4:]])])  # (2, P): row 1 padded
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=EOS)
+    plain = prefix.generate(model, ids, mask, repeats=2, shared=False, **kwargs)
+    shapes, handle = _embedding_inputs(model)
+    shared = prefix.generate(model, ids, mask, repeats=2, **kwargs)
+    handle.remove()
+    assert torch.equal(shared, plain) and shared.shape[0] == 4
+    assert not torch.equal(shared[0, P:], shared[2, P:])  # the two prompts really continue differently
+    assert shapes[:2] == [(1, P - 1), (1, P - 5)] and all(s == (4, 1) for s in shapes[2:])
+    with pytest.raises(AssertionError, match="left-padded"):
+        prefix.generate(model, ids, mask.flip(1), **kwargs)

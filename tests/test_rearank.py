@@ -328,18 +328,23 @@ def tiny_llama(tokenizer, cls=None, **overrides):
 
 
 def scripted_llama(tokenizer, scripts: dict[str, list[int]]):
-    """A tiny Llama that emits a fixed token script; the script is picked per row from the prompt it sees at
-    prefill ("short" for a left-padded row, else "long"), so the tests also check which row answers which prompt."""
+    """A tiny Llama that emits a fixed token script; the script is picked per row from its attention mask ("short"
+    for a left-padded row, else "long"), so the tests also check which row answers which prompt."""
     import torch
     from transformers import LlamaForCausalLM
 
     class Scripted(LlamaForCausalLM):
-        def forward(self, input_ids=None, **kwargs):
-            out = super().forward(input_ids=input_ids, **kwargs)
-            if input_ids.shape[1] > 1:  # prefill: choose each row's script
-                self.rows = [scripts["short" if r[0] == tokenizer.pad_token_id else "long"] for r in input_ids.tolist()]
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            if input_ids.shape[1] > 1:  # a prompt pass: prefix.prompt_forward's, or plain generate's padded prefill
                 self.step = 0
-            for b, script in enumerate(self.rows):
+            if kwargs.get("use_cache") is False:
+                return out  # prefix.prompt_forward: its logits are not used
+            # generate drops an all-ones mask: no mask means no padding
+            mask = attention_mask if attention_mask is not None else torch.ones(len(out.logits), 1)
+            padded = [m[0] == 0 for m in mask.tolist()]
+            rows = [scripts["short" if pad else "long"] for pad in padded]
+            for b, script in enumerate(rows):
                 out.logits[b, -1, :] = -1e9
                 out.logits[b, -1, script[min(self.step, len(script) - 1)]] = 0.0
             self.step += 1
@@ -348,7 +353,8 @@ def scripted_llama(tokenizer, scripts: dict[str, list[int]]):
     return tiny_llama(tokenizer, cls=Scripted)
 
 
-def test_generate_tokens_stops_at_answer_or_eos_and_masks_the_rest(tokenizer):
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_generate_tokens_stops_at_answer_or_eos_and_masks_the_rest(tokenizer, shared_prompt):
     import torch
 
     answer = "<think>x</think><answer>[2] > [1]</answer>"
@@ -359,7 +365,8 @@ def test_generate_tokens_stops_at_answer_or_eos_and_masks_the_rest(tokenizer):
     }
     model = scripted_llama(tokenizer, scripts)
     prompts = [rr.build_prompt("q", ["a"]), rr.build_prompt("a longer query", ["passage one", "passage two"])]
-    g = rr.generate_tokens(model, tokenizer, prompts, max_new_tokens=40, do_sample=True, num_return_sequences=2)
+    g = rr.generate_tokens(model, tokenizer, prompts, max_new_tokens=40, do_sample=True, num_return_sequences=2,
+                           shared_prompt=shared_prompt)
     B, P = g.prompt_ids.shape
     assert B == 2 and g.prompt_mask[0, 0] == 0 and g.prompt_mask[:, -1].all()  # left padding
     assert g.completion_ids.shape[0] == 4 and g.completion_ids.shape == g.completion_mask.shape
