@@ -1,7 +1,7 @@
 """Benchmark: one GRPO step of grpo.py (prompt once per group, and repeated as usual) against TRL's GRPOTrainer.
 
     pip install --no-deps trl && pip install datasets    # benchmark only: TRL is not a project requirement
-    python bench_trl.py --size 20 --group-size 8 --max-new-tokens 256 --threads 2     # P ~ 2300, C = 256, G = 8
+    python bench_trl.py --size 20 --group-size 8 --max-new-tokens 256 --micro-batch 2   # P ~ 2300, C = 256, G = 8
     python bench_trl.py --size 3 --group-size 4 --max-new-tokens 16                   # a quick look
 
 Three sides, one after another, each in its own process (so peak memory is its own): `ours` (grpo.py, each group's
@@ -12,6 +12,10 @@ resident memory (getrusage ru_maxrss). All sample at temperature 1 with top-k/to
 `--max-new-tokens` tokens (EOS and the `</answer>` stop held back, so C is fixed whatever the model writes), average
 the loss over tokens (TRL `loss_type="dapo"`), use no KL (beta 0), one update per batch, lr 1e-6, fp32 on CPU. The
 step covers generation, reward, loss, backward and the optimizer step; model loading does not count.
+
+`--micro-batch M` runs the forward/backward M completions at a time on every side (ours: `--micro-batch`; TRL:
+per-device batch M with G/M accumulation steps and one generation of G per step): at P ~ 2300 the repeated-prompt
+path needs over 21 GB for all 8 rows at once (killed by the OOM killer on this 24 GB machine).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def run_ours(args, repeat_prompt: bool) -> dict:
         cfg = grpo.Config(model=args.model, train_file=str(Path(tmp) / "train.jsonl"), steps=1, batch_size=1,
                           group_size=args.group_size, max_new_tokens=args.max_new_tokens, lr=1e-6, beta=0.0,
                           eval_every=0, save_every=0, dump_every=0, out=tmp, seed=args.seed,
-                          repeat_prompt=repeat_prompt)
+                          repeat_prompt=repeat_prompt, micro_batch=args.micro_batch)
         m = grpo.train(cfg)
     return {"step_s": m["gen_s"] + m["train_s"], "gen_s": m["gen_s"], "train_s": m["train_s"],
             "completion_len": m["completion_len"]}
@@ -81,7 +85,9 @@ def run_trl(args) -> dict:
     timer = Timer()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=args.group_size, num_generations=args.group_size,
+            output_dir=tmp, per_device_train_batch_size=args.micro_batch or args.group_size,
+            gradient_accumulation_steps=args.group_size // (args.micro_batch or args.group_size),
+            num_generations=args.group_size,  # one generation of G per optimizer step, trained M at a time
             max_completion_length=args.max_new_tokens, learning_rate=1e-6, beta=0.0, temperature=1.0, top_k=0,
             top_p=1.0, loss_type="dapo", max_steps=1, logging_steps=1, save_strategy="no", report_to=[],
             use_cpu=True, bf16=False, gradient_checkpointing=False, seed=args.seed, shuffle_dataset=False,
@@ -105,10 +111,13 @@ def main() -> None:
     p.add_argument("--size", type=int, default=5, help="passages in the prompt (20 = the paper's window, P ~ 2300)")
     p.add_argument("--group-size", type=int, default=4, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="completion length (C), generated in full")
+    p.add_argument("--micro-batch", type=int, default=0, help="completions per forward/backward (0 = all G)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per side (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed for the candidate set and sampling")
     p.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA, else ./data)")
     args = p.parse_args()
+    if args.micro_batch and args.group_size % args.micro_batch:
+        p.error(f"--micro-batch {args.micro_batch} must divide --group-size {args.group_size}")
     if args.impl:
         if args.threads:
             import torch

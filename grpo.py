@@ -37,7 +37,7 @@ How this departs from vanilla GRPO (DeepSeekMath, arXiv 2402.03300):
    stochastic rounding (unbiased: a 1e-6 step moves a weight one bf16 spacing with probability 1e-6 / spacing):
    8 bytes a parameter, 61 GB for 7B. The first step reports how many weights moved.
 
-The loop is generic over a `Task` (prompt builder + reward): REARANK's listwise task is the only one for now.
+The loop is generic over a `Task` (training sets, prompt, reward): REARANK's listwise task and Rank-R1's setwise one.
 """
 
 from __future__ import annotations
@@ -350,8 +350,10 @@ def held_out(cfg: Config) -> list[TrainInstance]:
 @torch.no_grad()
 def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: Config) -> dict[str, float]:
     """Greedy completions for the held-out windows: mean reward (and parts) and nDCG@10 of the reordered windows."""
+    from tqdm import tqdm
+
     rewards, ndcg, base = [], [], []
-    for i in range(0, len(instances), cfg.eval_batch_size):
+    for i in tqdm(range(0, len(instances), cfg.eval_batch_size), desc="held-out", unit="batch", leave=False):
         chunk = instances[i : i + cfg.eval_batch_size]
         ro = rollout(model, tokenizer, task, chunk, 1, max_new_tokens=cfg.max_new_tokens, greedy=True)
         rewards += ro.rewards
