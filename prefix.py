@@ -155,9 +155,14 @@ def check_checkpointing(model) -> None:
                 )
 
 
-def _check_full_attention(model) -> None:
+def full_attention(model) -> bool:
+    """Every layer attends to the whole past (sliding-window layers would need a cache that drops old keys)."""
     layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
-    assert all(t == "full_attention" for t in layer_types), f"only full-attention layers are supported: {layer_types}"
+    return all(t == "full_attention" for t in layer_types)
+
+
+def _check_full_attention(model) -> None:
+    assert full_attention(model), "only full-attention layers are supported: " + str(model.config.layer_types)
 
 
 @contextlib.contextmanager
@@ -357,7 +362,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats
     was_training = model.training
     model.eval()  # checkpointed layers in train mode would drop the cache (modeling_layers.py)
     try:
-        if shared:
+        if shared and full_attention(model):  # else plain generate: sliding-window layers need their own cache
             generate_kwargs["past_key_values"] = prefilled_cache(model, prompt_ids, prompt_mask, repeats)
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
     finally:

@@ -274,3 +274,22 @@ def test_generate_prefills_each_prompt_of_a_padded_batch_once(true_float64):
     assert shapes[:2] == [(1, P - 1), (1, P - 5)] and all(s == (4, 1) for s in shapes[2:])
     with pytest.raises(AssertionError, match="left-padded"):
         prefix.generate(model, ids, mask.flip(1), **kwargs)
+
+
+def test_generate_falls_back_to_plain_for_sliding_window_layers():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    model = Qwen2ForCausalLM(config).eval()
+    assert "sliding_attention" in model.config.layer_types and not prefix.full_attention(model)
+    prompt, *_ = group()
+    ids = prompt[None]
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    shapes, handle = _embedding_inputs(model)
+    out = prefix.generate(model, ids, torch.ones_like(ids), repeats=2, **kwargs)
+    handle.remove()
+    assert shapes[0] == (2, P)  # no prefix pass: plain generate prefilled the repeated prompt
+    assert torch.equal(out, prefix.generate(model, ids, torch.ones_like(ids), repeats=2, shared=False, **kwargs))
