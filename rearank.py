@@ -560,6 +560,29 @@ def check_loadable(name: str) -> None:
         ) from None
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks of up to 32 MiB in the heap instead of returning them to the OS.
+
+    On CPU, PyTorch allocates with plain malloc. Every decoding step allocates a new KV cache (`torch.cat`) and, for
+    grouped-query attention, SDPA's repeated keys: tens of MiB per layer. glibc serves those with mmap and unmaps them
+    on free, so each step page-faults its memory in again. Measured on SmolLM2, 8 rows of a 2,300-token prompt, 1
+    thread: 0.51 s per decoding step in a fresh process against 0.35 s with this (the same as glibc reaches by itself
+    once an earlier big forward has raised its threshold). It is what `MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=2147483647` in the environment would do; jemalloc or tcmalloc via LD_PRELOAD do better still.
+    Returns False where there is no glibc (macOS, musl): nothing changes there.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt  # glibc only
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def load_model(name: str):
     """(model, tokenizer) for "smollm2", a local directory or a hub id; bf16 + SDPA on CUDA, fp32 on CPU."""
     import torch
@@ -571,6 +594,8 @@ def load_model(name: str):
         check_loadable(name)
         path = name
     cuda = torch.cuda.is_available()
+    if not cuda:
+        keep_freed_memory()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(

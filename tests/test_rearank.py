@@ -410,3 +410,9 @@ def test_checkpoint_generation_defaults_do_not_leak_into_decoding(tokenizer):
     for sample in (False, True):
         g = rr.generate_tokens(model, tokenizer, [prompt], max_new_tokens=8, do_sample=sample)
         assert g.completion_ids[0, : len(repeat)].tolist() == repeat and g.texts == [" ha ha ha ha"]
+
+
+def test_keep_freed_memory_is_accepted_by_glibc():
+    import platform
+
+    assert rr.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")  # elsewhere a no-op that says so
