@@ -128,9 +128,9 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     results = {}
-    argv = [a for a in sys.argv[1:]]
     for impl in args.sides.split(","):  # one after another: each side has the machine to itself
-        proc = subprocess.run([sys.executable, __file__, "--impl", impl] + argv, capture_output=True, text=True)
+        cmd = [sys.executable, __file__, "--impl", impl] + sys.argv[1:]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{impl} failed:\n{proc.stderr[-3000:]}")

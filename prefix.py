@@ -44,6 +44,7 @@ Pitfalls in transformers 5.23 that shape this file:
 """
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -282,29 +283,23 @@ def group_backward(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor
     so its graph is freed at once; their summed gradients then go through the single prompt pass (linearity).
     shared=False is the usual way: each micro-batch repeats the prompt in its own forward and backward.
     """
-    chunks = micro_batches(completion_ids.shape[0], micro_batch)
-    if not shared:
-        total = 0.0
-        for rows in chunks:
-            loss = loss_fn(plain_logprobs(model, prompt_ids, completion_ids[rows], completion_mask[rows], temperature),
-                           rows)
-            loss.backward()
-            total += loss.item()
-        return total
-    prefix = prompt_forward(model, prompt_ids)
-    if not (prefix.layers[0].keys.requires_grad and torch.is_grad_enabled()):
-        raise ValueError("group_backward needs grad enabled and trainable parameters")
-    leaves = prefix.detached()
+    if shared:
+        prefix = prompt_forward(model, prompt_ids)
+        if not (prefix.layers[0].keys.requires_grad and torch.is_grad_enabled()):
+            raise ValueError("group_backward needs grad enabled and trainable parameters")
+        leaves = prefix.detached()
+        logprobs = functools.partial(prefix_logprobs, model, leaves)
+    else:
+        logprobs = functools.partial(plain_logprobs, model, prompt_ids)
     total = 0.0
-    for rows in chunks:
-        logp = prefix_logprobs(model, leaves, completion_ids[rows], completion_mask[rows], temperature)  # (b, C)
-        loss = loss_fn(logp, rows)
-        loss.backward()  # parameter grads of these completions; prompt-side grads pile up in the leaves
+    for rows in micro_batches(completion_ids.shape[0], micro_batch):
+        loss = loss_fn(logprobs(completion_ids[rows], completion_mask[rows], temperature), rows)  # logp: (b, C)
+        loss.backward()  # parameter grads of these completions; shared: prompt-side grads pile up in the leaves
         total += loss.item()
-    # the prompt's share of the gradient, once for the whole group
-    pairs = [(t, leaf.grad) for t, leaf in zip(prefix.tensors(), leaves.tensors()) if leaf.grad is not None]
-    if pairs:
-        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+    if shared:  # the prompt's share of the gradient, once for the whole group
+        pairs = [(t, leaf.grad) for t, leaf in zip(prefix.tensors(), leaves.tensors()) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
     return total
 
 
