@@ -319,9 +319,9 @@ def prefilled_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     times (the G samples of a group): (B, P) -> per layer (B*repeats, H, P-1, D).
 
     Each prompt runs once, alone and unpadded. That is what makes batched generation fast on CPU: a padded batch
-    needs an attention mask, which sends SDPA to a kernel that took 2.2x as long for 8 DL19 prompts (90.8 s vs 42.0 s
-    for the same 8 prompts one at a time, 12% padding; `bench_rerank.py`). The padding slots hold zeros; the
-    attention mask hides them from every decoding step.
+    needs an attention mask, which sends SDPA to a slower kernel (8 DL19 windows, 12% padding: 69.4 s as one padded
+    batch, 39.8 s one at a time; `bench_rerank.py --padded-prefill --batch-sizes 8,1`). The padding slots hold
+    zeros; the attention mask hides them from every decoding step.
     """
     prompts = unpadded(prompt_ids, prompt_mask)
     prefixes = [prompt_forward(model, p) for p in prompts]  # each (1, H, P_b - 1, D) per layer

@@ -565,9 +565,10 @@ def keep_freed_memory() -> bool:
 
     On CPU, PyTorch allocates with plain malloc. Every decoding step allocates a new KV cache (`torch.cat`) and, for
     grouped-query attention, SDPA's repeated keys: tens of MiB per layer. glibc serves those with mmap and unmaps them
-    on free, so each step page-faults its memory in again. Measured on SmolLM2, 8 rows of a 2,300-token prompt, 1
-    thread: 0.51 s per decoding step in a fresh process against 0.35 s with this (the same as glibc reaches by itself
-    once an earlier big forward has raised its threshold). It is what `MALLOC_MMAP_THRESHOLD_=33554432
+    on free, so each step page-faults its memory in again. In `bench_trl.py --size 20 --group-size 8 --max-new-tokens
+    256 --micro-batch 2 --threads 1` (SmolLM2, 8 samples of a 2,300-token prompt) our generation took 210.6 s without
+    this and 83.4 s with it (glibc gets there by itself only after an earlier big forward has raised its threshold,
+    as TRL's and --repeat-prompt's 8-row prefill does). It is what `MALLOC_MMAP_THRESHOLD_=33554432
     MALLOC_TRIM_THRESHOLD_=2147483647` in the environment would do; jemalloc or tcmalloc via LD_PRELOAD do better still.
     Returns False where there is no glibc (macOS, musl): nothing changes there.
     """
