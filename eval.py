@@ -99,6 +99,128 @@ def evaluate_run_file(path: str | Path, qrels: Qrels, ks: Sequence[int] = KS) ->
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# comparing two runs, query by query (`--compare RUN_A RUN_B`)
+
+TIE = 1e-9  # |delta| below this is a tie: two runs ranking a query's top 10 alike differ by float noise at most
+
+
+@dataclass
+class Comparison:
+    """B against A on the queries judged in both: per-query deltas (B - A), their mean, a 95% paired bootstrap
+    interval of the mean, a two-sided paired sign-flip p-value, and wins / ties / losses of B."""
+
+    metric: str
+    mean_a: float
+    mean_b: float
+    deltas: dict[str, float]
+    interval: tuple[float, float]
+    p_value: float
+    wins: int
+    ties: int
+    losses: int
+    only_a: list[str] = field(default_factory=list)  # judged queries in one run only: left out of the pairing
+    only_b: list[str] = field(default_factory=list)
+
+    @property
+    def mean_delta(self) -> float:
+        return sum(self.deltas.values()) / len(self.deltas) if self.deltas else 0.0
+
+
+def bootstrap_interval(deltas: Sequence[float], resamples: int = 10000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of paired deltas: resample the queries with replacement.
+
+    >>> bootstrap_interval([0.1, 0.1, 0.1])  # no spread, no uncertainty
+    (0.1, 0.1)
+    """
+    import random
+
+    n = len(deltas)
+    if n == 0:
+        return 0.0, 0.0
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(deltas, k=n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    lo, hi = means[int(tail * resamples)], means[min(resamples - 1, math.ceil((1 - tail) * resamples) - 1)]
+    return round(lo, 12), round(hi, 12)
+
+
+def sign_flip_p(deltas: Sequence[float], flips: int = 100000, seed: int = 0, exact_up_to: int = 16) -> float:
+    """Two-sided paired randomization test of "mean delta = 0": under the null each query's delta is as likely to
+    have either sign, so p = the share of sign assignments whose |mean| reaches the observed one.
+
+    Every one of the 2^n assignments when n <= `exact_up_to` (the exact p-value); otherwise `flips` random ones,
+    counting the observed assignment among them ((hits + 1) / (flips + 1), never 0).
+
+    >>> sign_flip_p([1.0, 2.0, 3.0])  # only all-plus and all-minus reach |mean| 2: 2 of 8
+    0.25
+    """
+    import random
+
+    n = len(deltas)
+    if n == 0:
+        return 1.0
+    observed = abs(sum(deltas)) - 1e-12  # the same sum computed in another order may differ in its last bits
+    if n <= exact_up_to:
+        hits = 0
+        for signs in range(1 << n):
+            total = sum(-d if signs >> i & 1 else d for i, d in enumerate(deltas))
+            hits += abs(total) >= observed
+        return hits / (1 << n)
+    rng = random.Random(seed)
+    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in deltas)) >= observed for _ in range(flips))
+    return (hits + 1) / (flips + 1)
+
+
+def compare(a: Evaluation, b: Evaluation, metric: str = "nDCG@10", resamples: int = 10000, flips: int = 100000,
+            seed: int = 0) -> Comparison:
+    """Pair the queries both evaluations judged and compare B with A (delta = B - A)."""
+    common = sorted(set(a.per_query) & set(b.per_query))
+    deltas = {q: b.per_query[q][metric] - a.per_query[q][metric] for q in common}
+    values = list(deltas.values())
+    n = len(values) or 1
+    return Comparison(
+        metric=metric,
+        mean_a=sum(a.per_query[q][metric] for q in common) / n,
+        mean_b=sum(b.per_query[q][metric] for q in common) / n,
+        deltas=deltas,
+        interval=bootstrap_interval(values, resamples, seed=seed),
+        p_value=sign_flip_p(values, flips, seed=seed),
+        wins=sum(d > TIE for d in values),
+        ties=sum(abs(d) <= TIE for d in values),
+        losses=sum(d < -TIE for d in values),
+        only_a=sorted(set(a.per_query) - set(b.per_query)),
+        only_b=sorted(set(b.per_query) - set(a.per_query)),
+    )
+
+
+def run_path(path: str) -> Path:
+    """A TREC run file, or an `eval.py --out` directory (its run.trec)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "run.trec").exists():
+            raise DataError(f"{p}: a directory without run.trec (an eval.py --out directory holds one)")
+        return p / "run.trec"
+    if not p.exists():
+        raise DataError(f"{p}: no such run file or directory")
+    return p
+
+
+def format_comparison(c: Comparison, label_a: str, label_b: str) -> str:
+    lo, hi = c.interval
+    lines = [
+        f"A {label_a}: {c.metric} {c.mean_a:.4f}",
+        f"B {label_b}: {c.metric} {c.mean_b:.4f}",
+        f"delta (B - A) {c.mean_delta:+.4f}, 95% paired bootstrap interval [{lo:+.4f}, {hi:+.4f}], "
+        f"p = {c.p_value:.4f} (two-sided paired sign-flip test), {len(c.deltas)} queries",
+        f"B wins / ties / losses: {c.wins} / {c.ties} / {c.losses}",
+    ]
+    if c.only_a or c.only_b:
+        lines.append(f"not paired: {len(c.only_a)} judged queries only in A, {len(c.only_b)} only in B")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -122,12 +244,13 @@ class EvalConfig:
     k: int = 10
     seed: int = 0
     out: str | None = None
+    compare: list[str] | None = None  # two runs (files or --out directories) to compare query by query
     command: str = ""  # the command line, saved with the metrics so every number says how it was made
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", help="a registered dataset: dl19, dl20, dl21, scifact, scifact-train")
     src.add_argument("--candidates", help="RankGPT-format JSON (.json or .json.gz) of first-stage candidates")
     src.add_argument("--run", help="a TREC run file to score as it is")
@@ -152,7 +275,15 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p.add_argument("--k", type=int, default=10, help="setwise: how many top documents the heap sort extracts")
     p.add_argument("--seed", type=int, default=0, help="setwise: seed of the per-call document shuffles")
     p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>[-setwise])")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="compare two runs (TREC files or eval.py --out directories) query by query: mean nDCG@10 "
+                   "delta B - A, 95%% paired bootstrap interval, sign-flip p-value, wins/ties/losses; judged by "
+                   "--qrels or --dataset's qrels; --seed seeds the resampling")
     args = p.parse_args(argv)
+    if args.compare and (args.candidates or args.run or not (args.qrels or args.dataset)):
+        p.error("--compare takes --qrels or --dataset (for its qrels), not --candidates or --run")
+    if not (args.compare or args.dataset or args.candidates or args.run):
+        p.error("one of --dataset, --candidates, --run or --compare is required")
     if (args.candidates or args.run) and not args.qrels:
         p.error("--candidates and --run need --qrels")
     command = shlex.join(["python", "eval.py", *(sys.argv[1:] if argv is None else argv)])
@@ -338,6 +469,11 @@ def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], trace_path: Pat
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
+        if cfg.compare:
+            qrels = load_qrels(cfg.qrels) if cfg.qrels else load_dataset(cfg.dataset, cfg.data_dir).qrels
+            a, b = (evaluate_run_file(run_path(r), qrels) for r in cfg.compare)
+            print(format_comparison(compare(a, b, seed=cfg.seed), *cfg.compare))
+            return
         if cfg.run:  # score a run file as it is: no reranking, no run written back
             ev = evaluate_run_file(cfg.run, load_qrels(cfg.qrels))
             out = Path(cfg.out or f"runs/{slug(cfg.run)}")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import random
@@ -62,8 +63,8 @@ from data import (
     augment, augment_setwise, load_dataset, make_instance, read_instances,
 )
 from prefix import completion_logprobs, group_backward, unpadded
-from rearank import ANSWER_END, ModelError, build_prompt, build_setwise_prompt, generate_tokens, load_model
-from reward import Reward, rerank_reward, setwise_set_reward
+from rearank import ANSWER_END, MAX_CHARS, ModelError, build_prompt, build_setwise_prompt, generate_tokens, load_model
+from reward import RANK_REWARDS, Reward, rerank_reward, setwise_set_reward
 
 # ----------------------------------------------------------------------------------------------------------------------
 # config
@@ -73,6 +74,9 @@ from reward import Reward, rerank_reward, setwise_set_reward
 class Config:
     model: str = "smollm2"  # "smollm2" (embedded, CPU-friendly), a local directory or a hub id
     method: str = "listwise"  # the task: "listwise" (REARANK) or "setwise" (Rank-R1): data, prompt and reward
+    prompt: str = "rearank"  # listwise prompt: "rearank" (reasoning, <think>/<answer>) or "rankgpt" (the list alone)
+    list_format: bool = False  # format2 = the completion opens with "[a] > [b]" (for --prompt rankgpt; a departure)
+    rank_reward: str = "normalised"  # listwise rank term: "normalised" (METHOD §3), "difference" or "ndcg" (ablation)
     dataset: str = "dl21"  # seeds for the training sets (augmented in memory) unless --train-file is given
     train_file: str = ""  # JSONL of training instances written by `data.py augment`
     samples: int = 50  # augmentation: candidate sets per query
@@ -97,6 +101,7 @@ class Config:
     eval_dataset: str = "dl19"  # held-out windows: the top-`eval_size` candidates of each judged query
     eval_size: int = 20
     eval_queries: int = 0  # 0 = all judged queries
+    eval_qids: str = ""  # only these held-out queries: comma-separated qids, or a file with one qid a line
     eval_every: int = 25  # held-out evaluation every N steps, before the first and after the last (0 = never)
     eval_batch_size: int = 8
     save_every: int = 25  # checkpoint every N steps (and at the end, and on Ctrl-C)
@@ -110,6 +115,12 @@ class Config:
 HELP = {
     "model": "'smollm2' (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a hub id",
     "method": "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant passage)",
+    "prompt": "listwise prompt, for training and held-out evaluation alike: rearank (reasoning in <think>, the "
+    "list in <answer>) or rankgpt (the list alone; the format terms then never fire)",
+    "list_format": "a departure, off by default: format2 rewards a completion that opens with a ranking list "
+    "'[a] > [b]' (no tags), so the RankGPT prompt gets a format term too",
+    "rank_reward": "listwise rank term of the reward: normalised (r_rerank - r_init) / (r* - r_init), the default; "
+    "difference r_rerank - r_init; ndcg r_rerank (the paper's ablation)",
     "dataset": "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)",
     "train_file": "JSONL of training instances from `data.py augment` (overrides --dataset)",
     "samples": "augmentation: candidate sets sampled per query",
@@ -134,6 +145,8 @@ HELP = {
     "eval_dataset": "held-out dataset: its top-N windows are scored greedily (never a training set)",
     "eval_size": "held-out window size N (the top-N candidates of each query)",
     "eval_queries": "held-out queries to use (0 = all judged ones)",
+    "eval_qids": "only these held-out queries: comma-separated qids or a file with one qid a line (a validation "
+    "split of the training dataset; keep them out of --train-file)",
     "eval_every": "held-out evaluation every N steps, plus before the first and after the last (0 = never)",
     "eval_batch_size": "prompts per generate call in held-out evaluation",
     "save_every": "checkpoint every N steps (also at the end and on Ctrl-C)",
@@ -159,6 +172,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     plot = args.pop("plot")
     if args["method"] not in TASKS:
         p.error(f"--method {args['method']!r}: choose one of {', '.join(TASKS)}")
+    if args["prompt"] not in MAX_CHARS or args["rank_reward"] not in RANK_REWARDS:
+        p.error(f"--prompt: one of {', '.join(MAX_CHARS)}; --rank-reward: one of {', '.join(RANK_REWARDS)}")
+    if args["method"] != "listwise" and (args["prompt"], args["rank_reward"], args["list_format"]) != (
+            "rearank", "normalised", False):
+        p.error("--prompt, --rank-reward and --list-format are listwise settings; setwise has Rank-R1's prompt and reward")
     return Config(**args), plot
 
 
@@ -177,8 +195,9 @@ class Task(NamedTuple):
 TASKS = {
     "listwise": Task(
         augment=lambda ds, cfg: augment(ds, cfg.samples, cfg.size, cfg.seed, cfg.min_ndcg),
-        prompt=lambda inst: build_prompt(inst.query, [c.text for c in inst.candidates]),
-        reward=lambda text, inst: rerank_reward(text, [c.docid for c in inst.candidates], inst.judged),
+        prompt=lambda inst, style="rearank": build_prompt(inst.query, [c.text for c in inst.candidates], style),
+        reward=lambda text, inst, variant="normalised", list_format=False: rerank_reward(
+            text, [c.docid for c in inst.candidates], inst.judged, variant=variant, list_format=list_format),
     ),
     "setwise": Task(
         augment=lambda ds, cfg: augment_setwise(ds, cfg.samples, cfg.size, cfg.seed),
@@ -186,6 +205,15 @@ TASKS = {
         reward=lambda text, inst: setwise_set_reward(text, [c.docid for c in inst.candidates], inst.judged),
     ),
 }
+
+
+def configured_task(cfg: Config) -> Task:
+    """TASKS[cfg.method] with the listwise prompt style and rank reward of `cfg` bound in (setwise has one of each)."""
+    task = TASKS[cfg.method]
+    if cfg.method != "listwise":
+        return task
+    return task._replace(prompt=functools.partial(task.prompt, style=cfg.prompt),
+                         reward=functools.partial(task.reward, variant=cfg.rank_reward, list_format=cfg.list_format))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,9 +370,21 @@ def held_out(cfg: Config) -> list[TrainInstance]:
     """The top-`eval_size` candidates of each judged query of the held-out set, in first-stage order."""
     ds = load_dataset(cfg.eval_dataset, cfg.data_dir or None)
     judged = [r for r in ds.rankings if ds.qrels.get(r.query.qid)]
+    if cfg.eval_qids:
+        wanted = read_qids(cfg.eval_qids)
+        judged = [r for r in judged if r.query.qid in wanted]
+        if missing := wanted - {r.query.qid for r in judged}:
+            raise DataError(f"--eval-qids: {len(missing)} not judged queries of {cfg.eval_dataset}: {sorted(missing)[:5]}")
     if cfg.eval_queries:
         judged = judged[: cfg.eval_queries]
     return [make_instance(r.query, r.candidates[: cfg.eval_size], ds.qrels[r.query.qid]) for r in judged]
+
+
+def read_qids(spec: str) -> set[str]:
+    """Qids from a comma-separated list or from a file with one qid a line (blank lines skipped)."""
+    path = Path(spec)
+    text = path.read_text() if path.is_file() else spec.replace(",", "\n")
+    return {line.strip() for line in text.splitlines() if line.strip()}
 
 
 @torch.no_grad()
@@ -540,7 +580,7 @@ def train(cfg: Config) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    task = TASKS[cfg.method]
+    task = configured_task(cfg)
 
     # --- data
     if cfg.train_file:

@@ -19,6 +19,13 @@ Where the paper is silent, this module chooses (and tests/test_reward.py checks)
 r_rank has no lower bound: when r* - r_init is small, spoiling the order costs a lot. That is the paper's formula;
 the augmentation filter (data.py augment) keeps such sets rare.
 
+The paper's ablation (METHOD §3) swaps r_rank for one of `RANK_REWARDS` (`rank_term`, `grpo.py --rank-reward`):
+"normalised" (the default, above), "difference" r_rerank - r_init (bounded in [-1, 1]) and "ndcg" r_rerank alone.
+Within one GRPO group every completion answers the same set, so r_init is a constant there: "difference" and "ndcg"
+give the same advantages exactly, and "normalised" differs from them only by the group's scale 1 / (r* - r_init),
+which the std normalisation of the advantages cancels whenever the format terms agree across the group. The
+variants part only through the weight of the rank term against the format terms, or under `--no-std`.
+
     >>> r = rerank_reward("<think>b is best</think> <answer>[2] > [1]</answer>", ["a", "b"], {"b": 3})
     >>> (round(r.rank, 4), r.format1, r.format2, round(r.total, 4))
     (1.0, 1.0, 1.0, 1.0)
@@ -71,10 +78,45 @@ def rank_gain(r_rerank: float, r_init: float, r_star: float) -> float:
     return (r_rerank - r_init) / room
 
 
-def rerank_reward(text: str, docids: Sequence[str], judged: Mapping[str, int], k: int = K) -> Reward:
+RANK_REWARDS = ("normalised", "difference", "ndcg")
+_OPENING_LIST = re.compile(r"\s*\[\d+\]\s*>\s*\[\d+\]")
+
+
+def opens_with_ranking_list(text: str) -> bool:
+    """The completion starts with a ranking list of at least two ids, `[3] > [1] ...` (RankGPT's asked format; what
+    follows is not checked, since a cut completion is still read by the parser).
+
+    >>> opens_with_ranking_list(" [3] > [1] > [2]"), opens_with_ranking_list("Passage [3] > [1]")
+    (True, False)
+    """
+    return _OPENING_LIST.match(text) is not None
+
+
+def rank_term(r_rerank: float, r_init: float, r_star: float, variant: str = "normalised") -> float:
+    """The rank part of the reward under one of the paper's three variants (METHOD §3 ablation).
+
+    >>> [round(rank_term(0.6, 0.4, 0.8, v), 4) for v in RANK_REWARDS]
+    [0.5, 0.2, 0.6]
+    """
+    if variant == "normalised":
+        return rank_gain(r_rerank, r_init, r_star)
+    if variant == "difference":
+        return r_rerank - r_init
+    if variant == "ndcg":
+        return r_rerank
+    raise ValueError(f"unknown rank reward {variant!r}; choose one of {', '.join(RANK_REWARDS)}")
+
+
+def rerank_reward(
+    text: str, docids: Sequence[str], judged: Mapping[str, int], k: int = K, variant: str = "normalised",
+    list_format: bool = False,
+) -> Reward:
     """REARANK's reward for one completion `text` that reorders the candidates `docids` (in their initial order).
 
     `judged` is the query's full judgments {docid: grade} (at least every positive one): the ideal DCG needs them.
+    `variant` picks the rank term (`rank_term`); `Reward.rank` holds it.
+    `list_format` (a departure of this project, for the RankGPT prompt, which asks for no tags so REARANK's format
+    terms can never fire): format2 is 1 when the completion opens with a ranking list (`opens_with_ranking_list`).
 
     >>> r = rerank_reward("no answer at all", ["a", "b"], {"b": 3})  # initial order kept, no format credit
     >>> (r.rank, r.format1, r.format2, r.total)
@@ -83,9 +125,9 @@ def rerank_reward(text: str, docids: Sequence[str], judged: Mapping[str, int], k
     order = parse_ranking(text, len(docids))
     r_init, r_star = ndcg_bounds(docids, judged, k)
     r_rerank = ndcg_at_k([docids[i] for i in order], judged, k)
-    rank = rank_gain(r_rerank, r_init, r_star)
+    rank = rank_term(r_rerank, r_init, r_star, variant)
     blocks, ranking_list = answer_format(text)
-    f1, f2 = float(blocks), float(ranking_list)
+    f1, f2 = float(blocks), float(opens_with_ranking_list(text) if list_format else ranking_list)
     return Reward(rank, f1, f2, W_RANK * rank + W_FORMAT1 * f1 + W_FORMAT2 * f2, r_rerank)
 
 

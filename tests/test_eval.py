@@ -1,6 +1,7 @@
 """nDCG@k must equal trec_eval's, to 1e-9, on real runs and on shuffled runs with ties: pytrec_eval is the oracle."""
 
 import json
+import math
 import random
 
 import pytest
@@ -142,3 +143,77 @@ def test_scifact_bm25_reaches_anserini(data_root, tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("nDCG@10 "))
     assert float(line.split()[1]) >= 0.668
     assert json.loads((tmp_path / "metrics.json").read_text())["judged"] == 300
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --compare: paired deltas, bootstrap interval, sign-flip test
+
+
+def exact_sign_flip_oracle(deltas):
+    """Every sign assignment, by itertools: the share whose |sum| reaches the observed |sum|."""
+    import itertools
+
+    observed = abs(sum(deltas))
+    sums = [abs(sum(s * d for s, d in zip(signs, deltas))) for signs in itertools.product((1, -1), repeat=len(deltas))]
+    return sum(x >= observed - 1e-12 for x in sums) / len(sums)
+
+
+def per_query(values):
+    return ev.Evaluation({q: {"nDCG@10": v} for q, v in values.items()}, {})
+
+
+def test_compare_by_hand():
+    a = per_query({"q1": 0.5, "q2": 0.4, "q3": 0.7, "q4": 0.1, "q5": 0.9})
+    b = per_query({"q1": 0.7, "q2": 0.3, "q3": 0.7, "q4": 0.4, "q6": 0.2})
+    c = ev.compare(a, b)
+    # paired on q1..q4: deltas +0.2, -0.1, 0, +0.3; q5 (A only) and q6 (B only) are left out
+    assert c.deltas == pytest.approx({"q1": 0.2, "q2": -0.1, "q3": 0.0, "q4": 0.3})
+    assert c.mean_delta == pytest.approx(0.1) and (c.mean_a, c.mean_b) == (pytest.approx(0.425), pytest.approx(0.525))
+    assert (c.wins, c.ties, c.losses, c.only_a, c.only_b) == (2, 1, 1, ["q5"], ["q6"])
+    # sign flips of (0.2, 0.1, 0.3) whose |sum| reaches 0.4: sums .6, .4, -.4, -.6 of 8; the 0 doubles both counts
+    assert c.p_value == 0.5
+    lo, hi = c.interval
+    assert -0.1 <= lo < 0.1 < hi <= 0.3  # inside the range of the deltas, around their mean
+
+
+def test_sign_flip_exact_and_sampled_match_an_enumeration_oracle():
+    import random
+
+    rng = random.Random(3)
+    for n in (1, 5, 9, 12):
+        deltas = [rng.gauss(0.03, 0.1) for _ in range(n)]
+        oracle_p = exact_sign_flip_oracle(deltas)
+        assert ev.sign_flip_p(deltas) == pytest.approx(oracle_p, abs=1e-12)
+        sampled = ev.sign_flip_p(deltas, flips=20000, seed=1, exact_up_to=0)  # Monte Carlo: within its noise
+        assert abs(sampled - oracle_p) < 4 * (oracle_p * (1 - oracle_p) / 20000) ** 0.5 + 1e-4
+
+
+def test_bootstrap_interval_is_seeded_and_near_the_normal_interval():
+    import random
+    import statistics
+
+    rng = random.Random(0)
+    deltas = [rng.gauss(0.02, 0.1) for _ in range(400)]
+    lo, hi = ev.bootstrap_interval(deltas, resamples=4000, seed=5)
+    assert (lo, hi) == ev.bootstrap_interval(deltas, resamples=4000, seed=5)
+    mean, half = statistics.fmean(deltas), 1.96 * statistics.stdev(deltas) / len(deltas) ** 0.5
+    assert lo == pytest.approx(mean - half, abs=0.15 * half) and hi == pytest.approx(mean + half, abs=0.15 * half)
+
+
+def test_compare_command_on_run_files_and_out_directories(tmp_path, capsys):
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("q1 0 a 3\nq1 0 b 0\nq2 0 c 1\nq2 0 d 2\n")
+    bm25 = tmp_path / "bm25.trec"
+    bm25.write_text("q1 Q0 b 1 2 x\nq1 Q0 a 2 1 x\nq2 Q0 c 1 2 x\nq2 Q0 d 2 1 x\n")
+    better = tmp_path / "rerank"
+    better.mkdir()
+    (better / "run.trec").write_text("q1 Q0 a 1 2 x\nq1 Q0 b 2 1 x\nq2 Q0 c 1 2 x\nq2 Q0 d 2 1 x\n")
+    ev.main(["--compare", str(bm25), str(better), "--qrels", str(qrels)])
+    out = capsys.readouterr().out
+    delta = 1 - 1 / math.log2(3)  # q1: a moves from rank 2 to rank 1; q2 unchanged
+    assert f"delta (B - A) {delta / 2:+.4f}" in out and "wins / ties / losses: 1 / 1 / 0" in out
+    assert "p = 1.0000" in out  # two queries, one of them tied: flipping q1's sign alone always reaches |delta|
+    with pytest.raises(SystemExit, match="no such run file"):
+        ev.main(["--compare", str(tmp_path / "missing.trec"), str(better), "--qrels", str(qrels)])
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--compare", str(bm25), str(better)])  # nothing to judge them by

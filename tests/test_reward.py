@@ -4,10 +4,11 @@ import math
 from math import log2
 
 import pytest
+import torch
 
 import data
 from data import Candidate, DataError, Dataset, Query, Ranking
-from reward import Reward, ndcg_bounds, rank_gain, rerank_reward, setwise_reward
+from reward import RANK_REWARDS, Reward, ndcg_bounds, rank_gain, rank_term, rerank_reward, setwise_reward
 
 # P = a, b, c in this initial order; z is judged relevant but not in P, so the best order of P cannot reach 1
 DOCIDS = ["a", "b", "c"]
@@ -78,6 +79,59 @@ def test_nothing_relevant_in_p_scores_zero_whatever_the_order():
 def test_rank_gain_refuses_an_impossible_best():
     with pytest.raises(AssertionError):
         rank_gain(0.5, 0.6, 0.4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the paper's rank-reward ablation (METHOD §3): normalised, difference, raw nDCG
+
+
+def test_rank_reward_variants_by_hand():
+    # c, a, b: r_rerank = (3 + 0 + 1/log2(4)) / IDCG against R_INIT (a, b, c) and R_STAR (c, b, a)
+    r_rerank = (3 + 0 + 1 / log2(4)) / IDCG
+    expected = {
+        "normalised": (r_rerank - R_INIT) / (R_STAR - R_INIT),
+        "difference": r_rerank - R_INIT,
+        "ndcg": r_rerank,
+    }
+    for variant, rank in expected.items():
+        r = rerank_reward(answer("[3] > [1] > [2]"), DOCIDS, JUDGED, variant=variant)
+        assert r.rank == pytest.approx(rank) and r.total == pytest.approx(0.8 * rank + 0.2)
+        assert r.ndcg == pytest.approx(r_rerank)  # the variant changes the reward, never the measured nDCG
+
+
+def test_rank_reward_variants_on_a_worse_order_and_a_kept_one():
+    # a, b, c from c, a, b: the normalised term divides the loss by the small room left, the others do not
+    worse = {v: rerank_reward(answer("[2] > [3] > [1]"), ["c", "a", "b"], JUDGED, variant=v).rank
+             for v in RANK_REWARDS}
+    r_init = (3 + 0 + 1 / log2(4)) / IDCG
+    assert worse["difference"] == pytest.approx(R_INIT - r_init)
+    assert worse["normalised"] == pytest.approx((R_INIT - r_init) / (R_STAR - r_init))
+    assert worse["normalised"] < worse["difference"] < 0 < worse["ndcg"] == pytest.approx(R_INIT)
+    kept = {v: rerank_reward("no ids", DOCIDS, JUDGED, variant=v).rank for v in RANK_REWARDS}
+    assert kept == {"normalised": 0.0, "difference": 0.0, "ndcg": pytest.approx(R_INIT)}
+
+
+def test_rank_term_refuses_an_unknown_variant():
+    assert rank_term(0.5, 0.5, 0.5, "difference") == 0.0
+    with pytest.raises(ValueError, match="unknown rank reward 'dcg'"):
+        rank_term(0.5, 0.4, 0.9, "dcg")
+
+
+def test_variants_give_the_same_group_advantages_when_the_format_terms_agree():
+    # what the module docstring claims: within one set r_init and r* are constants, so std-normalised advantages
+    # coincide across the three variants (to the advantage's eps) unless the format terms differ within the group
+    from grpo import group_advantages
+
+    orders = ["[3] > [1] > [2]", "[2] > [3] > [1]", "[1] > [2] > [3]", "[3] > [2] > [1]"]
+    adv = {}
+    for v in RANK_REWARDS:
+        totals = [rerank_reward(answer(o), ["c", "a", "b"], JUDGED, variant=v).total for o in orders]
+        adv[v] = group_advantages(torch.tensor(totals, dtype=torch.float64), 4, eps=0.0)
+    assert torch.allclose(adv["normalised"], adv["difference"]) and torch.allclose(adv["ndcg"], adv["difference"])
+    mixed = [answer(orders[0]), orders[1], answer(orders[2]), orders[3]]  # half the group loses the format terms
+    adv = {v: group_advantages(torch.tensor([rerank_reward(t, ["c", "a", "b"], JUDGED, variant=v).total
+                                             for t in mixed], dtype=torch.float64), 4, eps=0.0) for v in RANK_REWARDS}
+    assert torch.allclose(adv["ndcg"], adv["difference"]) and not torch.allclose(adv["normalised"], adv["difference"])
 
 
 @pytest.mark.parametrize(
