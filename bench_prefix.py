@@ -3,7 +3,7 @@
     nice python bench_prefix.py --prompt-len 512 --completion-len 64 --group-size 4
 
 The model is the embedded SmolLM2-135M-Instruct when it is cached (~/.cache/rearank/smollm2-135m-instruct, see
-rearank.smollm2_dir), else a random model of the same shape (`--random` forces it). Token ids are random: the cost
+backend.smollm2_dir), else a random model of the same shape (`--random` forces it). Token ids are random: the cost
 of a forward does not depend on them. Each figure is the best of `--repeats` runs, in wall-clock and in CPU seconds
 (this process's, all threads): on a shared machine the CPU seconds are the steadier figure, and `--threads 1`
 keeps idle threads from spinning while a busy machine holds the others back.

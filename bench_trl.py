@@ -62,7 +62,8 @@ def run_trl(args) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rearank import build_prompt, load_model
+    from rearank import build_prompt
+    from backend import load_model
     from reward import rerank_reward
 
     inst = instance(args)

@@ -35,7 +35,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from rank_bm25 import BM25Okapi
@@ -81,6 +81,48 @@ class Dataset:
 
 class DataError(ValueError):
     """Bad or missing input. The message names the file (and line) and says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the metric: nDCG@k exactly as trec_eval's ndcg_cut computes it (METHOD §8); eval.py and the reward use it
+
+
+def ndcg_at_k(ranked: Sequence[str], grades: Mapping[str, int], k: int = 10) -> float:
+    """nDCG@k of docids in ranked order against one query's graded judgments (trec_eval `ndcg_cut.k`).
+
+    Unjudged documents have gain 0; negative grades count as 0 (trec_eval ignores non-positive gains).
+    The ideal DCG sorts *all* judged grades, so a list that misses relevant documents cannot reach 1.
+
+    >>> round(ndcg_at_k(["a", "b", "c"], {"a": 1, "c": 3, "z": 2}, k=3), 4)
+    0.525
+    >>> ndcg_at_k(["a"], {"a": 0}, k=10)  # nothing relevant is judged: trec_eval reports 0
+    0.0
+    """
+    if len(set(ranked)) != len(ranked):
+        raise ValueError(f"duplicate docids in a ranking: {sorted(d for d in set(ranked) if ranked.count(d) > 1)}")
+    dcg = sum(max(grades.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
+    ideal = sorted((g for g in grades.values() if g > 0), reverse=True)[:k]
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def trec_order(scores: Mapping[str, float]) -> list[str]:
+    """Docids as trec_eval ranks them: score descending, ties by docid descending (string order).
+
+    >>> trec_order({"d1": 1.0, "d3": 2.0, "d2": 1.0})
+    ['d3', 'd2', 'd1']
+    """
+    return [d for d, _ in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
+
+
+def ndcg_bounds(docids: Sequence[str], judged: Mapping[str, int], k: int = 10) -> tuple[float, float]:
+    """(r_init, r*): nDCG@k of `docids` as given and sorted by grade, against the query's full judgments.
+
+    >>> [round(r, 4) for r in ndcg_bounds(["a", "b", "c"], {"c": 2, "z": 1}, k=3)]  # 'z' is not in P: r* < 1
+    [0.3801, 0.7602]
+    """
+    best = sorted(docids, key=lambda d: -max(judged.get(d, 0), 0))  # stable: ties keep the initial order
+    return ndcg_at_k(docids, judged, k), ndcg_at_k(best, judged, k)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -472,8 +514,6 @@ class TrainInstance:
 
 
 def make_instance(query: Query, candidates: list[Candidate], grades: dict[str, int]) -> TrainInstance:
-    from reward import ndcg_bounds  # reward imports eval, which imports this module
-
     judged = {d: g for d, g in grades.items() if g > 0}
     r_init, r_star = ndcg_bounds([c.docid for c in candidates], judged)
     return TrainInstance(

@@ -6,7 +6,7 @@
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
 
 One step: B training instances (candidate sets sampled by `data.py augment`, METHOD §4), each rendered with the REARANK
-prompt -> G completions each, sampled by `rearank.generate_tokens` (the generation path evaluation uses) -> the REARANK
+prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
 reward (reward.py) -> advantages within each group -> the clipped policy-gradient loss on the generated token ids ->
 one optimizer step. Everything a step did is one line on stdout and one JSON object in <out>/metrics.jsonl.
 
@@ -50,7 +50,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -62,87 +62,63 @@ from data import (
     augment, augment_setwise, load_dataset, make_instance, read_instances,
 )
 from prefix import completion_logprobs, group_backward, unpadded
-from rearank import ANSWER_END, ModelError, build_prompt, build_setwise_prompt, generate_tokens, load_model
+from rearank import ANSWER_END, build_prompt
+from setwise import build_setwise_prompt
+from backend import ModelError, generate_tokens, load_model
 from reward import Reward, rerank_reward, setwise_set_reward
 
 # ----------------------------------------------------------------------------------------------------------------------
 # config
 
 
+def arg(default, help: str):
+    """A Config field with its --help text beside its default (read by `parse_args`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    model: str = "smollm2"  # "smollm2" (embedded, CPU-friendly), a local directory or a hub id
-    method: str = "listwise"  # the task: "listwise" (REARANK) or "setwise" (Rank-R1): data, prompt and reward
-    dataset: str = "dl21"  # seeds for the training sets (augmented in memory) unless --train-file is given
-    train_file: str = ""  # JSONL of training instances written by `data.py augment`
-    samples: int = 50  # augmentation: candidate sets per query
-    size: int = 20  # augmentation: passages per set
-    min_ndcg: float = 0.1  # augmentation: drop sets whose best reachable nDCG@10 is below this
-    steps: int = 100  # optimizer steps (one rollout batch each)
-    batch_size: int = 4  # prompts per step (B)
-    group_size: int = 8  # completions per prompt (G)
-    updates: int = 1  # policy updates per rollout batch (mu); > 1 brings the old policy and the clip into play
-    micro_batch: int = 0  # completions per forward/backward pass within a group (0 = the whole group)
-    repeat_prompt: bool = False  # the usual way: run the prompt once per completion instead of once per group
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    beta: float = 0.0  # KL coefficient; 0 = no reference model at all
-    clip_eps: float = 0.2
-    no_std: bool = False  # Dr. GRPO advantages: r - mean(r), no division by the std
-    temperature: float = 1.0  # sampling temperature, also the one the log-probs are computed at
-    max_new_tokens: int = 512
-    gradient_checkpointing: bool = False
-    bf16_weights: bool = False  # bf16 weights + BF16AdamW (stochastic rounding) instead of fp32 master weights
-    eval_dataset: str = "dl19"  # held-out windows: the top-`eval_size` candidates of each judged query
-    eval_size: int = 20
-    eval_queries: int = 0  # 0 = all judged queries
-    eval_every: int = 25  # held-out evaluation every N steps, before the first and after the last (0 = never)
-    eval_batch_size: int = 8
-    save_every: int = 25  # checkpoint every N steps (and at the end, and on Ctrl-C)
-    dump_every: int = 10  # write one group's full completions every N steps
-    out: str = "runs/grpo"
-    resume: bool = False
-    seed: int = 0
-    data_dir: str = ""  # default $REARANK_DATA, else ./data
-
-
-HELP = {
-    "model": "'smollm2' (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a hub id",
-    "method": "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant passage)",
-    "dataset": "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)",
-    "train_file": "JSONL of training instances from `data.py augment` (overrides --dataset)",
-    "samples": "augmentation: candidate sets sampled per query",
-    "size": "augmentation: passages per candidate set (the paper: 20)",
-    "min_ndcg": "augmentation: drop sets whose best reachable nDCG@10 is below this",
-    "steps": "optimizer steps, one rollout batch each",
-    "batch_size": "prompts (training instances) per step",
-    "group_size": "completions sampled per prompt (G)",
-    "updates": "policy updates per rollout batch; >1 computes old-policy log-probs and makes the clip matter",
-    "micro_batch": "completions per forward/backward pass within a group (0 = all G); bounds activation memory",
-    "repeat_prompt": "run each prompt once per completion, as TRL does, instead of once per group (to compare)",
-    "lr": "learning rate (AdamW)",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "clip the gradient norm to this (0 = no clipping)",
-    "beta": "KL coefficient (k3 estimator); 0 = no reference model",
-    "clip_eps": "PPO clip range: the ratio is clipped to [1-eps, 1+eps]",
-    "no_std": "advantages r - mean(r) without dividing by std (Dr. GRPO)",
-    "temperature": "sampling temperature; log-probs are computed at the same temperature",
-    "max_new_tokens": "completion length cap for rollouts and held-out evaluation",
-    "gradient_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
-    "bf16_weights": "bf16 weights updated with stochastic rounding (BF16AdamW): what fits a 7B model on 80 GB",
-    "eval_dataset": "held-out dataset: its top-N windows are scored greedily (never a training set)",
-    "eval_size": "held-out window size N (the top-N candidates of each query)",
-    "eval_queries": "held-out queries to use (0 = all judged ones)",
-    "eval_every": "held-out evaluation every N steps, plus before the first and after the last (0 = never)",
-    "eval_batch_size": "prompts per generate call in held-out evaluation",
-    "save_every": "checkpoint every N steps (also at the end and on Ctrl-C)",
-    "dump_every": "write the completions of one group to <out>/episodes.jsonl every N steps (0 = never)",
-    "out": "output directory: config.json, metrics.jsonl, eval.jsonl, episodes.jsonl, checkpoint.pt, curves.png",
-    "resume": "continue from <out>/checkpoint.pt",
-    "seed": "one seed for data order, sampling and augmentation",
-    "data_dir": "data directory (default $REARANK_DATA, else ./data)",
-}
+    model: str = arg("smollm2", "'smollm2' (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a "
+                                "hub id")
+    method: str = arg("listwise", "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant "
+                                  "passage)")
+    dataset: str = arg("dl21", "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)")
+    train_file: str = arg("", "JSONL of training instances from `data.py augment` (overrides --dataset)")
+    samples: int = arg(50, "augmentation: candidate sets sampled per query")
+    size: int = arg(20, "augmentation: passages per candidate set (the paper: 20)")
+    min_ndcg: float = arg(0.1, "augmentation: drop sets whose best reachable nDCG@10 is below this")
+    steps: int = arg(100, "optimizer steps, one rollout batch each")
+    batch_size: int = arg(4, "prompts (training instances) per step")
+    group_size: int = arg(8, "completions sampled per prompt (G)")
+    updates: int = arg(1, "policy updates per rollout batch; >1 computes old-policy log-probs and makes the clip "
+                          "matter")
+    micro_batch: int = arg(0, "completions per forward/backward pass within a group (0 = all G); bounds activation "
+                              "memory")
+    repeat_prompt: bool = arg(False, "run each prompt once per completion, as TRL does, instead of once per group (to "
+                                     "compare)")
+    lr: float = arg(1e-6, "learning rate (AdamW)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "clip the gradient norm to this (0 = no clipping)")
+    beta: float = arg(0.0, "KL coefficient (k3 estimator); 0 = no reference model")
+    clip_eps: float = arg(0.2, "PPO clip range: the ratio is clipped to [1-eps, 1+eps]")
+    no_std: bool = arg(False, "advantages r - mean(r) without dividing by std (Dr. GRPO)")
+    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
+    max_new_tokens: int = arg(512, "completion length cap for rollouts and held-out evaluation")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    bf16_weights: bool = arg(False, "bf16 weights updated with stochastic rounding (BF16AdamW): what fits a 7B model "
+                                    "on 80 GB")
+    eval_dataset: str = arg("dl19", "held-out dataset: its top-N windows are scored greedily (never a training set)")
+    eval_size: int = arg(20, "held-out window size N (the top-N candidates of each query)")
+    eval_queries: int = arg(0, "held-out queries to use (0 = all judged ones)")
+    eval_every: int = arg(25, "held-out evaluation every N steps, plus before the first and after the last (0 = never)")
+    eval_batch_size: int = arg(8, "prompts per generate call in held-out evaluation")
+    save_every: int = arg(25, "checkpoint every N steps (also at the end and on Ctrl-C)")
+    dump_every: int = arg(10, "write the completions of one group to <out>/episodes.jsonl every N steps (0 = never)")
+    out: str = arg("runs/grpo", "output directory: config.json, metrics.jsonl, eval.jsonl, episodes.jsonl, "
+                                "checkpoint.pt, curves.png")
+    resume: bool = arg(False, "continue from <out>/checkpoint.pt")
+    seed: int = arg(0, "one seed for data order, sampling and augmentation")
+    data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
@@ -150,10 +126,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            p.add_argument(flag, action="store_true", help=HELP[f.name])
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=kind, default=f.default, help=f"{HELP[f.name]} (default {f.default!r})")
+            p.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default!r})")
     p.add_argument("--plot", action="store_true", help="only redraw <out>/curves.png from <out>/metrics.jsonl")
     args = vars(p.parse_args(argv))
     plot = args.pop("plot")

