@@ -531,7 +531,7 @@ def train(cfg: Config) -> dict:
     model, tokenizer = load_model(cfg.model)
     model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.beta > 0:  # the reference never trains: bf16 is enough on CUDA
         ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)

@@ -115,7 +115,7 @@ def test_prompt_once_per_group_gives_the_usual_loss_and_gradients_in_float64(tru
     # prompt run once per group equals the prompt repeated per completion (TRL's way) to 1e-10 relative
     model = tiny_model(100).double().train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = tiny_model(100, seed=1).double().eval()
     ro = hand_rollout(100)
     adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5], dtype=torch.float64)
