@@ -125,7 +125,7 @@ def test_activation_estimate_matches_what_autograd_saves(autocast):
         pre = prefix.prompt_forward(model, prompt).detached()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             prefix._decoder(model)(input_ids=torch.cat([pre.last_token.expand(rows, 1), ids], 1),
-                                   attention_mask=torch.ones(rows, P + C), past_key_values=pre, use_cache=False)
+                                   attention_mask=torch.ones(rows, P + C), cache=pre, use_cache=False)
     shape = memory.shape_of(model.config)
     compute = 2 if autocast else 4
     tok, key = memory.token_activation_bytes(shape, 4, compute), memory.key_activation_bytes(shape, compute)
