@@ -11,7 +11,7 @@ config, and the command line). Reranking with a model also writes `traces.jsonl`
 docids shown, completion, parsed order), appended as each batch of windows finishes: run the same command again after
 an interruption and the finished windows are replayed from it instead of recomputed.
 
-The metric lives here, in `ndcg_at_k`; the reward (reward.py) imports it, so training and evaluation can never
+The metric is `data.ndcg_at_k`; the reward (reward.py) imports the same function, so training and evaluation can never
 disagree about what nDCG means. trec_eval semantics (METHOD §8): gain = the qrels grade (linear), discount
 log2(rank + 1), ideal DCG from *all* judged documents of the query, a run ordered by score descending with ties broken
 by docid descending, queries without judgments skipped (and counted), duplicate docids an error.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import re
 import shlex
 import sys
@@ -30,41 +31,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from data import DataError, Dataset, Qrels, Ranking, load_dataset, load_qrels, load_rankgpt, load_run, write_run
+from data import (
+    DataError, Dataset, Qrels, Ranking,
+    load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, trec_order, write_run,
+)
 from rearank import MAX_CHARS, WindowTrace, answer_format, window_spans
 
 KS = (1, 5, 10)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the metric
-
-
-def ndcg_at_k(ranked: Sequence[str], grades: Mapping[str, int], k: int = 10) -> float:
-    """nDCG@k of docids in ranked order against one query's graded judgments (trec_eval `ndcg_cut.k`).
-
-    Unjudged documents have gain 0; negative grades count as 0 (trec_eval ignores non-positive gains).
-    The ideal DCG sorts *all* judged grades, so a list that misses relevant documents cannot reach 1.
-
-    >>> round(ndcg_at_k(["a", "b", "c"], {"a": 1, "c": 3, "z": 2}, k=3), 4)
-    0.525
-    >>> ndcg_at_k(["a"], {"a": 0}, k=10)  # nothing relevant is judged: trec_eval reports 0
-    0.0
-    """
-    if len(set(ranked)) != len(ranked):
-        raise ValueError(f"duplicate docids in a ranking: {sorted(d for d in set(ranked) if ranked.count(d) > 1)}")
-    dcg = sum(max(grades.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
-    ideal = sorted((g for g in grades.values() if g > 0), reverse=True)[:k]
-    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
-
-
-def trec_order(scores: Mapping[str, float]) -> list[str]:
-    """Docids as trec_eval ranks them: score descending, ties by docid descending (string order).
-
-    >>> trec_order({"d1": 1.0, "d3": 2.0, "d2": 1.0})
-    ['d3', 'd2', 'd1']
-    """
-    return [d for d, _ in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
+# scoring runs (the metric itself, ndcg_at_k, is data.py's)
 
 
 @dataclass
@@ -133,7 +109,6 @@ def bootstrap_interval(deltas: Sequence[float], resamples: int = 10000, level: f
     >>> bootstrap_interval([0.1, 0.1, 0.1])  # no spread, no uncertainty
     (0.1, 0.1)
     """
-    import random
 
     n = len(deltas)
     if n == 0:
@@ -155,7 +130,6 @@ def sign_flip_p(deltas: Sequence[float], flips: int = 100000, seed: int = 0, exa
     >>> sign_flip_p([1.0, 2.0, 3.0])  # only all-plus and all-minus reach |mean| 2: 2 of 8
     0.25
     """
-    import random
 
     n = len(deltas)
     if n == 0:
@@ -231,7 +205,7 @@ class EvalConfig:
     run: str | None = None
     qrels: str | None = None
     data_dir: str | None = None
-    model: str | None = None  # None: rearank.default_model() (the embedded model without a GPU)
+    model: str | None = None  # None: backend.default_model() (the embedded model without a GPU)
     method: str = "listwise"  # listwise: REARANK sliding windows; setwise: Rank-R1 heap sort
     prompt: str = "rearank"
     top_k: int = 100
@@ -363,8 +337,8 @@ def check_resumable(out: Path, cfg: EvalConfig) -> None:
 
 
 def load_generator(cfg: EvalConfig):
-    """The model as a greedy `Generate` (rearank.HFGenerator), with its load time printed."""
-    from rearank import HFGenerator, load_model
+    """The model as a greedy `Generate` (backend.HFGenerator), with its load time printed."""
+    from backend import HFGenerator, load_model
 
     t = time.time()
     model, tokenizer = load_model(cfg.model)
@@ -429,7 +403,7 @@ def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], trace_path: Pat
     """Rank-R1's heap sort with cfg.model, one trace per LLM call appended to traces.jsonl (replayed on resume)."""
     from tqdm import tqdm
 
-    from rearank import SetwiseTrace, setwise_rerank
+    from setwise import SetwiseTrace, setwise_rerank
 
     done = read_traces(trace_path, SetwiseTrace)
     if done:
@@ -489,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         if ds.note:
             print(f"note: {ds.name} is {ds.note}")
         if cfg.model is None:
-            from rearank import default_model
+            from backend import default_model
 
             cfg.model = default_model()
         out = Path(cfg.out or f"runs/{ds.name}-{slug(cfg.model)}" + ("-setwise" if cfg.method == "setwise" else ""))
