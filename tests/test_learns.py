@@ -14,13 +14,18 @@ import torch
 import grpo
 from test_grpo import tiny_model, tokenizer, toy_instances  # noqa: F401 (tokenizer is a fixture)
 
-STEPS, B, G, C = 20, 2, 8, 4
+STEPS, B, G, C = 36, 2, 16, 4
 
 
-def newline_share(text: str, inst, **_) -> grpo.Reward:
-    """The toy reward: the share of newlines in a 4-token completion (1 when every token is a newline)."""
-    share = min(text.count("\n"), C) / C
-    return grpo.Reward(share, 0.0, 0.0, share, 0.0)
+def lone_newlines(text: str, inst, **_) -> grpo.Reward:
+    """The toy reward: 0.5 a newline, up to two, in a 4-token completion, and 0 if two newlines touch.
+
+    Touching newlines score 0 so that "repeat the token you just wrote" cannot climb it: that is what log-probs
+    shifted by one token teach (each token's log-prob read where the model predicts the token after it), and a reward
+    plain newline counts would reward anyway.
+    """
+    score = 0.0 if "\n\n" in text else min(text.count("\n"), 2) / 2
+    return grpo.Reward(score, 0.0, 0.0, score, 0.0)
 
 
 @pytest.fixture()
@@ -37,14 +42,14 @@ def peaked_dir(tmp_path, tokenizer):
 
 
 def test_the_loop_raises_a_reachable_reward_far_beyond_its_noise(peaked_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(grpo.TASKS, "listwise", grpo.TASKS["listwise"]._replace(reward=newline_share))
+    monkeypatch.setitem(grpo.TASKS, "listwise", grpo.TASKS["listwise"]._replace(reward=lone_newlines))
     cfg = grpo.Config(model=str(peaked_dir), train_file=str(toy_instances(tmp_path / "train.jsonl")), steps=STEPS,
                       batch_size=B, group_size=G, max_new_tokens=C, lr=1e-2, eval_every=0, save_every=0,
                       dump_every=0, out=str(tmp_path / "run"), seed=0)
     grpo.train(cfg)
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards = [m["reward"] for m in steps]
-    first, last = statistics.fmean(rewards[:3]), statistics.fmean(rewards[-3:])
-    # the noise of a 3-step mean of B*G samples each, from the per-sample spread at the start
-    noise = statistics.fmean(m["reward_std"] for m in steps[:3]) / (3 * B * G) ** 0.5
-    assert first < 0.4 and last > 0.8 and last - first > 10 * noise, rewards
+    first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
+    # the noise of a 5-step mean of B*G samples each, from the per-sample spread at the start
+    noise = statistics.fmean(m["reward_std"] for m in steps[:5]) / (5 * B * G) ** 0.5
+    assert first < 0.2 and last > 0.35 and last - first > 10 * noise, rewards
