@@ -541,44 +541,58 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def plot(out: Path) -> Path | None:
-    """curves.png: training reward, zero-std fraction, completion length, held-out reward and nDCG@10."""
-    try:
-        import matplotlib
+def moving_average(ys: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start), so the curve starts at the first step.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plot: matplotlib is not installed, no curves.png (pip install matplotlib; then grpo.py --plot)")
-        return None
+    >>> moving_average([1.0, 3.0, 5.0, 7.0], 2)
+    [1.0, 2.0, 4.0, 6.0]
+    """
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y - (ys[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(out: Path) -> Path:
+    """curves.png: the training reward (per step, faint, and its moving average), the reward's terms (smoothed), the
+    held-out nDCG@10 against the untrained model's (the step-0 evaluation) and the first stage's, and the KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     train, held = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "eval.jsonl")
     if not train:
-        print(f"plot: {out / 'metrics.jsonl'} is empty")
-        return None
+        raise DataError(f"{out / 'metrics.jsonl'}: no steps to plot")
     steps = [m["step"] for m in train]
-    panels = [
-        ("train reward", [m["reward"] for m in train], [m["reward_std"] for m in train]),
-        ("train rank / format", None, None),
-        ("completion length (tokens)", [m["completion_len"] for m in train], None),
-        ("held-out (greedy)", None, None),
-    ]
+    window = max(3, len(train) // 10)
+    smooth = lambda key: moving_average([m[key] for m in train], window)  # noqa: E731
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    for ax, (title, ys, err) in zip(axes, panels):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if ys is not None:
-            ax.plot(steps, ys, lw=1)
-        if err is not None:
-            lo, hi = np.array(ys) - np.array(err), np.array(ys) + np.array(err)
-            ax.fill_between(steps, lo, hi, alpha=0.2)
+    ax = axes[0]
+    ax.plot(steps, [m["reward"] for m in train], lw=0.8, alpha=0.35, color="C0", label="per step")
+    ax.plot(steps, smooth("reward"), lw=2, color="C0", label=f"moving average ({window} steps)")
+    ax.set_title("training reward")
+    ax = axes[1]
     for key in ("rank", "format1", "format2", "frac_zero_std"):
-        axes[1].plot(steps, [m[key] for m in train], lw=1, label=key)
-    axes[1].legend(fontsize=7)
+        ax.plot(steps, smooth(key), lw=1.5, label=key)
+    ax.set_title(f"reward terms, zero-std groups ({window}-step average)")
+    ax = axes[2]
+    ax.set_title("held-out nDCG@10 (greedy)")
     if held:
         hs = [h["step"] for h in held]
-        for key in ("reward", "ndcg@10", "ndcg@10_first_stage"):
-            axes[3].plot(hs, [h[key] for h in held], marker="o", lw=1, label=key)
-        axes[3].legend(fontsize=7)
+        ax.plot(hs, [h["ndcg@10"] for h in held], marker="o", lw=1.5, label="policy")
+        if held[0]["step"] == 0:
+            ax.axhline(held[0]["ndcg@10"], ls="--", color="gray", label="untrained (step 0)")
+        ax.plot(hs, [h["ndcg@10_first_stage"] for h in held], ls=":", color="k", label="first-stage order")
+    ax = axes[3]
+    ax.plot(steps, [m["kl"] for m in train], lw=0.8, alpha=0.35, color="C3")
+    ax.plot(steps, smooth("kl"), lw=2, color="C3")
+    ax.set_title("KL to the reference (k3, token mean)" + ("" if any(m["kl"] for m in train) else ": 0, beta = 0"))
+    for ax in axes:
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
@@ -772,8 +786,10 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cfg, only_plot = parse_args(argv)
     if only_plot:
-        path = plot(Path(cfg.out))
-        print(f"wrote {path}" if path else "no plot written")
+        try:
+            print(f"wrote {plot(Path(cfg.out))}")
+        except DataError as e:
+            sys.exit(f"error: {e}")
         return
     try:
         train(cfg, explicit_flags(argv))
