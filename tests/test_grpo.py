@@ -376,3 +376,18 @@ def test_weight_sample_is_small_and_on_the_cpu_and_sees_a_move():
     with torch.no_grad():
         params[0].add_(1.0)
     assert 0 < grpo.moved_fraction(before, grpo.weight_sample(params, per_tensor=64)) < 1
+
+
+def test_configured_task_binds_the_prompt_style_and_the_reward_variant(tmp_path):
+    inst = toy_batch(1)[0]
+    task = grpo.configured_task(grpo.Config(prompt="rankgpt", rank_reward="ndcg", list_format=True))
+    assert task.prompt(inst)[0]["content"].startswith("You are RankGPT")
+    r = task.reward("[2] > [1] and so on", inst)
+    assert r.format2 == 1.0 and r.rank == pytest.approx(r.ndcg)  # raw nDCG as the rank term; a RankGPT list counts
+    plain = grpo.configured_task(grpo.Config()).reward("[2] > [1] and so on", inst)
+    assert plain.format2 == 0.0 and plain.rank != pytest.approx(plain.ndcg)  # REARANK's reward: no <answer> block
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--method", "setwise", "--prompt", "rankgpt"])
+    path = tmp_path / "val.qids"
+    path.write_text("q1\n\nq7\n")
+    assert grpo.read_qids(str(path)) == {"q1", "q7"} == grpo.read_qids("q1,q7")
