@@ -248,6 +248,8 @@ document.querySelectorAll("th[data-k]").forEach(th => th.addEventListener("click
   [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1))
     .forEach(r => body.appendChild(r));
   th.dataset.dir = asc ? "asc" : "desc";
+  th.closest("tr").querySelectorAll("th").forEach(h => h.textContent = h.textContent.replace(/ [▲▼]$/, ""));
+  th.textContent += asc ? " ▲" : " ▼";
 }));
 function openTarget() {
   const el = location.hash && document.getElementById(location.hash.slice(1));
@@ -374,10 +376,12 @@ def window_html(qi: int, q: QueryView, t: WindowTrace) -> str:
     """A listwise window: the passages as shown ([1] first), the model's output, the order read from it."""
     docids = t.docids or q.first[t.start: t.end]  # traces from before docids were recorded: the first-stage slice
     f1, f2 = answer_format(t.completion)
-    badges = "".join(f'<span class="badge {"ok" if ok else "bad"}">{name}</span> ' for name, ok in
-                     [("&lt;think&gt;+&lt;answer&gt;", f1), ("ranking list", f2)])
+    badges = "".join(f'<span class="badge {"ok" if ok else "bad"}">{"✓" if ok else "✗"} {name}</span> ' for name, ok
+                     in [("&lt;think&gt; then &lt;answer&gt;", f1), ("answer is a ranking list", f2)])
     shown = "".join(chip(qi, q, d, i) for i, d in enumerate(docids, 1))
     read = "".join(chip(qi, q, docids[j], j + 1) for j in t.order if j < len(docids))
+    if t.order == sorted(t.order):
+        read += ' <span class="muted">the order shown, unchanged</span>'
     return (
         f'<details class="w" open><summary>window ranks {t.start + 1}–{t.end} {badges}</summary>'
         f'<div class="row"><b>shown</b>{shown}</div>{completion_html(t.completion)}'
@@ -394,7 +398,7 @@ def setwise_html(qi: int, q: QueryView, n: int, t: SetwiseTrace) -> str:
     else:
         g = q.grades.get(t.shown[t.pick])
         kind = "unjudged" if g is None else ("relevant" if g > 0 else "not relevant")
-        good = "ok" if g is not None and g > 0 else "bad"
+        good = "" if g is None else ("ok" if g > 0 else "bad")
         verdict = (f'picked [{t.pick + 1}] {chip(qi, q, t.shown[t.pick])} <span class="badge {good}">{kind}</span>'
                    f' <span class="muted">best grade shown: {best}</span>')
     return (
