@@ -3,7 +3,7 @@
     nice python bench_prefix.py --prompt-len 512 --completion-len 64 --group-size 4
 
 The model is the embedded SmolLM2-135M-Instruct when it is cached (~/.cache/rearank/smollm2-135m-instruct, see
-rearank.smollm2_dir), else a random model of the same shape (`--random` forces it). Token ids are random: the cost
+backend.smollm2_dir), else a random model of the same shape (`--random` forces it). Token ids are random: the cost
 of a forward does not depend on them. Each figure is the best of `--repeats` runs, in wall-clock and in CPU seconds
 (this process's, all threads): on a shared machine the CPU seconds are the steadier figure, and `--threads 1`
 keeps idle threads from spinning while a busy machine holds the others back.
@@ -78,7 +78,7 @@ def main():
     model, name = load_model(cfg)
     model.train()  # dropout is 0 in these configs; train() is what turns checkpointing on
     if cfg.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     print(f"model: {name} | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
     gen = torch.Generator().manual_seed(cfg.seed)

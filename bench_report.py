@@ -56,7 +56,7 @@ def main() -> None:
     args = p.parse_args()
     from transformers import AutoTokenizer
 
-    from rearank import smollm2_dir
+    from backend import smollm2_dir
 
     out = Path(args.out or f"runs/bench-report-{args.method}")
     for name in ("traces.jsonl", "rerank_config.json"):  # a fresh run, never a resumed one

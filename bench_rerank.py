@@ -6,7 +6,7 @@
     python bench_rerank.py --fixed-length                    # every window generates exactly --max-new-tokens
 
 Each window is a query's BM25 top-20 as one prompt (what `eval.py --top-k 20` sends). Every batch size generates the
-same windows with the same greedy settings through `rearank.generate_tokens`, the path evaluation and GRPO use, and
+same windows with the same greedy settings through `backend.generate_tokens`, the path evaluation and GRPO use, and
 stops each sequence at EOS or `</answer>` as they do. Reported: windows/s, prompt tokens/s (real tokens, padding not
 counted), generated tokens/s (tokens up to each sequence's stop), the CPU seconds used (on a shared machine they
 compare better than wall time), and the share of the computed positions that were padding or ran past a sequence's
@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data import load_dataset
-from rearank import SMOLLM2, build_prompt, generate_tokens, load_model
+from rearank import build_prompt
+from backend import SMOLLM2, generate_tokens, load_model
 
 
 @dataclass

@@ -13,7 +13,7 @@ docids shown, completion, parsed order), appended as each batch of windows finis
 an interruption and the finished windows are replayed from it instead of recomputed. Last, `report.html` (report.py)
 shows it all in a browser: per-query nDCG before and after, each window's reasoning, each passage's move.
 
-The metric lives here, in `ndcg_at_k`; the reward (reward.py) imports it, so training and evaluation can never
+The metric is `data.ndcg_at_k`; the reward (reward.py) imports the same function, so training and evaluation can never
 disagree about what nDCG means. trec_eval semantics (METHOD §8): gain = the qrels grade (linear), discount
 log2(rank + 1), ideal DCG from *all* judged documents of the query, a run ordered by score descending with ties broken
 by docid descending, queries without judgments skipped (and counted), duplicate docids an error.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import shlex
 import sys
@@ -32,41 +31,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from data import DataError, Dataset, Qrels, Ranking, load_dataset, load_qrels, load_rankgpt, load_run, write_run
+from data import (
+    DataError, Dataset, Qrels, Ranking,
+    load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, read_records, trec_order, write_run,
+)
 from rearank import MAX_CHARS, WindowTrace, answer_format, window_spans
 
 KS = (1, 5, 10)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the metric
-
-
-def ndcg_at_k(ranked: Sequence[str], grades: Mapping[str, int], k: int = 10) -> float:
-    """nDCG@k of docids in ranked order against one query's graded judgments (trec_eval `ndcg_cut.k`).
-
-    Unjudged documents have gain 0; negative grades count as 0 (trec_eval ignores non-positive gains).
-    The ideal DCG sorts *all* judged grades, so a list that misses relevant documents cannot reach 1.
-
-    >>> round(ndcg_at_k(["a", "b", "c"], {"a": 1, "c": 3, "z": 2}, k=3), 4)
-    0.525
-    >>> ndcg_at_k(["a"], {"a": 0}, k=10)  # nothing relevant is judged: trec_eval reports 0
-    0.0
-    """
-    if len(set(ranked)) != len(ranked):
-        raise ValueError(f"duplicate docids in a ranking: {sorted(d for d in set(ranked) if ranked.count(d) > 1)}")
-    dcg = sum(max(grades.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
-    ideal = sorted((g for g in grades.values() if g > 0), reverse=True)[:k]
-    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
-
-
-def trec_order(scores: Mapping[str, float]) -> list[str]:
-    """Docids as trec_eval ranks them: score descending, ties by docid descending (string order).
-
-    >>> trec_order({"d1": 1.0, "d3": 2.0, "d2": 1.0})
-    ['d3', 'd2', 'd1']
-    """
-    return [d for d, _ in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
+# scoring runs (the metric itself, ndcg_at_k, is data.py's)
 
 
 @dataclass
@@ -111,7 +85,7 @@ class EvalConfig:
     run: str | None = None
     qrels: str | None = None
     data_dir: str | None = None
-    model: str | None = None  # None: rearank.default_model() (the embedded model without a GPU)
+    model: str | None = None  # None: backend.default_model() (the embedded model without a GPU)
     method: str = "listwise"  # listwise: REARANK sliding windows; setwise: Rank-R1 heap sort
     prompt: str = "rearank"
     top_k: int = 100
@@ -204,23 +178,11 @@ RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "w
                "num_child", "k", "seed")
 
 
-def read_traces(path: Path, record: type = WindowTrace, repair: bool = True) -> list:
-    """traces.jsonl back into records (WindowTrace or SetwiseTrace). A half-written last line (the run was killed
-    mid-write) is dropped, and with `repair` the file rewritten without it (report.py reads without touching)."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    traces = []
-    for lineno, line in enumerate(lines, 1):
-        try:
-            traces.append(record(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as e:
-            if lineno == len(lines):
-                break
-            what = f"not a {record.__name__} ({e!r})"
-            raise DataError(f"{path}:{lineno}: {what}; delete the file to start afresh") from None
-    # rewrite what survived, so new lines never land on the tail of a half-written one
-    if repair:
+def read_traces(path: Path, record: type = WindowTrace) -> list:
+    """traces.jsonl back into records (WindowTrace or SetwiseTrace), without a half-written last line (the run was
+    killed mid-write); the file is rewritten with what survived, so new lines never land on the tail of that one."""
+    traces = read_records(path, record)
+    if path.exists():
         path.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
     return traces
 
@@ -241,8 +203,8 @@ def check_resumable(out: Path, cfg: EvalConfig) -> None:
 
 
 def load_generator(cfg: EvalConfig):
-    """The model as a greedy `Generate` (rearank.HFGenerator), with its load time printed."""
-    from rearank import HFGenerator, load_model
+    """The model as a greedy `Generate` (backend.HFGenerator), with its load time printed."""
+    from backend import HFGenerator, load_model
 
     t = time.time()
     model, tokenizer = load_model(cfg.model)
@@ -307,7 +269,7 @@ def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], trace_path: Pat
     """Rank-R1's heap sort with cfg.model, one trace per LLM call appended to traces.jsonl (replayed on resume)."""
     from tqdm import tqdm
 
-    from rearank import SetwiseTrace, setwise_rerank
+    from setwise import SetwiseTrace, setwise_rerank
 
     done = read_traces(trace_path, SetwiseTrace)
     if done:
@@ -368,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         if ds.note:
             print(f"note: {ds.name} is {ds.note}")
         if cfg.model is None:
-            from rearank import default_model
+            from backend import default_model
 
             cfg.model = default_model()
         out = Path(cfg.out or f"runs/{ds.name}-{slug(cfg.model)}" + ("-setwise" if cfg.method == "setwise" else ""))

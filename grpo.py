@@ -5,8 +5,8 @@
     python grpo.py --out runs/grpo --resume                                 # continue from the last checkpoint
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
 
-One step: B training instances (candidate sets sampled by `data.py augment`, METHOD §4), each rendered with the REARANK
-prompt -> G completions each, sampled by `rearank.generate_tokens` (the generation path evaluation uses) -> the REARANK
+One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
+prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
 reward (reward.py) -> advantages within each group -> the clipped policy-gradient loss on the generated token ids ->
 one optimizer step. Everything a step did is one line on stdout and one JSON object in <out>/metrics.jsonl.
 
@@ -50,99 +50,80 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from data import (
-    AugmentStats, DataError, Dataset, TrainInstance,
-    augment, augment_setwise, load_dataset, make_instance, read_instances,
-)
+from augment import AugmentStats, TrainInstance, augment, augment_setwise, make_instance, read_instances
+from data import DataError, Dataset, load_dataset
 from prefix import completion_logprobs, group_backward, unpadded
-from rearank import ANSWER_END, ModelError, build_prompt, build_setwise_prompt, generate_tokens, load_model
+from rearank import ANSWER_END, build_prompt
+from setwise import build_setwise_prompt
+from backend import ModelError, generate_tokens, load_model
 from reward import Reward, rerank_reward, setwise_set_reward
 
 # ----------------------------------------------------------------------------------------------------------------------
 # config
 
 
+def arg(default, help: str):
+    """A Config field with its --help text beside its default (read by `parse_args`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    model: str = "smollm2"  # "smollm2" (embedded, CPU-friendly), a local directory or a hub id
-    method: str = "listwise"  # the task: "listwise" (REARANK) or "setwise" (Rank-R1): data, prompt and reward
-    dataset: str = "dl21"  # seeds for the training sets (augmented in memory) unless --train-file is given
-    train_file: str = ""  # JSONL of training instances written by `data.py augment`
-    samples: int = 50  # augmentation: candidate sets per query
-    size: int = 20  # augmentation: passages per set
-    min_ndcg: float = 0.1  # augmentation: drop sets whose best reachable nDCG@10 is below this
-    steps: int = 100  # optimizer steps (one rollout batch each)
-    batch_size: int = 4  # prompts per step (B)
-    group_size: int = 8  # completions per prompt (G)
-    updates: int = 1  # policy updates per rollout batch (mu); > 1 brings the old policy and the clip into play
-    micro_batch: int = 0  # completions per forward/backward pass within a group (0 = the whole group)
-    repeat_prompt: bool = False  # the usual way: run the prompt once per completion instead of once per group
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    beta: float = 0.0  # KL coefficient; 0 = no reference model at all
-    clip_eps: float = 0.2
-    no_std: bool = False  # Dr. GRPO advantages: r - mean(r), no division by the std
-    temperature: float = 1.0  # sampling temperature, also the one the log-probs are computed at
-    max_new_tokens: int = 512
-    gradient_checkpointing: bool = False
-    bf16_weights: bool = False  # bf16 weights + BF16AdamW (stochastic rounding) instead of fp32 master weights
-    eval_dataset: str = "dl19"  # held-out windows: the top-`eval_size` candidates of each judged query
-    eval_size: int = 20
-    eval_queries: int = 0  # 0 = all judged queries
-    eval_every: int = 25  # held-out evaluation every N steps, before the first and after the last (0 = never)
-    eval_batch_size: int = 8
-    save_every: int = 25  # checkpoint every N steps (and at the end, and on Ctrl-C)
-    dump_every: int = 10  # write one group's full completions every N steps
-    out: str = "runs/grpo"
-    resume: bool = False
-    seed: int = 0
-    data_dir: str = ""  # default $REARANK_DATA, else ./data
-
-
-HELP = {
-    "model": "'smollm2' (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a hub id",
-    "method": "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant passage)",
-    "dataset": "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)",
-    "train_file": "JSONL of training instances from `data.py augment` (overrides --dataset)",
-    "samples": "augmentation: candidate sets sampled per query",
-    "size": "augmentation: passages per candidate set (the paper: 20)",
-    "min_ndcg": "augmentation: drop sets whose best reachable nDCG@10 is below this",
-    "steps": "optimizer steps, one rollout batch each",
-    "batch_size": "prompts (training instances) per step",
-    "group_size": "completions sampled per prompt (G)",
-    "updates": "policy updates per rollout batch; >1 computes old-policy log-probs and makes the clip matter",
-    "micro_batch": "completions per forward/backward pass within a group (0 = all G); bounds activation memory",
-    "repeat_prompt": "run each prompt once per completion, as TRL does, instead of once per group (to compare)",
-    "lr": "learning rate (AdamW)",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "clip the gradient norm to this (0 = no clipping)",
-    "beta": "KL coefficient (k3 estimator); 0 = no reference model",
-    "clip_eps": "PPO clip range: the ratio is clipped to [1-eps, 1+eps]",
-    "no_std": "advantages r - mean(r) without dividing by std (Dr. GRPO)",
-    "temperature": "sampling temperature; log-probs are computed at the same temperature",
-    "max_new_tokens": "completion length cap for rollouts and held-out evaluation",
-    "gradient_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
-    "bf16_weights": "bf16 weights updated with stochastic rounding (BF16AdamW): what fits a 7B model on 80 GB",
-    "eval_dataset": "held-out dataset: its top-N windows are scored greedily (never a training set)",
-    "eval_size": "held-out window size N (the top-N candidates of each query)",
-    "eval_queries": "held-out queries to use (0 = all judged ones)",
-    "eval_every": "held-out evaluation every N steps, plus before the first and after the last (0 = never)",
-    "eval_batch_size": "prompts per generate call in held-out evaluation",
-    "save_every": "checkpoint every N steps (also at the end and on Ctrl-C)",
-    "dump_every": "write the completions of one group to <out>/episodes.jsonl every N steps (0 = never)",
-    "out": "output directory: config.json, metrics.jsonl, eval.jsonl, episodes.jsonl, checkpoint.pt, curves.png",
-    "resume": "continue from <out>/checkpoint.pt",
-    "seed": "one seed for data order, sampling and augmentation",
-    "data_dir": "data directory (default $REARANK_DATA, else ./data)",
-}
+    model: str = arg("smollm2", "'smollm2' (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a "
+                                "hub id")
+    method: str = arg("listwise", "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant "
+                                  "passage)")
+    dataset: str = arg("dl21", "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)")
+    train_file: str = arg("", "JSONL of training instances from `augment.py` (overrides --dataset)")
+    samples: int = arg(50, "augmentation: candidate sets sampled per query")
+    size: int = arg(20, "augmentation: passages per candidate set (the paper: 20)")
+    min_ndcg: float = arg(0.1, "augmentation: drop sets whose best reachable nDCG@10 is below this")
+    steps: int = arg(100, "optimizer steps, one rollout batch each")
+    batch_size: int = arg(4, "prompts (training instances) per step")
+    group_size: int = arg(8, "completions sampled per prompt (G)")
+    updates: int = arg(1, "policy updates per rollout batch; >1 computes old-policy log-probs and makes the clip "
+                          "matter")
+    micro_batch: int = arg(0, "completions per forward/backward pass within a group (0 = all G); bounds activation "
+                              "memory")
+    repeat_prompt: bool = arg(False, "run each prompt once per completion, as TRL does, instead of once per group (to "
+                                     "compare)")
+    lr: float = arg(1e-6, "learning rate (AdamW)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "clip the gradient norm to this (0 = no clipping)")
+    beta: float = arg(0.0, "KL coefficient (k3 estimator); 0 = no reference model")
+    clip_eps: float = arg(0.2, "PPO clip range: the ratio is clipped to [1-eps, 1+eps]")
+    no_std: bool = arg(False, "advantages r - mean(r) without dividing by std (Dr. GRPO)")
+    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
+    max_new_tokens: int = arg(512, "completion length cap for rollouts and held-out evaluation")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    bf16_weights: bool = arg(False, "bf16 weights updated with stochastic rounding (BF16AdamW): what fits a 7B model "
+                                    "on 80 GB")
+    eval_dataset: str = arg("dl19", "held-out dataset: its top-N windows are scored greedily (never a training set)")
+    eval_size: int = arg(20, "held-out window size N (the top-N candidates of each query)")
+    eval_queries: int = arg(0, "held-out queries to use (0 = all judged ones)")
+    eval_every: int = arg(25, "held-out evaluation every N steps, plus before the first and after the last (0 = never)")
+    eval_batch_size: int = arg(8, "prompts per generate call in held-out evaluation")
+    save_every: int = arg(25, "checkpoint every N steps (also at the end and on Ctrl-C)")
+    dump_every: int = arg(10, "write the completions of one group to <out>/episodes.jsonl every N steps (0 = never)")
+    out: str = arg("runs/grpo", "output directory: config.json, metrics.jsonl, eval.jsonl, episodes.jsonl, "
+                                "checkpoint.pt, curves.png")
+    resume: bool = arg(False, "continue from <out>/checkpoint.pt")
+    seed: int = arg(0, "one seed for data order, sampling and augmentation")
+    data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
+    memory: str = arg("auto", "auto: plan memory before loading and pick what the user did not set (fp32 or bf16 "
+                              "weights, checkpointing, micro-batch, logits chunk, where the reference lives); off: the "
+                              "flags as given (memory.py)")
+    memory_gb: float = arg(0.0, "memory budget the plan fits in, GB (0 = the device's free memory)")
+    logits_chunk: int = arg(0, "positions per lm_head chunk in the training passes (0 = the planner picks; all at "
+                               "once with --memory off)")
+    reference: str = arg("auto", "where the frozen reference lives: auto (the memory plan decides), resident, offload")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
@@ -150,16 +131,45 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            p.add_argument(flag, action="store_true", help=HELP[f.name])
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=kind, default=f.default, help=f"{HELP[f.name]} (default {f.default!r})")
+            p.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default!r})")
     p.add_argument("--plot", action="store_true", help="only redraw <out>/curves.png from <out>/metrics.jsonl")
     args = vars(p.parse_args(argv))
     plot = args.pop("plot")
     if args["method"] not in TASKS:
         p.error(f"--method {args['method']!r}: choose one of {', '.join(TASKS)}")
     return Config(**args), plot
+
+
+def explicit_flags(argv: list[str] | None) -> set[str]:
+    """The Config fields set on the command line (argparse's unique-prefix abbreviations included), which the memory
+    plan must not change."""
+    flags = {"--" + f.name.replace("_", "-"): f.name for f in fields(Config)}
+    given = set()
+    for token in sys.argv[1:] if argv is None else argv:
+        name = token.split("=", 1)[0]
+        matches = [flags[name]] if name in flags else [v for k, v in flags.items() if k.startswith(name)]
+        if token.startswith("--") and len(matches) == 1:
+            given |= set(matches)
+    return given
+
+
+def plan_memory(cfg: Config, explicit: set[str] | None) -> None:
+    """Print the memory plan and fill in what the user left to it (memory.py), before any weight is loaded.
+    `explicit` None (train() called from code): the fields that differ from their defaults count as given."""
+    import memory
+    from backend import SMOLLM2, smollm2_dir
+
+    if explicit is None:
+        explicit = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    try:
+        config = memory.published_config(str(smollm2_dir()) if cfg.model == SMOLLM2 else cfg.model)
+    except (OSError, ValueError) as e:
+        print(f"memory plan: skipped, cannot read the model's config ({str(e).splitlines()[0][:200]})")
+        return
+    memory.plan_run(cfg, explicit, config, torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -308,7 +318,7 @@ def group_logprobs(model, ro: Rollout, cfg: Config) -> list[torch.Tensor]:
     for b in range(len(ro.prompts)):
         prompt, ids, mask, _ = ro.group(b)
         out.append(completion_logprobs(model, prompt, ids, mask, cfg.temperature, shared=not cfg.repeat_prompt,
-                                       micro_batch=cfg.micro_batch or None))
+                                       micro_batch=cfg.micro_batch or None, logits_chunk=cfg.logits_chunk))
     return out
 
 
@@ -334,7 +344,7 @@ def policy_backward(model, ro: Rollout, adv: torch.Tensor, old_logp: list | None
 
         # the backward runs inside (loss.backward()): Accelerate's backward adds nothing on one device with bf16
         total += group_backward(model, prompt, ids, mask, loss_fn, cfg.temperature, cfg.micro_batch or None,
-                                shared=not cfg.repeat_prompt)
+                                shared=not cfg.repeat_prompt, logits_chunk=cfg.logits_chunk)
     return total, {k: v / n_tokens for k, v in sums.items()}
 
 
@@ -388,8 +398,13 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class BF16AdamW(torch.optim.Optimizer):
-    """AdamW for bf16 weights: moments stored in bf16, the step computed in fp32, written back with stochastic
-    rounding. 8 bytes a parameter (weight, grad, two moments), against 10 for fp32 master weights with 8-bit Adam."""
+    """AdamW for bf16 weights: moments stored in bf16, the step computed in fp32; weights and moments are written back
+    with stochastic rounding. 8 bytes a parameter (weight, grad, two moments), against 10 for fp32 master weights with
+    8-bit Adam.
+
+    The moments need the stochastic rounding too: v's 0.1 % decay a step (beta2 = 0.999) is below half a bf16
+    spacing (0.39 %), so round-to-nearest leaves v where it was and it stops tracking g^2 (0.25 of the truth after
+    3,000 steps of a constant gradient, issue 10); rounded at random, v decays right on average."""
 
     CHUNK = 1 << 24  # elements per fp32 temporary: a 545M-parameter embedding must not need 4 fp32 copies at once
 
@@ -413,8 +428,8 @@ class BF16AdamW(torch.optim.Optimizer):
                     g = g.float()
                     m32 = m.float().mul_(b1).add_(g, alpha=1 - b1)
                     v32 = v.float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                    m.copy_(m32)
-                    v.copy_(v32)
+                    stochastic_round_(m, m32)
+                    stochastic_round_(v, v32)
                     update = (m32 / c1) / ((v32 / c2).sqrt() + group["eps"])
                     stochastic_round_(w, w.float() * (1 - lr * group["weight_decay"]) - lr * update)
 
@@ -455,6 +470,16 @@ def save_checkpoint(path: Path, model, optimizer, step: int, rng: dict, cfg: Con
              "data_position": step * cfg.batch_size, "config": asdict(cfg)}
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def weight_sample(params: list[torch.Tensor], per_tensor: int = 1024) -> list[torch.Tensor]:
+    """Up to `per_tensor` evenly spaced entries of each tensor, copied to the CPU: enough to see whether the weights
+    move, at a few MB for a 7B model (a copy of every 10th tensor took 5.4 GB of GPU memory, issue 10)."""
+    out = []
+    for p in params:
+        flat = p.detach().reshape(-1)
+        out.append(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].to("cpu", copy=True))
+    return out
 
 
 def moved_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
@@ -527,16 +552,25 @@ def plot(out: Path) -> Path | None:
 # the loop
 
 
-def train(cfg: Config) -> dict:
-    """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them)."""
+def train(cfg: Config, explicit: set[str] | None = None) -> dict:
+    """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them). `explicit`: the fields
+    the user set (the memory plan keeps them); None: those that differ from the defaults."""
     from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
 
+    plan_memory(cfg, explicit)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(asdict(cfg), indent=1))
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")  # bf16 autocast, weights keep their dtype
+    # autocast caches a bf16 cast of every fp32 weight until its context ends (15 GB at 7B): worth it across the
+    # rollout's decoding steps; in no-grad passes nothing needs the casts afterwards; in the backward without
+    # checkpointing the graphs save the casts anyway (the cache makes the prompt's graph and each micro-batch's share
+    # one copy), with checkpointing they are recomputed layer by layer, so a cache would only keep them all alive
+    uncached = AutocastKwargs(cache_enabled=False)
+    training_casts = AutocastKwargs(cache_enabled=not cfg.gradient_checkpointing)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -555,7 +589,7 @@ def train(cfg: Config) -> dict:
     model, tokenizer = load_model(cfg.model)
     model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.beta > 0:  # the reference never trains: bf16 is enough on CUDA
         ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
@@ -627,7 +661,7 @@ def train(cfg: Config) -> dict:
             model.train()
             N = r.numel()
             old_logp = ref_logp = None
-            with torch.no_grad(), accelerator.autocast():
+            with torch.no_grad(), accelerator.autocast(uncached):
                 if cfg.updates > 1:
                     old_logp = group_logprobs(model, ro, cfg)
                 if ref is not None:
@@ -635,12 +669,12 @@ def train(cfg: Config) -> dict:
 
             # --- update: `updates` passes over the batch, each followed by an optimizer step
             first = step == start and not cfg.resume
-            if first:  # prove the weights move at this lr (METHOD §5): snapshot a few tensors
-                watched = [p for p in policy.parameters() if p.requires_grad][:: 10]
-                before = [p.detach().clone() for p in watched]
+            if first:  # prove the weights move at this lr (METHOD §5): a small sample of every tensor, on the CPU
+                watched = [p for p in policy.parameters() if p.requires_grad]
+                before = weight_sample(watched)
             losses, stats, grad_norm = [], {}, 0.0  # stats: of the last update (the first one's ratio is 1)
             for _ in range(cfg.updates):
-                with accelerator.autocast():
+                with accelerator.autocast(training_casts):
                     loss, stats = policy_backward(model, ro, adv, old_logp, ref_logp, cfg)
                 losses.append(loss)
                 # the norm before clipping; an infinite bound measures without clipping
@@ -649,7 +683,8 @@ def train(cfg: Config) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             train_s = time.time() - t1
             if first:
-                moved = moved_fraction(before, [p.detach() for p in watched])
+                moved = moved_fraction(before, weight_sample(watched))
+                del before
                 print(f"weights: {moved:.1%} of the watched parameters changed in the first step at lr {cfg.lr:g}")
 
             # --- log / checkpoint
@@ -704,7 +739,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}" if path else "no plot written")
         return
     try:
-        train(cfg)
+        train(cfg, explicit_flags(argv))
     except (DataError, ModelError) as e:
         sys.exit(f"error: {e}")
 

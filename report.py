@@ -25,9 +25,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Sequence, Union
 
-from data import DataError, load_dataset, load_qrels, load_rankgpt, load_run
-from eval import KS, EvalConfig, ndcg_at_k, read_traces, trec_order
-from rearank import MAX_CHARS, SetwiseTrace, WindowTrace, answer_format, answer_text, clean_passage
+from data import DataError, load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, read_records, trec_order
+from rearank import MAX_CHARS, WindowTrace, answer_format, answer_text, clean_passage
+from setwise import SetwiseTrace
 
 Trace = Union[WindowTrace, SetwiseTrace]
 RATES = {  # metrics.json statistics that are fractions, shown as percentages
@@ -71,10 +71,25 @@ class QueryView:
 
 
 @dataclass
+class RunConfig:
+    """What a report reads of the config eval.py saved in metrics.json (the rest is shown, not used)."""
+
+    dataset: str | None = None
+    candidates: str | None = None
+    qrels: str | None = None
+    data_dir: str | None = None
+    model: str | None = None
+    method: str = "listwise"
+    prompt: str = "rearank"
+    top_k: int = 100
+    limit: int | None = None
+
+
+@dataclass
 class Run:
     out: Path
     metrics: dict  # metrics.json as written
-    cfg: EvalConfig
+    cfg: RunConfig
     queries: list[QueryView]  # judged queries, in dataset order
 
     @property
@@ -84,6 +99,10 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.cfg.model} {self.cfg.method}" + (f" ({self.cfg.prompt})" if not self.setwise else "")
+
+    @property
+    def ks(self) -> list[int]:  # the cut-offs metrics.json holds: nDCG@1, @5, @10
+        return [int(name.split("@")[1]) for name in self.metrics["mean"]]
 
     def first_mean(self, k: int) -> float:
         return sum(q.before[f"nDCG@{k}"] for q in self.queries) / max(len(self.queries), 1)
@@ -102,8 +121,8 @@ def read_run(out: str | Path) -> Run:
     """An evaluation's --out folder, with its dataset reloaded from the config saved in metrics.json."""
     out = Path(out)
     metrics = read_json(out / "metrics.json")
-    known = {f.name for f in fields(EvalConfig)}
-    cfg = EvalConfig(**{k: v for k, v in metrics.get("config", {}).items() if k in known})
+    known = {f.name for f in fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in metrics.get("config", {}).items() if k in known})
     if not (cfg.dataset or cfg.candidates):
         raise DataError(f"{out}/metrics.json: a scored run file (--run) has no passages or traces to draw")
     if cfg.dataset:
@@ -111,10 +130,11 @@ def read_run(out: str | Path) -> Run:
         rankings, qrels = ds.rankings, ds.qrels
     else:
         rankings, qrels = load_rankgpt(cfg.candidates), load_qrels(cfg.qrels)
-    rankings = [r for r in rankings[: cfg.limit]]
+    rankings = rankings[: cfg.limit]
+    ks = [int(name.split("@")[1]) for name in metrics.get("mean", {})]
     ranked = {qid: trec_order(scores) for qid, scores in load_run(out / "run.trec").items()} if (
         out / "run.trec").exists() else {}
-    traces = read_traces(out / "traces.jsonl", SetwiseTrace if cfg.method == "setwise" else WindowTrace, repair=False)
+    traces = read_records(out / "traces.jsonl", SetwiseTrace if cfg.method == "setwise" else WindowTrace)
     by_query: dict[str, list[Trace]] = {}
     for t in traces:
         by_query.setdefault(t.qid, []).append(t)
@@ -129,7 +149,7 @@ def read_run(out: str | Path) -> Run:
             raise DataError(f"{out}/run.trec: query {qid} of metrics.json is missing")
         queries.append(QueryView(
             qid, r.query.text, first, ranked[qid], {c.docid: c.text for c in r.candidates[: cfg.top_k]},
-            qrels.get(qid, {}), {f"nDCG@{k}": ndcg_at_k(first, qrels[qid], k) for k in KS}, per_query[qid],
+            qrels.get(qid, {}), {f"nDCG@{k}": ndcg_at_k(first, qrels[qid], k) for k in ks}, per_query[qid],
             by_query.get(qid, []),
         ))
     missing = set(per_query) - {q.qid for q in queries}
@@ -309,13 +329,13 @@ def summary(run: Run) -> str:
     m, cfg = run.metrics, run.cfg
     rows = []
     for label, get in [("first stage", run.first_mean), ("reranked", lambda k: m["mean"][f"nDCG@{k}"])]:
-        rows.append(f"<tr><td>{label}</td>" + "".join(num_cell(get(k)) for k in KS) + "</tr>")
-    deltas = [m["mean"][f"nDCG@{k}"] - run.first_mean(k) for k in KS]
+        rows.append(f"<tr><td>{label}</td>" + "".join(num_cell(get(k)) for k in run.ks) + "</tr>")
+    deltas = [m["mean"][f"nDCG@{k}"] - run.first_mean(k) for k in run.ks]
     rows.append("<tr><td>Δ</td>" + "".join(delta_cell(d) for d in deltas) + "</tr>")
     d10 = [q.after["nDCG@10"] - q.before["nDCG@10"] for q in run.queries]
     counts = f"{sum(d > 1e-12 for d in d10)} better, {sum(d < -1e-12 for d in d10)} worse, " \
              f"{sum(abs(d) <= 1e-12 for d in d10)} unchanged at nDCG@10"
-    head = "".join(f'<th class="n">nDCG@{k}</th>' for k in KS)
+    head = "".join(f'<th class="n">nDCG@{k}</th>' for k in run.ks)
     means = f'<table id="means"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
     stats = []
     for key, value in m.items():
@@ -439,9 +459,9 @@ def passages_html(qi: int, q: QueryView) -> str:
 
 def ndcg_line(q: QueryView) -> str:
     parts = []
-    for k in KS:
-        b, a = q.before[f"nDCG@{k}"], q.after[f"nDCG@{k}"]
-        parts.append(f'nDCG@{k} {fmt(b)} → {fmt(a)} <span class="{delta_class(a - b)}">({signed(a - b)})</span>')
+    for name, a in q.after.items():
+        b = q.before[name]
+        parts.append(f'{name} {fmt(b)} → {fmt(a)} <span class="{delta_class(a - b)}">({signed(a - b)})</span>')
     return " &nbsp; ".join(parts)
 
 
@@ -503,7 +523,7 @@ def render_comparison(a: Run, b: Run) -> str:
         if qa.first != qb.first:
             raise DataError(f"{a.out} and {b.out} rerank different first-stage lists (query {qa.qid}): compare runs of "
                             "the same dataset and --top-k")
-    mean = {k: [sum(q.after[f"nDCG@{k}"] for q in side) / len(pairs) for side in zip(*pairs)] for k in KS}
+    mean = {k: [sum(q.after[f"nDCG@{k}"] for q in side) / len(pairs) for side in zip(*pairs)] for k in a.ks}
     means = "".join(f"<tr><td>nDCG@{k}</td>{num_cell(ma)}{num_cell(mb)}{delta_cell(mb - ma)}</tr>"
                     for k, (ma, mb) in mean.items())
     rows, sections = [], []

@@ -4,7 +4,7 @@
     r_rank = (r_rerank - r_init) / (r* - r_init)
 
 r_rerank, r_init and r* are nDCG@10 of the candidate set P in the model's order, in its initial order, and in the best
-order (P sorted by grade). All three divide by the ideal DCG of the query's *full* judgments (eval.ndcg_at_k, the
+order (P sorted by grade). All three divide by the ideal DCG of the query's *full* judgments (data.ndcg_at_k, the
 evaluator's own metric), so r* < 1 when P lacks some relevant passages, and r_rank = 1 means "as good as P allows".
 
 Where the paper is silent, this module chooses (and tests/test_reward.py checks):
@@ -17,7 +17,7 @@ Where the paper is silent, this module chooses (and tests/test_reward.py checks)
    negative by the nDCG it loses otherwise. It never rewards an improvement that cannot exist.
 
 r_rank has no lower bound: when r* - r_init is small, spoiling the order costs a lot. That is the paper's formula;
-the augmentation filter (data.py augment) keeps such sets rare.
+the augmentation filter (augment.py) keeps such sets rare.
 
     >>> r = rerank_reward("<think>b is best</think> <answer>[2] > [1]</answer>", ["a", "b"], {"b": 3})
     >>> (round(r.rank, 4), r.format1, r.format2, round(r.total, 4))
@@ -30,8 +30,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
-from eval import ndcg_at_k
-from rearank import answer_format, parse_ranking, parse_setwise
+from data import ndcg_at_k, ndcg_bounds
+from rearank import answer_format, parse_ranking
+from setwise import parse_setwise
 
 K = 10
 W_RANK, W_FORMAT1, W_FORMAT2 = 0.8, 0.1, 0.1  # METHOD §3
@@ -50,16 +51,6 @@ class Reward:
 
     def asdict(self) -> dict[str, float]:
         return asdict(self)
-
-
-def ndcg_bounds(docids: Sequence[str], judged: Mapping[str, int], k: int = K) -> tuple[float, float]:
-    """(r_init, r*): nDCG@k of `docids` as given and sorted by grade, against the query's full judgments.
-
-    >>> [round(r, 4) for r in ndcg_bounds(["a", "b", "c"], {"c": 2, "z": 1}, k=3)]  # 'z' is not in P: r* < 1
-    [0.3801, 0.7602]
-    """
-    best = sorted(docids, key=lambda d: -max(judged.get(d, 0), 0))  # stable: ties keep the initial order
-    return ndcg_at_k(docids, judged, k), ndcg_at_k(best, judged, k)
 
 
 def rank_gain(r_rerank: float, r_init: float, r_star: float) -> float:

@@ -7,8 +7,9 @@ import pytest
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
+import data
 import eval as ev
-from data import DataError, load_qrels, load_run
+from data import load_qrels, load_run
 
 MEASURES = {"ndcg_cut.1", "ndcg_cut.5", "ndcg_cut.10"}
 
@@ -18,7 +19,7 @@ def oracle(run: dict[str, dict[str, float]], qrels) -> dict[str, dict[str, float
 
 
 def assert_matches_oracle(run, qrels):
-    ours = ev.evaluate({q: ev.trec_order(s) for q, s in run.items()}, qrels)
+    ours = ev.evaluate({q: data.trec_order(s) for q, s in run.items()}, qrels)
     theirs = oracle(run, qrels)
     assert set(ours.per_query) == set(theirs)  # same judged queries
     for qid, m in theirs.items():
@@ -54,10 +55,10 @@ def test_shuffled_runs_with_ties_match_pytrec_eval(data_root, year):
 
 
 def test_tie_break_is_docid_descending():
-    assert ev.trec_order({"a": 1.0, "b": 1.0, "c": 2.0}) == ["c", "b", "a"]
+    assert data.trec_order({"a": 1.0, "b": 1.0, "c": 2.0}) == ["c", "b", "a"]
     qrels = {"q": {"a": 3, "b": 0}}
     # a tie between a relevant "a" and a non-relevant "b": trec_eval puts "b" first
-    ours = ev.evaluate({"q": ev.trec_order({"a": 1.0, "b": 1.0})}, qrels, ks=(1,))
+    ours = ev.evaluate({"q": data.trec_order({"a": 1.0, "b": 1.0})}, qrels, ks=(1,))
     assert ours.per_query["q"]["nDCG@1"] == 0.0
     assert oracle({"q": {"a": 1.0, "b": 1.0}}, qrels)["q"]["ndcg_cut_1"] == 0.0
 
@@ -65,14 +66,14 @@ def test_tie_break_is_docid_descending():
 def test_ndcg_hand_computed():
     # DCG = 1/log2(2) + 0 + 3/log2(4) = 2.5; IDCG over all judgments (3, 2, 1) = 3 + 2/log2(3) + 1/2
     idcg = 3 + 2 / 1.584962500721156 + 0.5
-    assert ev.ndcg_at_k(["a", "b", "c"], {"a": 1, "c": 3, "z": 2}, k=3) == pytest.approx(2.5 / idcg)
-    assert ev.ndcg_at_k(["c", "z", "a"], {"a": 1, "c": 3, "z": 2}, k=3) == pytest.approx(1.0)
-    assert ev.ndcg_at_k([], {"a": 1}) == 0.0
+    assert data.ndcg_at_k(["a", "b", "c"], {"a": 1, "c": 3, "z": 2}, k=3) == pytest.approx(2.5 / idcg)
+    assert data.ndcg_at_k(["c", "z", "a"], {"a": 1, "c": 3, "z": 2}, k=3) == pytest.approx(1.0)
+    assert data.ndcg_at_k([], {"a": 1}) == 0.0
 
 
 def test_duplicate_docids_are_an_error():
     with pytest.raises(ValueError, match="duplicate"):
-        ev.ndcg_at_k(["a", "b", "a"], {"a": 1})
+        data.ndcg_at_k(["a", "b", "a"], {"a": 1})
 
 
 def test_unjudged_queries_are_skipped_and_counted():

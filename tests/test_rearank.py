@@ -7,6 +7,7 @@ import random
 import pytest
 
 import eval as ev
+import backend
 import rearank as rr
 from data import Candidate, Query, Ranking
 
@@ -243,7 +244,7 @@ def test_rerank_resumes_from_traces_without_regenerating():
 
 
 class FakeGenerator(PerfectModel):
-    """Stands in for rearank.HFGenerator: same constructor, counts tokens like it."""
+    """Stands in for backend.HFGenerator: same constructor, counts tokens like it."""
 
     instances: list = []
     fail_after = None
@@ -257,8 +258,8 @@ class FakeGenerator(PerfectModel):
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    monkeypatch.setattr(rr, "load_model", lambda name: (type("M", (), {"device": "cpu"})(), None))
-    monkeypatch.setattr(rr, "HFGenerator", FakeGenerator)
+    monkeypatch.setattr(backend, "load_model", lambda name: (type("M", (), {"device": "cpu"})(), None))
+    monkeypatch.setattr(backend, "HFGenerator", FakeGenerator)
     FakeGenerator.instances = []
     yield FakeGenerator
     FakeGenerator.fail_after = None
@@ -305,8 +306,8 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     try:
-        path = rr.smollm2_dir()  # converts the embedded model once (~30 s), then cached
-    except rr.ModelError as e:
+        path = backend.smollm2_dir()  # converts the embedded model once (~30 s), then cached
+    except backend.ModelError as e:
         pytest.skip(f"needs the embedded model's tokenizer: {e}")
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
@@ -365,7 +366,7 @@ def test_generate_tokens_stops_at_answer_or_eos_and_masks_the_rest(tokenizer, sh
     }
     model = scripted_llama(tokenizer, scripts)
     prompts = [rr.build_prompt("q", ["a"]), rr.build_prompt("a longer query", ["passage one", "passage two"])]
-    g = rr.generate_tokens(model, tokenizer, prompts, max_new_tokens=40, do_sample=True, num_return_sequences=2,
+    g = backend.generate_tokens(model, tokenizer, prompts, max_new_tokens=40, do_sample=True, num_return_sequences=2,
                            shared_prompt=shared_prompt)
     B, P = g.prompt_ids.shape
     assert B == 2 and g.prompt_mask[0, 0] == 0 and g.prompt_mask[:, -1].all()  # left padding
@@ -381,23 +382,23 @@ def test_generate_tokens_stops_at_answer_or_eos_and_masks_the_rest(tokenizer, sh
 def test_generate_tokens_sampling_shapes_and_hf_generator(tokenizer):
     model = tiny_llama(tokenizer)
     prompts = [rr.build_prompt("q", ["a", "b"]), rr.build_prompt("q2", ["c"])]
-    g = rr.generate_tokens(model, tokenizer, prompts, max_new_tokens=5, do_sample=True, temperature=0.7,
+    g = backend.generate_tokens(model, tokenizer, prompts, max_new_tokens=5, do_sample=True, temperature=0.7,
                            num_return_sequences=3)  # fmt: skip
     assert g.completion_ids.shape == (6, 5) and len(g.texts) == 6
-    gen = rr.HFGenerator(model, tokenizer, max_new_tokens=4, batch_size=1)
+    gen = backend.HFGenerator(model, tokenizer, max_new_tokens=4, batch_size=1)
     texts = gen(prompts)
     assert len(texts) == 2 and gen.generated_tokens <= 8 and gen.prompt_tokens > 0
-    assert texts == rr.HFGenerator(model, tokenizer, max_new_tokens=4, batch_size=2)(prompts)  # greedy, batched
+    assert texts == backend.HFGenerator(model, tokenizer, max_new_tokens=4, batch_size=2)(prompts)  # greedy, batched
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error(tokenizer):
     model = tiny_llama(tokenizer, max_position_embeddings=300)
     too_long = rr.build_prompt("q", ["word " * 80] * 20)  # 20 passages of 400 characters: far over 300 tokens
-    with pytest.raises(rr.ModelError, match="smaller --window"):
-        rr.generate_tokens(model, tokenizer, [too_long], max_new_tokens=8)
+    with pytest.raises(backend.ModelError, match="smaller --window"):
+        backend.generate_tokens(model, tokenizer, [too_long], max_new_tokens=8)
     fits = rr.build_prompt("q", ["a"])
     P = len(tokenizer.apply_chat_template(fits, add_generation_prompt=True))
-    g = rr.generate_tokens(model, tokenizer, [fits], max_new_tokens=10_000)  # capped to what the context leaves
+    g = backend.generate_tokens(model, tokenizer, [fits], max_new_tokens=10_000)  # capped to what the context leaves
     assert g.completion_ids.shape[1] <= 300 - P
 
 
@@ -408,11 +409,11 @@ def test_checkpoint_generation_defaults_do_not_leak_into_decoding(tokenizer):
     model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, temperature=0.1, top_k=1)
     prompt = rr.build_prompt("q", ["a"])
     for sample in (False, True):
-        g = rr.generate_tokens(model, tokenizer, [prompt], max_new_tokens=8, do_sample=sample)
+        g = backend.generate_tokens(model, tokenizer, [prompt], max_new_tokens=8, do_sample=sample)
         assert g.completion_ids[0, : len(repeat)].tolist() == repeat and g.texts == [" ha ha ha ha"]
 
 
 def test_keep_freed_memory_is_accepted_by_glibc():
     import platform
 
-    assert rr.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")  # elsewhere a no-op that says so
+    assert backend.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")  # elsewhere a no-op that says so

@@ -13,7 +13,7 @@ import pytest
 
 import eval as ev
 import report
-from data import load_rankgpt, load_run
+from data import load_qrels, load_rankgpt, load_run, ndcg_at_k, trec_order
 from test_setwise import WordTokenizer
 
 HOSTILE = "<script>alert(1)</script></textarea>\"double\" 'single' &amp; <img src=x onerror=alert(2)>"
@@ -174,12 +174,12 @@ def test_eval_writes_a_report_with_every_query_and_metrics_numbers(listwise):
         first, after, delta = (row.find_all("td")[i] for i in (2, 3, 4))
         assert float(after.attrs["data-v"]) == m["per_query"][qid]["nDCG@10"]  # the exact value, not a re-computation
         assert after.text() == f"{m['per_query'][qid]['nDCG@10']:.4f}"
-        assert float(first.attrs["data-v"]) == ev.ndcg_at_k(cands[qid].docids()[:8], qrels[qid], 10)
+        assert float(first.attrs["data-v"]) == ndcg_at_k(cands[qid].docids()[:8], qrels[qid], 10)
         assert math.isclose(float(delta.attrs["data-v"]), float(after.attrs["data-v"]) - float(first.attrs["data-v"]))
         deltas.append(float(delta.attrs["data-v"]))
     assert deltas == sorted(deltas)  # worst first
     means = doc.find(id="means").find("tbody").find_all("tr")
-    assert [float(td.attrs["data-v"]) for td in means[1].find_all("td")[1:]] == [m["mean"][f"nDCG@{k}"] for k in ev.KS]
+    assert [float(td.attrs["data-v"]) for td in means[1].find_all("td")[1:]] == [m["mean"][f"nDCG@{k}"] for k in (1, 5, 10)]
     stats = {tr.find_all("td")[0].text(): float(tr.find_all("td")[1].attrs["data-v"])
              for tr in doc.find(id="stats").find_all("tr")}
     assert stats["answers with <think> and <answer>"] == m["think_and_answer"] == 1.0
@@ -217,7 +217,7 @@ def test_each_window_shows_reasoning_and_answer_apart_and_the_passages_moves(lis
             assert [a.text() for a in shown] == [str(i) for i in range(1, len(t["docids"]) + 1)]
             assert [a.text() for a in read] == [str(j + 1) for j in t["order"]]
         # passages in the new order, each with its first-stage rank and its move
-        new = ev.trec_order(run[qid])
+        new = trec_order(run[qid])
         old = cands[qid].docids()[:8]
         rows = section.find("table", cls="passages").find("tbody").find_all("tr")
         assert [r.find("td", cls="d").text() for r in rows] == new
@@ -312,7 +312,7 @@ def test_dl19_report_first_stage_matches_the_bm25_run_file(data_root, tmp_path, 
     ev.main(["--dataset", "dl19", "--data-dir", str(data_root), "--model", "fake", "--limit", "3", "--top-k", "20",
              "--out", str(out)])
     doc, m = parse(out / "report.html"), metrics_of(out)
-    bm25 = ev.evaluate_run_file(data_root / "trec_dl/run.bm25.dl19.top100.trec", ev.load_qrels(
+    bm25 = ev.evaluate_run_file(data_root / "trec_dl/run.bm25.dl19.top100.trec", load_qrels(
         data_root / "trec_dl/qrels.dl19-passage.txt"))
     rows = doc.find(id="queries").find("tbody").find_all("tr")
     assert len(rows) == 3

@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from data import Candidate, Query, Ranking
-from rearank import build_setwise_prompt, heapsort_steps, parse_setwise, setwise_rerank
+from setwise import build_setwise_prompt, heapsort_steps, parse_setwise, setwise_rerank
 from reward import setwise_reward
 
 # METHOD §6, transcribed by hand
@@ -178,7 +178,7 @@ class WordTokenizer:
 
 
 class OracleGenerator:
-    """Stands in for rearank.HFGenerator in eval.py: names the document with the highest qrels grade."""
+    """Stands in for backend.HFGenerator in eval.py: names the document with the highest qrels grade."""
 
     def __init__(self, qrels):
         self.qrels, self.tokenizer = qrels, WordTokenizer()
