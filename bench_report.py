@@ -73,6 +73,11 @@ def main() -> None:
     for name in ("traces.jsonl", "report.html"):
         data = (out / name).read_bytes()
         print(f"{name}: {len(data) / 1e6:.2f} MB, gzipped {len(gzip.compress(data)) / 1e6:.2f} MB")
+    page = (out / "report.html").read_text()
+    reasoning = sum(len(x.encode()) for x in re.findall(r'<pre class="think">.*?</pre>', page, re.S))
+    passages = sum(len(x.encode()) for x in re.findall(r'<td class="t">.*?</td>', page, re.S))
+    squares = page.count('<a class="g ')
+    print(f"of which reasoning {reasoning / 1e6:.2f} MB, passage text {passages / 1e6:.2f} MB, {squares} squares")
     print(f"report drawn in {seconds:.1f}s")
 
 
