@@ -239,6 +239,22 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             raise DataError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from None
 
 
+def read_records(path: Path, record: type) -> list:
+    """A JSONL file of dataclass records, one a line (traces.jsonl). A half-written last line (the run was killed, or
+    is still writing) is left out; any other bad line is an error naming it."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            records.append(record(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as e:
+            if lineno < len(lines):
+                raise DataError(f"{path}:{lineno}: not a {record.__name__} ({e!r})") from None
+    return records
+
+
 def load_beir_corpus(path: str | Path) -> dict[str, str]:
     """BEIR corpus.jsonl -> {docid: 'Title: {title} Content: {text}'} (METHOD §2; the prompt strips the labels)."""
     corpus = {}

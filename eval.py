@@ -5,11 +5,13 @@
     python eval.py --dataset dl19 --model le723z/Rearank-7B    # the paper's model (the default on a GPU)
     python eval.py --run RUN.trec --qrels QRELS            # score any TREC run
     python eval.py --candidates FILE.json --qrels QRELS    # a user's RankGPT-format candidates
+    python eval.py --report OUT [--against OUT_B]          # redraw OUT/report.html (report.py), or compare two runs
 
 Every evaluation writes, under --out, `run.trec` (scores fall with rank), `metrics.json` (per-query values, the
 config, and the command line). Reranking with a model also writes `traces.jsonl`, one line per window (qid, span,
 docids shown, completion, parsed order), appended as each batch of windows finishes: run the same command again after
-an interruption and the finished windows are replayed from it instead of recomputed.
+an interruption and the finished windows are replayed from it instead of recomputed. Last, `report.html` (report.py)
+shows it all in a browser: per-query nDCG before and after, each window's reasoning, each passage's move.
 
 The metric is `data.ndcg_at_k`; the reward (reward.py) imports the same function, so training and evaluation can never
 disagree about what nDCG means. trec_eval semantics (METHOD §8): gain = the qrels grade (linear), discount
@@ -31,7 +33,7 @@ from typing import Mapping, Sequence
 
 from data import (
     DataError, Dataset, Qrels, Ranking,
-    load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, trec_order, write_run,
+    load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, read_records, trec_order, write_run,
 )
 from rearank import MAX_CHARS, WindowTrace, answer_format, window_spans
 
@@ -96,6 +98,8 @@ class EvalConfig:
     k: int = 10
     seed: int = 0
     out: str | None = None
+    report: str | None = None  # redraw this folder's report.html (report.py), nothing evaluated
+    against: str | None = None  # with report: a comparison page of the two runs
     command: str = ""  # the command line, saved with the metrics so every number says how it was made
 
 
@@ -105,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     src.add_argument("--dataset", help="a registered dataset: dl19, dl20, dl21, scifact, scifact-train")
     src.add_argument("--candidates", help="RankGPT-format JSON (.json or .json.gz) of first-stage candidates")
     src.add_argument("--run", help="a TREC run file to score as it is")
+    src.add_argument("--report", metavar="OUT", help="redraw OUT/report.html from the files an evaluation left in OUT")
+    p.add_argument("--against", metavar="OUT_B", help="with --report OUT: OUT/compare-OUT_B.html, runs side by side")
     p.add_argument("--qrels", help="TREC qrels (required with --candidates and --run)")
     p.add_argument("--data-dir", help="data directory (default: $REARANK_DATA, else ./data)")
     p.add_argument(
@@ -129,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     args = p.parse_args(argv)
     if (args.candidates or args.run) and not args.qrels:
         p.error("--candidates and --run need --qrels")
+    if args.against and not args.report:
+        p.error("--against needs --report")
     command = shlex.join(["python", "eval.py", *(sys.argv[1:] if argv is None else argv)])
     return EvalConfig(**vars(args), command=command)
 
@@ -171,22 +179,11 @@ RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "w
 
 
 def read_traces(path: Path, record: type = WindowTrace) -> list:
-    """traces.jsonl back into records (WindowTrace or SetwiseTrace). A half-written last line (the run was killed
-    mid-write) is dropped."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    traces = []
-    for lineno, line in enumerate(lines, 1):
-        try:
-            traces.append(record(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as e:
-            if lineno == len(lines):
-                break
-            what = f"not a {record.__name__} ({e!r})"
-            raise DataError(f"{path}:{lineno}: {what}; delete the file to start afresh") from None
-    # rewrite what survived, so new lines never land on the tail of a half-written one
-    path.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
+    """traces.jsonl back into records (WindowTrace or SetwiseTrace), without a half-written last line (the run was
+    killed mid-write); the file is rewritten with what survived, so new lines never land on the tail of that one."""
+    traces = read_records(path, record)
+    if path.exists():
+        path.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
     return traces
 
 
@@ -312,6 +309,12 @@ def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], trace_path: Pat
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
+        if cfg.report:  # pages from a finished run's files: no model, nothing scored
+            import report
+
+            path = report.write_comparison(cfg.report, cfg.against) if cfg.against else report.write_report(cfg.report)
+            print(f"wrote {path}")
+            return
         if cfg.run:  # score a run file as it is: no reranking, no run written back
             ev = evaluate_run_file(cfg.run, load_qrels(cfg.qrels))
             out = Path(cfg.out or f"runs/{slug(cfg.run)}")
@@ -343,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
         write_run(out / "run.trec", rankings, tag=slug(cfg.model))
         save_metrics(out / "metrics.json", cfg, ev, seconds=round(time.time() - t, 1), **extra)
         print(f"wrote {out / 'run.trec'} and {out / 'metrics.json'}" + (f" ({time.time() - t:.0f}s)" if extra else ""))
+        if extra:  # a model ran: draw what it thought
+            import report
+
+            print(f"wrote {report.write_report(out)}")
     except DataError as e:
         sys.exit(f"error: {e}")
 
