@@ -22,7 +22,6 @@ when the machine is online; offline, the error lists what is missing and where i
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
@@ -35,10 +34,12 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from rank_bm25 import BM25Okapi
+
+from files import DataError, atomic_write, jsonl, lines, nonneg_float, nonneg_int, positive_int, read_json
 
 # ----------------------------------------------------------------------------------------------------------------------
 # records
@@ -77,10 +78,6 @@ class Dataset:
     rankings: list[Ranking]
     qrels: Qrels
     note: str = ""  # e.g. "never a test set"
-
-
-class DataError(ValueError):
-    """Bad or missing input. The message names the file (and line) and says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -129,29 +126,15 @@ def ndcg_bounds(docids: Sequence[str], judged: Mapping[str, int], k: int = 10) -
 # small readers
 
 
-def _open_text(path: Path):
-    """Open a text file, transparently gunzipping `.gz`."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, stripped line) for every non-blank line."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if line:
-                yield lineno, line
-
-
 def load_qrels(path: str | Path) -> Qrels:
-    """TREC qrels (`qid 0 docid grade`) or BEIR qrels TSV (`query-id corpus-id score` with a header line)."""
+    """TREC qrels (`qid 0 docid grade`) or BEIR qrels TSV (`query-id corpus-id score` with a header line).
+
+    A judgment listed twice with the same grade is harmless; with two grades it is an error (which one is meant?).
+    A file with no judgments is an error too: every evaluation against it would score nothing.
+    """
     qrels: Qrels = {}
-    for lineno, line in _lines(Path(path)):
+    where: dict[tuple[str, str], int] = {}  # (qid, docid) -> the line that judged it first
+    for lineno, line in lines(path):
         parts = line.split()
         if lineno == 1 and parts[:1] == ["query-id"]:
             continue  # BEIR header
@@ -162,19 +145,29 @@ def load_qrels(path: str | Path) -> Qrels:
         else:
             raise DataError(f"{path}:{lineno}: expected 'qid 0 docid grade' (or BEIR 'qid docid score'), got {line!r}")
         try:
-            qrels.setdefault(qid, {})[docid] = int(grade)
+            value = int(grade)
         except ValueError:
             raise DataError(f"{path}:{lineno}: grade {grade!r} is not an integer") from None
+        before = qrels.setdefault(qid, {}).get(docid)
+        if before is not None and before != value:
+            raise DataError(f"{path}:{lineno}: query {qid} judges {docid} {value}, but line {where[qid, docid]} "
+                            f"judged it {before}; keep one judgment")
+        qrels[qid][docid] = value
+        where.setdefault((qid, docid), lineno)
+    if not qrels:
+        raise DataError(f"{path}: no judgments in the file")
     return qrels
 
 
 def load_topics(path: str | Path) -> dict[str, str]:
-    """Topics TSV: `qid<TAB>query text` per line."""
+    """Topics TSV: `qid<TAB>query text` per line; a query id listed twice is an error."""
     topics = {}
-    for lineno, line in _lines(Path(path)):
+    for lineno, line in lines(path):
         qid, sep, text = line.partition("\t")
         if not sep or not text.strip():
             raise DataError(f"{path}:{lineno}: expected 'qid<TAB>query', got {line!r}")
+        if qid in topics:
+            raise DataError(f"{path}:{lineno}: query {qid} is listed twice")
         topics[qid] = text.strip()
     return topics
 
@@ -182,7 +175,7 @@ def load_topics(path: str | Path) -> dict[str, str]:
 def load_run(path: str | Path) -> dict[str, dict[str, float]]:
     """TREC run (`qid Q0 docid rank score tag`) -> {qid: {docid: score}}. Duplicate docids are an error (trec_eval)."""
     run: dict[str, dict[str, float]] = {}
-    for lineno, line in _lines(Path(path)):
+    for lineno, line in lines(path):
         parts = line.split()
         if len(parts) != 6:
             raise DataError(f"{path}:{lineno}: expected 'qid Q0 docid rank score tag', got {line!r}")
@@ -191,38 +184,59 @@ def load_run(path: str | Path) -> dict[str, dict[str, float]]:
             value = float(score)
         except ValueError:
             raise DataError(f"{path}:{lineno}: score {score!r} is not a number") from None
+        if not math.isfinite(value):  # trec_eval would sort a NaN anywhere: the ranking would be undefined
+            raise DataError(f"{path}:{lineno}: score {score!r} is not a finite number")
         if docid in run.setdefault(qid, {}):
             raise DataError(f"{path}:{lineno}: docid {docid} appears twice for query {qid}")
         run[qid][docid] = value
+    if not run:
+        raise DataError(f"{path}: no run lines in the file")
     return run
 
 
 def load_rankgpt(path: str | Path) -> list[Ranking]:
     """RankGPT-format JSON (`.json` or `.json.gz`): [{"query": str, "hits": [{"qid", "docid", "content", ...}]}]."""
-    path = Path(path)
-    with _open_text(path) as f:
-        try:
-            items = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON list of {{'query', 'hits'}} objects")
-    rankings = []
+    items = read_json(path)
+    if not isinstance(items, list) or not items:
+        raise DataError(f"{path}: expected a non-empty JSON list of {{'query', 'hits'}} objects")
+    rankings, seen = [], {}  # seen: qid -> the entry that listed it first
     for i, item in enumerate(items):
         where = f"{path}: entry {i}"
         if not isinstance(item, dict) or "query" not in item or "hits" not in item:
             raise DataError(f"{where}: expected an object with 'query' and 'hits'")
+        if not isinstance(item["query"], str) or not item["query"].strip():
+            raise DataError(f"{where}: 'query' must be a non-empty string, got {item['query']!r}")
         hits = item["hits"]
+        if not isinstance(hits, list):
+            raise DataError(f"{where} (query {item['query']!r}): 'hits' must be a list, got {hits!r:.80}")
         if not hits:
             raise DataError(f"{where} (query {item['query']!r}): empty candidate list")
-        try:
-            qid = str(hits[0]["qid"])
-            candidates = [Candidate(str(h["docid"]), h["content"], float(h.get("score", 0.0))) for h in hits]
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{where}: a hit lacks or mangles a field ({e!r}); hits need qid, docid, content") from None
+        candidates = [_hit(h, f"{where}, hit {j}") for j, h in enumerate(hits)]
+        qids = {str(h["qid"]) for h in hits}
+        if len(qids) != 1:
+            raise DataError(f"{where}: the hits name several query ids {sorted(qids)[:5]}; one entry is one query")
+        qid = qids.pop()
+        if qid in seen:  # a second copy would silently replace the first one's candidates downstream
+            raise DataError(f"{where}: query {qid} is listed twice (first in entry {seen[qid]})")
+        seen[qid] = i
         rankings.append(Ranking(Query(qid, item["query"]), candidates))
         check_unique(rankings[-1], where)
     return rankings
+
+
+def _hit(h, where: str) -> Candidate:
+    """One RankGPT hit as a Candidate; a missing field, a null or a wrong type is an error naming the hit."""
+    if not isinstance(h, dict):
+        raise DataError(f"{where}: expected an object with qid, docid, content, got {h!r:.80}")
+    for key, kinds in (("qid", (str, int)), ("docid", (str, int)), ("content", (str,))):
+        if key not in h:
+            raise DataError(f"{where}: missing {key!r}; hits need qid, docid, content")
+        if isinstance(h[key], bool) or not isinstance(h[key], kinds):  # a null content must not become "None"
+            raise DataError(f"{where}: {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {h[key]!r:.80}")
+    score = h.get("score", 0.0)
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise DataError(f"{where}: 'score' must be a finite number, got {score!r:.80}")
+    return Candidate(str(h["docid"]), h["content"], float(score))
 
 
 def check_unique(ranking: Ranking, where: str = "") -> None:
@@ -234,40 +248,43 @@ def check_unique(ranking: Ranking, where: str = "") -> None:
         seen.add(c.docid)
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    for lineno, line in _lines(path):
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from None
+def _beir_record(path, lineno: int, rec: dict, what: str) -> tuple[str, str, str]:
+    """(_id, text, title) of one BEIR line: `_id` a string or integer, `text` (and `title`, if any) strings."""
+    _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
+    if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not isinstance(text, str):
+        raise DataError(f"{path}:{lineno}: a {what} line needs '_id' (string) and 'text' (string)")
+    if not isinstance(title, str):
+        raise DataError(f"{path}:{lineno}: 'title' must be a string, got {title!r:.80}")
+    return str(_id), text, title
 
 
 def load_beir_corpus(path: str | Path) -> dict[str, str]:
     """BEIR corpus.jsonl -> {docid: 'Title: {title} Content: {text}'} (METHOD §2; the prompt strips the labels)."""
-    corpus = {}
-    for lineno, doc in _jsonl(Path(path)):
-        try:
-            title, text = doc.get("title", "").strip(), doc["text"].strip()
-            corpus[str(doc["_id"])] = f"Title: {title} Content: {text}" if title else text
-        except (KeyError, AttributeError):
-            raise DataError(f"{path}:{lineno}: a corpus line needs '_id' and 'text'") from None
+    corpus: dict[str, str] = {}
+    for lineno, doc in jsonl(path):
+        docid, text, title = _beir_record(path, lineno, doc, "corpus")
+        if docid in corpus:
+            raise DataError(f"{path}:{lineno}: document {docid} is listed twice")
+        title, text = title.strip(), text.strip()
+        corpus[docid] = f"Title: {title} Content: {text}" if title else text
+    if not corpus:
+        raise DataError(f"{path}: no documents in the file")
     return corpus
 
 
 def load_beir_queries(path: str | Path) -> dict[str, str]:
-    queries = {}
-    for lineno, q in _jsonl(Path(path)):
-        if "_id" not in q or "text" not in q:
-            raise DataError(f"{path}:{lineno}: a query line needs '_id' and 'text'")
-        queries[str(q["_id"])] = q["text"]
+    queries: dict[str, str] = {}
+    for lineno, q in jsonl(path):
+        qid, text, _ = _beir_record(path, lineno, q, "query")
+        if qid in queries:
+            raise DataError(f"{path}:{lineno}: query {qid} is listed twice")
+        queries[qid] = text
     return queries
 
 
 def write_run(path: str | Path, rankings: Iterable[Ranking], tag: str = "rearank") -> None:
     """TREC run file. Scores fall strictly with rank (n, n-1, ..., 1): trec_eval orders by score, not by rank."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         for r in rankings:
             check_unique(r, str(path))
             n = len(r.candidates)
@@ -287,8 +304,8 @@ def write_rankgpt(path: str | Path, rankings: Iterable[Ranking]) -> None:
         }
         for r in rankings
     ]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(items))
+    with atomic_write(path) as f:
+        f.write(json.dumps(items))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -522,10 +539,8 @@ def make_instance(query: Query, candidates: list[Candidate], grades: dict[str, i
 
 
 def write_instances(path: str | Path, instances: Iterable[TrainInstance]) -> None:
-    """JSONL, one instance a line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    """JSONL, one instance a line, written atomically."""
+    with atomic_write(path) as f:
         for inst in instances:
             rec = {**inst.__dict__, "candidates": [c.__dict__ for c in inst.candidates]}
             f.write(json.dumps(rec) + "\n")
@@ -534,18 +549,62 @@ def write_instances(path: str | Path, instances: Iterable[TrainInstance]) -> Non
 def read_instances(path: str | Path) -> list[TrainInstance]:
     """Read what write_instances wrote; a malformed line is an error naming the file and line."""
     instances = []
-    for lineno, rec in _jsonl(Path(path)):
-        try:
-            rec["candidates"] = [Candidate(**c) for c in rec["candidates"]]
-            inst = TrainInstance(**rec)
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{path}:{lineno}: not a training instance ({e}); `data.py augment` writes them") from None
-        if len(inst.grades) != len(inst.candidates):
-            raise DataError(f"{path}:{lineno}: {len(inst.grades)} grades for {len(inst.candidates)} candidates")
-        instances.append(inst)
+    for lineno, rec in jsonl(path):
+        problem = _instance_problem(rec)
+        if problem:
+            raise DataError(f"{path}:{lineno}: not a training instance ({problem}); `data.py augment` writes them")
+        cands = [Candidate(c["docid"], c["text"], float(c.get("score", 0.0))) for c in rec["candidates"]]
+        instances.append(TrainInstance(**{**rec, "candidates": cands}))
     if not instances:
         raise DataError(f"{path}: no training instances")
     return instances
+
+
+def _instance_problem(rec: dict) -> str:
+    """What is wrong with one JSON training instance, or "" when nothing is.
+
+    >>> _instance_problem({"qid": "q", "query": "x", "candidates": [{"docid": "d", "text": None}], "grades": [0],
+    ...                    "r_init": 0.0, "r_star": 0.0})
+    "candidate 0: 'text' must be a string"
+    """
+    names = {f.name for f in TrainInstance.__dataclass_fields__.values()}
+    if missing := sorted(names - {"judged"} - rec.keys()):
+        return f"missing {', '.join(missing)}"
+    if extra := sorted(rec.keys() - names):
+        return f"unknown field {', '.join(extra)}"
+    if not all(isinstance(rec[k], str) for k in ("qid", "query")):
+        return "'qid' and 'query' must be strings"
+    cands, grades = rec["candidates"], rec["grades"]
+    if not isinstance(cands, list) or not cands:
+        return "'candidates' must be a non-empty list"
+    for i, c in enumerate(cands):
+        if not isinstance(c, dict):
+            return f"candidate {i} must be an object"
+        for key in ("docid", "text"):
+            if not isinstance(c.get(key), str):
+                return f"candidate {i}: {key!r} must be a string"
+        if not _finite(c.get("score", 0.0)):
+            return f"candidate {i}: 'score' must be a finite number"
+    if len({c["docid"] for c in cands}) != len(cands):
+        return "a docid appears twice among the candidates"
+    if not isinstance(grades, list) or not all(_integer(g) for g in grades):
+        return "'grades' must be a list of integers"
+    if len(grades) != len(cands):
+        return f"{len(grades)} grades for {len(cands)} candidates"
+    if not (_finite(rec["r_init"]) and _finite(rec["r_star"])):
+        return "'r_init' and 'r_star' must be finite numbers"
+    judged = rec.get("judged", {})
+    if not isinstance(judged, dict) or not all(_integer(g) for g in judged.values()):
+        return "'judged' must map docids to integer grades"
+    return ""
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -624,6 +683,33 @@ def augment_setwise(
 # ----------------------------------------------------------------------------------------------------------------------
 # command line
 
+# the datasets whose figures the project reports: training on them would make those figures meaningless
+TEST_SETS = ("dl19", "dl20", "scifact")
+
+
+def check_augment_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse types cannot check alone; exits with argparse's usage error, before any data loads."""
+    if args.dataset not in DATASETS:
+        p.error(f"--dataset {args.dataset!r}: choose one of {', '.join(DATASETS)}")
+    if args.dataset in TEST_SETS and not args.allow_test_set:
+        p.error(f"--dataset {args.dataset} is a test set: training on it makes its evaluation meaningless; use dl21 or "
+                "scifact-train (or --allow-test-set, for an experiment that knows it)")
+    if args.size < 2:
+        p.error(f"--size {args.size}: a candidate set needs at least 2 passages to have an order")
+    if args.min_ndcg > 1:
+        p.error(f"--min-ndcg {args.min_ndcg}: nDCG@10 is at most 1, so every set would be dropped")
+    out = Path(args.out)
+    if out.is_dir():
+        p.error(f"--out {out} is a directory; give a file name, e.g. {out / 'train.jsonl'}")
+    if out.exists() and not args.overwrite:
+        p.error(f"--out {out} exists; give a new file name, or --overwrite to replace it")
+
+
+def check_kept(instances: list[TrainInstance], out: str, name: str) -> None:
+    if not instances:
+        raise DataError(f"{name}: no candidate set survived the filters; nothing written to {out} "
+                        "(lower --min-ndcg / --min-grade, or raise --samples)")
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -636,15 +722,21 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--dataset", default="dl21", help="dataset whose judged queries seed the sets (dl21, scifact-train)")
     a.add_argument("--method", choices=("listwise", "setwise"), default="listwise",
                    help="listwise: REARANK's sampled sets; setwise: Rank-R1's one relevant + size-1 non-relevant")
-    a.add_argument("--min-grade", type=int, default=2, help="setwise: the grade that makes a passage the relevant one")
-    a.add_argument("--samples", type=int, default=50, help="candidate sets drawn per query")
-    a.add_argument("--size", type=int, default=20, help="passages per candidate set")
-    a.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same file")
-    a.add_argument("--min-ndcg", type=float, default=0.1, help="drop sets whose nDCG@10 is below this")
+    a.add_argument("--min-grade", type=positive_int, default=2,
+                   help="setwise: the grade that makes a passage the relevant one")
+    a.add_argument("--samples", type=positive_int, default=50, help="candidate sets drawn per query")
+    a.add_argument("--size", type=positive_int, default=20, help="passages per candidate set (>= 2)")
+    a.add_argument("--seed", type=nonneg_int, default=0, help="random seed: the same seed writes the same file")
+    a.add_argument("--min-ndcg", type=nonneg_float, default=0.1, help="drop sets whose nDCG@10 is below this (<= 1)")
     a.add_argument("--filter-on", choices=("best", "init"), default="best", help="filter on r* (best) or r_init")
-    a.add_argument("--out", default="train.jsonl", help="output JSONL")
+    a.add_argument("--out", default="train.jsonl", help="output JSONL (an existing file is kept unless --overwrite)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    a.add_argument("--allow-test-set", action="store_true",
+                   help=f"build training sets from a test set ({', '.join(TEST_SETS)}): refused without this")
     a.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
     args = p.parse_args(argv)
+    if args.cmd == "augment":
+        check_augment_args(a, args)
     try:
         if args.cmd == "list":
             for name in DATASETS:
@@ -656,6 +748,7 @@ def main(argv: list[str] | None = None) -> None:
             ds = load_dataset(args.dataset, args.data_dir)
             if args.method == "setwise":
                 instances, st = augment_setwise(ds, args.samples, args.size, args.seed, args.min_grade)
+                check_kept(instances, args.out, ds.name)
                 write_instances(args.out, instances)
                 print(
                     f"{ds.name}: kept {st.kept} setwise sets, dropped {st.no_relevant + st.below} ({st.no_relevant} "
@@ -664,6 +757,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 return
             instances, st = augment(ds, args.samples, args.size, args.seed, args.min_ndcg, args.filter_on)
+            check_kept(instances, args.out, ds.name)
             write_instances(args.out, instances)
             print(
                 f"{ds.name}: kept {st.kept}, dropped {st.no_relevant + st.below} ({st.no_relevant} with no relevant "

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Generator, Iterable, Sequence
 
-from data import Ranking
+from data import DataError, Ranking
 from rearank import Generate, answer_text
 
 SETWISE_SYSTEM = (
@@ -171,9 +171,9 @@ def setwise_rerank(
                 old = replay[rankings[qi].query.qid].pop(0)
                 shown = [rankings[qi].candidates[i].docid for i in pending[qi]]
                 if old.shown != shown:
-                    raise ValueError(
+                    raise DataError(
                         f"trace for query {old.qid} showed {old.shown[:3]}..., this run shows {shown[:3]}...: "
-                        "resume only with the same settings and seed"
+                        "resume only with the same settings and seed (or use a new --out, or --overwrite)"
                     )
                 record(qi, old)
         if not pending:

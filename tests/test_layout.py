@@ -54,6 +54,7 @@ def test_top_level_modules_import_without_a_circle():
     assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
 
 
-def test_data_is_the_bottom_layer():
-    # the records, the loaders and the metric sit below everything else
-    assert project_imports(MODULES["data"]) == set()
+def test_files_then_data_are_the_bottom_layers():
+    # file reading/writing and argument checks sit below everything; the records, loaders and metric just above
+    assert project_imports(MODULES["files"]) == set()
+    assert project_imports(MODULES["data"]) == {"files"}
