@@ -1,7 +1,7 @@
 """Reading and writing files, and checking command-line values, with errors that name the file (and line).
 
 The bottom of the project: it imports nothing from it. Every reader in data.py, eval.py and grpo.py opens its files
-through `open_text` / `lines` / `read_json` / `jsonl`, so a missing file, a directory, a file that is not UTF-8 or a
+through `lines` / `read_json` / `jsonl`, so a missing file, a directory, a file that is not UTF-8 or a
 `.gz` that is not gzip all end in one `DataError` that names the file, never a traceback. Outputs are written with
 `atomic_write` (a temporary file, then a rename), so a run killed mid-write leaves the old file whole.
 
@@ -43,49 +43,57 @@ def check_file(path: str | Path) -> Path:
 
 
 @contextmanager
-def open_text(path: str | Path) -> Iterator[IO[str]]:
-    """Open a UTF-8 text file for reading, gunzipping `.gz`; decoding errors become DataErrors naming the file.
-
-    Reading happens inside the `with` block, so the errors that only show while reading (bytes that are not UTF-8, a
-    `.gz` that is not gzip or is cut short) are caught here too.
-    """
+def open_bytes(path: str | Path) -> Iterator[IO[bytes]]:
+    """Open a file for reading as bytes, gunzipping `.gz`; a `.gz` that is not gzip (or is cut short) is a DataError
+    naming the file. Reading happens inside the `with` block, so the errors that only show while reading are caught."""
     path = check_file(path)
     try:
-        f = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror or e})") from None
     try:
         with f:
             yield f
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason}: byte {e.object[e.start:e.start + 1]!r}); is it the "
-                        "right file?") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"{path}: not a valid gzip file ({e}); a .gz name needs gzip content") from None
 
 
-def lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, stripped line) for every non-blank line of a text file.
+def decode(path: str | Path, raw: bytes, lineno: int) -> str:
+    r"""UTF-8 bytes of line `lineno` (1-based) as text; anything else is an error at that file:line.
 
-    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "t.txt"; _ = p.write_text("a\\n\\n b \\n")
+    >>> decode("f.txt", "café".encode(), 3)
+    'café'
+    >>> decode("f.txt", b"caf\xe9", 3)  # café in Latin-1
+    Traceback (most recent call last):
+    files.DataError: f.txt:3: not UTF-8 text (byte b'\xe9' at column 4); is it the right file?
+    """
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not part of the text
+    except UnicodeDecodeError as e:
+        lineno += raw.count(b"\n", 0, e.start)  # raw may hold several lines (a whole JSON file)
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                        f"{e.start - start + 1}); is it the right file?") from None
+
+
+def lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    r"""(1-based line number, stripped line) for every non-blank line of a text file (UTF-8, `.gz` gunzipped).
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "t.txt"; _ = p.write_text("a\n\n b \n")
     >>> list(lines(p))
     [(1, 'a'), (3, 'b')]
     """
-    lineno = 0
-    with open_text(path) as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if line:
-                    yield lineno, line
-        except UnicodeDecodeError as e:  # the reader decodes ahead in chunks: the bad byte is at this line or soon after
-            raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason}); is it the right file?") from None
+    with open_bytes(path) as f:
+        for lineno, raw in enumerate(f, 1):  # decoded line by line, so a bad byte is reported at its own line
+            line = decode(path, raw, lineno).strip()
+            if line:
+                yield lineno, line
 
 
 def read_json(path: str | Path) -> Any:
     """A whole JSON file (`.json` or `.json.gz`); invalid JSON is an error at its file:line."""
-    with open_text(path) as f:
-        text = f.read()
+    with open_bytes(path) as f:
+        text = decode(path, f.read(), 1)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

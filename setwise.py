@@ -65,6 +65,8 @@ def parse_setwise(text: str, n: int) -> int | None:
     True
     """
     for match in _LABEL.finditer(answer_text(text)):
+        if len(match.group(1)) > 9:  # cannot be a label; int() refuses runs over 4,300 digits (Python >= 3.11)
+            continue
         k = int(match.group(1))
         if 1 <= k <= n:
             return k - 1
