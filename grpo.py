@@ -5,7 +5,7 @@
     python grpo.py --out runs/grpo --resume                                 # continue from the last checkpoint
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
 
-One step: B training instances (candidate sets sampled by `data.py augment`, METHOD §4), each rendered with the REARANK
+One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
 prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
 reward (reward.py) -> advantages within each group -> the clipped policy-gradient loss on the generated token ids ->
 one optimizer step. Everything a step did is one line on stdout and one JSON object in <out>/metrics.jsonl.
@@ -58,10 +58,8 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from data import (
-    DATASETS, TEST_SETS, AugmentStats, DataError, Dataset, TrainInstance,
-    augment, augment_setwise, load_dataset, make_instance, read_instances,
-)
+from augment import AugmentStats, TrainInstance, augment, augment_setwise, make_instance, read_instances
+from data import DATASETS, TEST_SETS, DataError, Dataset, load_dataset
 from files import check_file, check_out_dir, nonneg_float, nonneg_int, positive_float, positive_int
 from prefix import completion_logprobs, group_backward, unpadded
 from rearank import ANSWER_END, build_prompt
@@ -85,7 +83,7 @@ class Config:
     method: str = arg("listwise", "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant "
                                   "passage)")
     dataset: str = arg("dl21", "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)")
-    train_file: str = arg("", "JSONL of training instances from `data.py augment` (overrides --dataset)")
+    train_file: str = arg("", "JSONL of training instances from `augment.py` (overrides --dataset)")
     samples: int = arg(50, "augmentation: candidate sets sampled per query")
     size: int = arg(20, "augmentation: passages per candidate set (the paper: 20)")
     min_ndcg: float = arg(0.1, "augmentation: drop sets whose best reachable nDCG@10 is below this")
@@ -122,6 +120,13 @@ class Config:
     overwrite: bool = arg(False, "start afresh in an --out that holds a run, deleting it (without this, refused)")
     seed: int = arg(0, "one seed for data order, sampling and augmentation")
     data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
+    memory: str = arg("auto", "auto: plan memory before loading and pick what the user did not set (fp32 or bf16 "
+                              "weights, checkpointing, micro-batch, logits chunk, where the reference lives); off: the "
+                              "flags as given (memory.py)")
+    memory_gb: float = arg(0.0, "memory budget the plan fits in, GB (0 = the device's free memory)")
+    logits_chunk: int = arg(0, "positions per lm_head chunk in the training passes (0 = the planner picks; all at "
+                               "once with --memory off)")
+    reference: str = arg("auto", "where the frozen reference lives: auto (the memory plan decides), resident, offload")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
@@ -148,9 +153,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
 FLAG_TYPES = {
     **dict.fromkeys(("samples", "size", "steps", "batch_size", "group_size", "updates", "max_new_tokens", "eval_size",
                      "eval_batch_size"), positive_int),
-    **dict.fromkeys(("micro_batch", "eval_queries", "eval_every", "save_every", "dump_every", "seed"), nonneg_int),
+    **dict.fromkeys(("micro_batch", "eval_queries", "eval_every", "save_every", "dump_every", "seed", "logits_chunk"),
+                    nonneg_int),
     **dict.fromkeys(("lr", "clip_eps", "temperature"), positive_float),
-    **dict.fromkeys(("min_ndcg", "weight_decay", "max_grad_norm", "beta"), nonneg_float),
+    **dict.fromkeys(("min_ndcg", "weight_decay", "max_grad_norm", "beta", "memory_gb"), nonneg_float),
 }
 
 
@@ -175,7 +181,7 @@ def config_problem(cfg: Config) -> str:
         return f"--dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}"
     elif cfg.dataset in TEST_SETS:
         return (f"--dataset {cfg.dataset} is a test set: training on it makes its evaluation meaningless; use dl21 or "
-                "scifact-train (or a --train-file from `data.py augment --allow-test-set`)")
+                "scifact-train (or a --train-file from `augment.py --allow-test-set`)")
     if cfg.eval_every and cfg.eval_dataset not in DATASETS:
         return f"--eval-dataset {cfg.eval_dataset!r}: choose one of {', '.join(DATASETS)}"
     if cfg.eval_every and not cfg.train_file and cfg.eval_dataset == cfg.dataset:
@@ -197,6 +203,35 @@ def check_out(cfg: Config) -> None:
         path = out / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     print(f"--overwrite: deleted {', '.join(held)} from {out}")
+
+
+def explicit_flags(argv: list[str] | None) -> set[str]:
+    """The Config fields set on the command line (argparse's unique-prefix abbreviations included), which the memory
+    plan must not change."""
+    flags = {"--" + f.name.replace("_", "-"): f.name for f in fields(Config)}
+    given = set()
+    for token in sys.argv[1:] if argv is None else argv:
+        name = token.split("=", 1)[0]
+        matches = [flags[name]] if name in flags else [v for k, v in flags.items() if k.startswith(name)]
+        if token.startswith("--") and len(matches) == 1:
+            given |= set(matches)
+    return given
+
+
+def plan_memory(cfg: Config, explicit: set[str] | None) -> None:
+    """Print the memory plan and fill in what the user left to it (memory.py), before any weight is loaded.
+    `explicit` None (train() called from code): the fields that differ from their defaults count as given."""
+    import memory
+    from backend import SMOLLM2, smollm2_dir
+
+    if explicit is None:
+        explicit = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    try:
+        config = memory.published_config(str(smollm2_dir()) if cfg.model == SMOLLM2 else cfg.model)
+    except (OSError, ValueError) as e:
+        print(f"memory plan: skipped, cannot read the model's config ({str(e).splitlines()[0][:200]})")
+        return
+    memory.plan_run(cfg, explicit, config, torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -345,7 +380,7 @@ def group_logprobs(model, ro: Rollout, cfg: Config) -> list[torch.Tensor]:
     for b in range(len(ro.prompts)):
         prompt, ids, mask, _ = ro.group(b)
         out.append(completion_logprobs(model, prompt, ids, mask, cfg.temperature, shared=not cfg.repeat_prompt,
-                                       micro_batch=cfg.micro_batch or None))
+                                       micro_batch=cfg.micro_batch or None, logits_chunk=cfg.logits_chunk))
     return out
 
 
@@ -371,7 +406,7 @@ def policy_backward(model, ro: Rollout, adv: torch.Tensor, old_logp: list | None
 
         # the backward runs inside (loss.backward()): Accelerate's backward adds nothing on one device with bf16
         total += group_backward(model, prompt, ids, mask, loss_fn, cfg.temperature, cfg.micro_batch or None,
-                                shared=not cfg.repeat_prompt)
+                                shared=not cfg.repeat_prompt, logits_chunk=cfg.logits_chunk)
     return total, {k: v / n_tokens for k, v in sums.items()}
 
 
@@ -425,8 +460,13 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class BF16AdamW(torch.optim.Optimizer):
-    """AdamW for bf16 weights: moments stored in bf16, the step computed in fp32, written back with stochastic
-    rounding. 8 bytes a parameter (weight, grad, two moments), against 10 for fp32 master weights with 8-bit Adam."""
+    """AdamW for bf16 weights: moments stored in bf16, the step computed in fp32; weights and moments are written back
+    with stochastic rounding. 8 bytes a parameter (weight, grad, two moments), against 10 for fp32 master weights with
+    8-bit Adam.
+
+    The moments need the stochastic rounding too: v's 0.1 % decay a step (beta2 = 0.999) is below half a bf16
+    spacing (0.39 %), so round-to-nearest leaves v where it was and it stops tracking g^2 (0.25 of the truth after
+    3,000 steps of a constant gradient, issue 10); rounded at random, v decays right on average."""
 
     CHUNK = 1 << 24  # elements per fp32 temporary: a 545M-parameter embedding must not need 4 fp32 copies at once
 
@@ -450,8 +490,8 @@ class BF16AdamW(torch.optim.Optimizer):
                     g = g.float()
                     m32 = m.float().mul_(b1).add_(g, alpha=1 - b1)
                     v32 = v.float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                    m.copy_(m32)
-                    v.copy_(v32)
+                    stochastic_round_(m, m32)
+                    stochastic_round_(v, v32)
                     update = (m32 / c1) / ((v32 / c2).sqrt() + group["eps"])
                     stochastic_round_(w, w.float() * (1 - lr * group["weight_decay"]) - lr * update)
 
@@ -492,6 +532,16 @@ def save_checkpoint(path: Path, model, optimizer, step: int, rng: dict, cfg: Con
              "data_position": step * cfg.batch_size, "config": asdict(cfg)}
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def weight_sample(params: list[torch.Tensor], per_tensor: int = 1024) -> list[torch.Tensor]:
+    """Up to `per_tensor` evenly spaced entries of each tensor, copied to the CPU: enough to see whether the weights
+    move, at a few MB for a 7B model (a copy of every 10th tensor took 5.4 GB of GPU memory, issue 10)."""
+    out = []
+    for p in params:
+        flat = p.detach().reshape(-1)
+        out.append(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].to("cpu", copy=True))
+    return out
 
 
 def moved_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
@@ -564,17 +614,26 @@ def plot(out: Path) -> Path | None:
 # the loop
 
 
-def train(cfg: Config) -> dict:
-    """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them)."""
+def train(cfg: Config, explicit: set[str] | None = None) -> dict:
+    """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them). `explicit`: the fields
+    the user set (the memory plan keeps them); None: those that differ from the defaults."""
     from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
 
     check_out(cfg)  # before anything is written: never replace a run by mistake
+    plan_memory(cfg, explicit)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(asdict(cfg), indent=1))
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")  # bf16 autocast, weights keep their dtype
+    # autocast caches a bf16 cast of every fp32 weight until its context ends (15 GB at 7B): worth it across the
+    # rollout's decoding steps; in no-grad passes nothing needs the casts afterwards; in the backward without
+    # checkpointing the graphs save the casts anyway (the cache makes the prompt's graph and each micro-batch's share
+    # one copy), with checkpointing they are recomputed layer by layer, so a cache would only keep them all alive
+    uncached = AutocastKwargs(cache_enabled=False)
+    training_casts = AutocastKwargs(cache_enabled=not cfg.gradient_checkpointing)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -593,7 +652,7 @@ def train(cfg: Config) -> dict:
     model, tokenizer = load_model(cfg.model)
     model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.beta > 0:  # the reference never trains: bf16 is enough on CUDA
         ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
@@ -665,7 +724,7 @@ def train(cfg: Config) -> dict:
             model.train()
             N = r.numel()
             old_logp = ref_logp = None
-            with torch.no_grad(), accelerator.autocast():
+            with torch.no_grad(), accelerator.autocast(uncached):
                 if cfg.updates > 1:
                     old_logp = group_logprobs(model, ro, cfg)
                 if ref is not None:
@@ -673,12 +732,12 @@ def train(cfg: Config) -> dict:
 
             # --- update: `updates` passes over the batch, each followed by an optimizer step
             first = step == start and not cfg.resume
-            if first:  # prove the weights move at this lr (METHOD §5): snapshot a few tensors
-                watched = [p for p in policy.parameters() if p.requires_grad][:: 10]
-                before = [p.detach().clone() for p in watched]
+            if first:  # prove the weights move at this lr (METHOD §5): a small sample of every tensor, on the CPU
+                watched = [p for p in policy.parameters() if p.requires_grad]
+                before = weight_sample(watched)
             losses, stats, grad_norm = [], {}, 0.0  # stats: of the last update (the first one's ratio is 1)
             for _ in range(cfg.updates):
-                with accelerator.autocast():
+                with accelerator.autocast(training_casts):
                     loss, stats = policy_backward(model, ro, adv, old_logp, ref_logp, cfg)
                 losses.append(loss)
                 # the norm before clipping; an infinite bound measures without clipping
@@ -687,7 +746,8 @@ def train(cfg: Config) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             train_s = time.time() - t1
             if first:
-                moved = moved_fraction(before, [p.detach() for p in watched])
+                moved = moved_fraction(before, weight_sample(watched))
+                del before
                 print(f"weights: {moved:.1%} of the watched parameters changed in the first step at lr {cfg.lr:g}")
 
             # --- log / checkpoint
@@ -742,7 +802,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}" if path else "no plot written")
         return
     try:
-        train(cfg)
+        train(cfg, explicit_flags(argv))
     except (DataError, ModelError) as e:
         sys.exit(f"error: {e}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import augment
 import data
 import eval as ev
 import grpo
@@ -175,7 +176,7 @@ def test_topics_listed_twice(tmp_path):
 
 
 def good_instance() -> dict:
-    inst = data.make_instance(data.Query("q1", "cats"), [Candidate("a", "x"), Candidate("b", "y")], {"a": 1})
+    inst = augment.make_instance(data.Query("q1", "cats"), [Candidate("a", "x"), Candidate("b", "y")], {"a": 1})
     return {**inst.__dict__, "candidates": [c.__dict__ for c in inst.candidates]}
 
 
@@ -281,7 +282,7 @@ AUGMENT_FLAGS = {
 
 @pytest.mark.parametrize("flags", AUGMENT_FLAGS)
 def test_augment_flags(flags, tmp_path, capsys):
-    code, text = cli(data.main, ["augment", *flags.split(), "--out", tmp_path / "t.jsonl"], capsys)
+    code, text = cli(augment.main, [*flags.split(), "--out", tmp_path / "t.jsonl"], capsys)
     assert code == 2 and AUGMENT_FLAGS[flags] in text, text
     assert not (tmp_path / "t.jsonl").exists()
 
@@ -292,18 +293,18 @@ def test_augment_flags(flags, tmp_path, capsys):
 
 def test_augment_keeps_an_existing_out_file(tmp_path, capsys):
     out = write(tmp_path / "train.jsonl", "finished work\n")
-    code, text = cli(data.main, ["augment", "--samples", "0", "--out", out], capsys)
+    code, text = cli(augment.main, ["--samples", "0", "--out", out], capsys)
     assert code == 2 and out.read_text() == "finished work\n"
-    code, text = cli(data.main, ["augment", "--out", out], capsys)
+    code, text = cli(augment.main, ["--out", out], capsys)
     assert code == 2 and f"--out {out} exists; give a new file name, or --overwrite" in text
     assert out.read_text() == "finished work\n"
-    code, text = cli(data.main, ["augment", "--out", tmp_path], capsys)
+    code, text = cli(augment.main, ["--out", tmp_path], capsys)
     assert code == 2 and "is a directory" in text
 
 
 def test_augment_that_keeps_nothing_writes_nothing(data_root, tmp_path, capsys):
     out = tmp_path / "t.jsonl"
-    code, text = cli(data.main, ["augment", "--data-dir", data_root, "--samples", "1", "--size", "2",
+    code, text = cli(augment.main, ["--data-dir", data_root, "--samples", "1", "--size", "2",
                                  "--min-ndcg", "1", "--out", out], capsys)  # fmt: skip
     assert code == 1 and "no candidate set survived the filters; nothing written" in text and not out.exists()
 
@@ -435,7 +436,7 @@ def test_grpo_overwrite_deletes_the_old_run_first(tmp_path, monkeypatch, capsys)
         (["eval.py", "--dataset", "dl19", "--window", "0"], 2, "argument --window: '0' is not a positive integer"),
         (["eval.py", "--run", "{tmp}/r.trec", "--qrels", "{tmp}/q.txt"], 1, "{tmp}/r.trec:1: score 'nan'"),
         (["grpo.py", "--group-size", "1"], 2, "--group-size 1"),
-        (["data.py", "augment", "--dataset", "dl19"], 2, "--dataset dl19 is a test set"),
+        (["augment.py", "--dataset", "dl19"], 2, "--dataset dl19 is a test set"),
     ],
 )
 def test_as_a_process(argv, code, needle, tmp_path):

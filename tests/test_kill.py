@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import augment
 import data
 import grpo
 from data import Candidate
@@ -119,7 +120,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def test_grpo_killed_mid_run_resumes_to_the_same_weights(tiny_dir, tmp_path):
     cands = [Candidate(f"d{i}", f"passage number {i} about fleas" if i % 2 else f"cats {i}") for i in range(12)]
     ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1, "d5": 3}})
-    data.write_instances(tmp_path / "train.jsonl", data.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)[0])
+    augment.write_instances(tmp_path / "train.jsonl", augment.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)[0])
     steps = 5
 
     def command(out: Path, *extra: str) -> list[str]:
