@@ -563,7 +563,17 @@ def log_line(m: dict) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The records of a log file; a half-written last line (the run was killed mid-write) is dropped, a damaged line
+    before it is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno < len(lines) and line.strip():
+                raise DataError(f"{path}:{lineno}: invalid JSON line ({e.msg}); use a new --out") from None
+    return records
 
 
 def plot(out: Path) -> Path | None:
@@ -797,11 +807,11 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, only_plot = parse_args(argv)
-    if only_plot:
-        path = plot(Path(cfg.out))
-        print(f"wrote {path}" if path else "no plot written")
-        return
     try:
+        if only_plot:
+            path = plot(Path(cfg.out))
+            print(f"wrote {path}" if path else "no plot written")
+            return
         train(cfg, explicit_flags(argv))
     except (DataError, ModelError) as e:
         sys.exit(f"error: {e}")

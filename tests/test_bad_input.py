@@ -426,6 +426,15 @@ def test_grpo_overwrite_deletes_the_old_run_first(tmp_path, monkeypatch, capsys)
     assert "--overwrite: deleted checkpoint.pt, metrics.jsonl" in capsys.readouterr().out
 
 
+def test_grpo_logs_killed_mid_line(tmp_path):
+    # a kill -9 during an append leaves half a line at the end: dropped on resume; damage before it is an error
+    log = write(tmp_path / "run" / "metrics.jsonl", '{"step": 1}\n{"step": 2}\n{"st')
+    assert grpo.read_jsonl(log) == [{"step": 1}, {"step": 2}]
+    write(log, '{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(DataError, match=f"{log}:2: invalid JSON line"):
+        grpo.read_jsonl(log)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # what a user's terminal shows: real processes, exit status, one line, fast
 
