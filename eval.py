@@ -22,6 +22,7 @@ by docid descending, queries without judgments skipped (and counted), duplicate 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shlex
@@ -33,8 +34,9 @@ from typing import Mapping, Sequence
 
 from data import (
     DataError, Dataset, Qrels, Ranking,
-    load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, read_records, trec_order, write_run,
+    load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, trec_order, write_run,
 )
+from files import check_out_dir, nonneg_int, positive_int, read_json, write_text
 from rearank import MAX_CHARS, WindowTrace, answer_format, window_spans
 
 KS = (1, 5, 10)
@@ -100,6 +102,7 @@ class EvalConfig:
     out: str | None = None
     report: str | None = None  # redraw this folder's report.html (report.py), nothing evaluated
     against: str | None = None  # with report: a comparison page of the two runs
+    overwrite: bool = False
     command: str = ""  # the command line, saved with the metrics so every number says how it was made
 
 
@@ -111,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     src.add_argument("--run", help="a TREC run file to score as it is")
     src.add_argument("--report", metavar="OUT", help="redraw OUT/report.html from the files an evaluation left in OUT")
     p.add_argument("--against", metavar="OUT_B", help="with --report OUT: OUT/compare-OUT_B.html, runs side by side")
-    p.add_argument("--qrels", help="TREC qrels (required with --candidates and --run)")
+    p.add_argument("--qrels", help="TREC qrels (required with --candidates and --run; with --dataset, they replace "
+                                   "the dataset's own judgments)")
     p.add_argument("--data-dir", help="data directory (default: $REARANK_DATA, else ./data)")
     p.add_argument(
         "--model",
@@ -122,27 +126,106 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p.add_argument("--method", default="listwise", choices=["listwise", "setwise"],
                    help="listwise: REARANK sliding windows; setwise: Rank-R1 heap sort (best of a set, reasons first)")
     p.add_argument("--prompt", default="rearank", choices=sorted(MAX_CHARS), help="REARANK (reasoning) or RankGPT")
-    p.add_argument("--top-k", type=int, default=100, help="candidates per query to consider")
-    p.add_argument("--window", type=int, default=20, help="passages per window")
-    p.add_argument("--step", type=int, default=10, help="how far the window moves up each time")
-    p.add_argument("--batch-size", type=int, default=8, help="windows (of different queries) generated together")
-    p.add_argument("--limit", type=int, default=None, help="only the first N queries")
-    p.add_argument("--max-new-tokens", type=int, default=2048, help="generation budget per window (paper: 2048)")
-    p.add_argument("--num-child", type=int, default=19, help="setwise: children per heap node (a call shows 1 + this)")
-    p.add_argument("--k", type=int, default=10, help="setwise: how many top documents the heap sort extracts")
-    p.add_argument("--seed", type=int, default=0, help="setwise: seed of the per-call document shuffles")
-    p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>[-setwise])")
+    p.add_argument("--top-k", type=positive_int, default=100, help="candidates per query to consider")
+    p.add_argument("--window", type=positive_int, default=20, help="passages per window")
+    p.add_argument("--step", type=positive_int, default=10, help="how far the window moves up each time (<= --window)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows (of different queries) generated together")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N queries")
+    p.add_argument("--max-new-tokens", type=positive_int, default=2048, help="generation budget per window (paper: 2048)")
+    p.add_argument("--num-child", type=positive_int, default=19,
+                   help="setwise: children per heap node (a call shows 1 + this)")
+    p.add_argument("--k", type=positive_int, default=10, help="setwise: how many top documents the heap sort extracts")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="setwise: seed of the per-call document shuffles")
+    p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>, then the settings that differ "
+                                 "from the defaults, e.g. runs/dl19-smollm2-top20-limit2-tok256)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished (or interrupted) run in --out made with other settings")
     args = p.parse_args(argv)
     if (args.candidates or args.run) and not args.qrels:
         p.error("--candidates and --run need --qrels")
     if args.against and not args.report:
         p.error("--against needs --report")
+    if args.step > args.window:
+        p.error(f"--step {args.step} is larger than --window {args.window}: the windows would skip passages")
     command = shlex.join(["python", "eval.py", *(sys.argv[1:] if argv is None else argv)])
     return EvalConfig(**vars(args), command=command)
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text).name if Path(text).exists() else text).strip("_")
+
+
+def path_tag(*paths: str | None) -> str:
+    """A short digest of where the input files are, so two files with one basename get different default folders."""
+    where = "\n".join(str(Path(p).resolve()) for p in paths if p)
+    return hashlib.sha1(where.encode()).hexdigest()[:6]
+
+
+# how each setting shows in a default --out name when it differs from its default
+NAME_PARTS = {"prompt": "{}", "top_k": "top{}", "window": "win{}", "step": "step{}", "limit": "limit{}",
+              "max_new_tokens": "tok{}", "num_child": "child{}", "k": "k{}", "seed": "seed{}"}
+
+
+def output_keys(cfg: EvalConfig) -> tuple[str, ...]:
+    """The settings that change what this evaluation writes: inputs, model, and the knobs its method reads."""
+    if cfg.run:
+        return ("run", "qrels")
+    keys = ("dataset", "candidates", "qrels", "model", "top_k", "limit")
+    if cfg.model == "bm25":
+        return keys
+    keys += ("method", "prompt", "max_new_tokens")
+    return keys + (("window", "step") if cfg.method == "listwise" else ("num_child", "k", "seed"))
+
+
+def default_out(cfg: EvalConfig) -> Path:
+    """runs/<input>-<model>[-setwise], then each setting that differs from its default (--model resolved first).
+
+    >>> str(default_out(EvalConfig(dataset="dl19", model="smollm2", top_k=20, limit=2, max_new_tokens=256)))
+    'runs/dl19-smollm2-top20-limit2-tok256'
+    """
+    if cfg.run:
+        return Path("runs") / f"{slug(cfg.run)}-{path_tag(cfg.run, cfg.qrels)}"
+    if cfg.dataset:
+        name = cfg.dataset + (f"-qrels{path_tag(cfg.qrels)}" if cfg.qrels else "")
+    else:
+        name = f"{slug(cfg.candidates)}-{path_tag(cfg.candidates, cfg.qrels)}"
+    parts = [name, slug(cfg.model)] + (["setwise"] if cfg.method == "setwise" else [])
+    defaults = EvalConfig()
+    parts += [fmt.format(getattr(cfg, k)) for k, fmt in NAME_PARTS.items()
+              if k in output_keys(cfg) and getattr(cfg, k) != getattr(defaults, k)]
+    return Path("runs") / "-".join(parts)
+
+
+OUTPUTS = ("run.trec", "metrics.json", "traces.jsonl", "rerank_config.json", "report.html")
+
+
+def prepare_out(out: Path, cfg: EvalConfig) -> None:
+    """Make --out ready, never replacing finished work: a run there made with other settings (or of another kind) is
+    refused unless --overwrite, which deletes it first. The same settings continue it (traces are replayed)."""
+    check_out_dir(out, create=False)  # created when the first output is written
+    if cfg.overwrite:
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        return
+    if not (out / "metrics.json").exists():
+        return  # nothing finished here; an interrupted model run is checked against rerank_config.json later
+    record = read_json(out / "metrics.json")
+    before = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(before, dict):
+        raise DataError(f"{out / 'metrics.json'}: not an eval.py metrics file; use another --out, or --overwrite")
+    changed = {k: (before.get(k), getattr(cfg, k)) for k in output_keys(cfg) if before.get(k) != getattr(cfg, k)}
+    if changed:
+        raise DataError(
+            f"{out} holds a finished evaluation made with other settings {changed} (before, now): use a new --out "
+            "(or drop --out: the default names the settings), or pass --overwrite to replace it"
+        )
+
+
+def check_judged(ev: Evaluation, what: str) -> None:
+    """An evaluation that scores no query is an error, not a mean of 0.0000 (the run and the qrels do not match)."""
+    if not ev.per_query:
+        some = ", ".join(ev.skipped[:3])
+        raise DataError(f"{what}: no query of the run is judged (run queries {some}...): are these the right qrels?")
 
 
 def print_metrics(ev: Evaluation, label: str = "") -> None:
@@ -161,12 +244,16 @@ def save_metrics(path: Path, cfg: EvalConfig, ev: Evaluation, **extra) -> None:
         "per_query": ev.per_query,
         **extra,
     }
-    path.write_text(json.dumps(record, indent=1))
+    write_text(path, json.dumps(record, indent=1))
 
 
 def load_input(cfg: EvalConfig) -> Dataset:
     if cfg.dataset:
-        return load_dataset(cfg.dataset, cfg.data_dir)
+        ds = load_dataset(cfg.dataset, cfg.data_dir)
+        if cfg.qrels:  # said out loud: the numbers are then not the dataset's published ones
+            ds.qrels = load_qrels(cfg.qrels)
+            print(f"qrels: {cfg.qrels} (given with --qrels) instead of {ds.name}'s own judgments")
+        return ds
     return Dataset(slug(cfg.candidates), load_rankgpt(cfg.candidates), load_qrels(cfg.qrels))
 
 
@@ -179,12 +266,48 @@ RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "w
 
 
 def read_traces(path: Path, record: type = WindowTrace) -> list:
-    """traces.jsonl back into records (WindowTrace or SetwiseTrace), without a half-written last line (the run was
-    killed mid-write); the file is rewritten with what survived, so new lines never land on the tail of that one."""
-    traces = read_records(path, record)
-    if path.exists():
-        path.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
+    """traces.jsonl back into records (WindowTrace or SetwiseTrace). A half-written last line (the run was killed
+    mid-write) is dropped."""
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; use another --out, or --overwrite to start afresh") from None
+    traces = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            trace = record(**json.loads(line))
+            problem = trace_problem(trace)
+        except (json.JSONDecodeError, TypeError) as e:
+            if lineno == len(lines):
+                break
+            problem = f"not a {record.__name__} ({e!r})"
+        if problem:
+            raise DataError(f"{path}:{lineno}: {problem}; use another --out, or --overwrite to start afresh")
+        traces.append(trace)
+    # rewrite what survived, so new lines never land on the tail of a half-written one
+    write_text(path, "".join(json.dumps(asdict(t)) + "\n" for t in traces))
     return traces
+
+
+def trace_problem(t) -> str:
+    """What is wrong with a trace read back from disk ("" when nothing): replaying a damaged one would crash later."""
+    if not isinstance(t.qid, str) or not isinstance(t.completion, str):
+        return "'qid' and 'completion' must be strings"
+    if isinstance(t, WindowTrace):
+        ints = (t.start, t.end, *t.order) if isinstance(t.order, list) else ()
+        if not ints or not all(isinstance(i, int) and not isinstance(i, bool) for i in ints):
+            return "'start', 'end' and 'order' must be integers"
+        if sorted(t.order) != list(range(t.end - t.start)):
+            return f"'order' is not a permutation of the window ({t.start}, {t.end})"
+        return ""
+    if not isinstance(t.shown, list) or not all(isinstance(d, str) for d in t.shown):
+        return "'shown' must be a list of docids"
+    if t.pick is not None and (not isinstance(t.pick, int) or isinstance(t.pick, bool) or
+                               not 0 <= t.pick < len(t.shown)):
+        return f"'pick' must be null or an index into the {len(t.shown)} documents shown"
+    return ""
 
 
 def check_resumable(out: Path, cfg: EvalConfig) -> None:
@@ -192,14 +315,16 @@ def check_resumable(out: Path, cfg: EvalConfig) -> None:
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
     path = out / "rerank_config.json"
     if path.exists() and (out / "traces.jsonl").exists():
-        before = json.loads(path.read_text())
+        before = read_json(path)
+        if not isinstance(before, dict):
+            raise DataError(f"{path}: not a settings object; use another --out, or --overwrite to start afresh")
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
             raise DataError(
-                f"{out}/traces.jsonl was made with other settings {changed} (before, now): "
-                "use another --out, or delete traces.jsonl to start afresh"
+                f"{out}/traces.jsonl was made with other settings {changed} (before, now): rerun with those "
+                "settings to continue it, use another --out, or pass --overwrite to start afresh"
             )
-    path.write_text(json.dumps(settings, indent=1))
+    write_text(path, json.dumps(settings, indent=1))
 
 
 def load_generator(cfg: EvalConfig):
@@ -316,33 +441,36 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {path}")
             return
         if cfg.run:  # score a run file as it is: no reranking, no run written back
+            out = Path(cfg.out) if cfg.out else default_out(cfg)
+            prepare_out(out, cfg)
             ev = evaluate_run_file(cfg.run, load_qrels(cfg.qrels))
-            out = Path(cfg.out or f"runs/{slug(cfg.run)}")
-            out.mkdir(parents=True, exist_ok=True)
+            check_judged(ev, f"{cfg.run} against {cfg.qrels}")
             print_metrics(ev)
             save_metrics(out / "metrics.json", cfg, ev)
             print(f"wrote {out / 'metrics.json'}")
             return
+        if cfg.model is None:
+            from backend import default_model
+
+            cfg.model = default_model()
+        out = Path(cfg.out) if cfg.out else default_out(cfg)
+        prepare_out(out, cfg)  # before the data and the model load: a refused --out fails at once
         t = time.time()
         ds = load_input(cfg)
         rankings = [type(r)(r.query, r.candidates[: cfg.top_k]) for r in ds.rankings[: cfg.limit]]
         print(f"{ds.name}: {len(rankings)} queries, top-{cfg.top_k} candidates (loaded in {time.time() - t:.1f}s)")
         if ds.note:
             print(f"note: {ds.name} is {ds.note}")
-        if cfg.model is None:
-            from backend import default_model
-
-            cfg.model = default_model()
-        out = Path(cfg.out or f"runs/{ds.name}-{slug(cfg.model)}" + ("-setwise" if cfg.method == "setwise" else ""))
-        out.mkdir(parents=True, exist_ok=True)
+        first = evaluate_rankings(rankings, ds.qrels)
+        check_judged(first, f"{cfg.candidates} against {cfg.qrels}" if cfg.candidates else cfg.dataset)
         extra = {}
         if cfg.model != "bm25":
             print("config: " + json.dumps(asdict(cfg)))
-            print_metrics(evaluate_rankings(rankings, ds.qrels), "first stage ")
+            print_metrics(first, "first stage ")
             rankings, extra = rerank_with_model(cfg, rankings, out)
             print_metrics(ev := evaluate_rankings(rankings, ds.qrels), "reranked ")
         else:
-            print_metrics(ev := evaluate_rankings(rankings, ds.qrels))
+            print_metrics(ev := first)
         write_run(out / "run.trec", rankings, tag=slug(cfg.model))
         save_metrics(out / "metrics.json", cfg, ev, seconds=round(time.time() - t, 1), **extra)
         print(f"wrote {out / 'run.trec'} and {out / 'metrics.json'}" + (f" ({time.time() - t:.0f}s)" if extra else ""))

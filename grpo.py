@@ -47,6 +47,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import time
@@ -58,7 +59,8 @@ import numpy as np
 import torch
 
 from augment import AugmentStats, TrainInstance, augment, augment_setwise, make_instance, read_instances
-from data import DataError, Dataset, load_dataset
+from data import DATASETS, TEST_SETS, DataError, Dataset, load_dataset
+from files import check_file, check_out_dir, nonneg_float, nonneg_int, positive_float, positive_int
 from prefix import completion_logprobs, group_backward, unpadded
 from rearank import ANSWER_END, build_prompt
 from setwise import build_setwise_prompt
@@ -115,6 +117,7 @@ class Config:
     out: str = arg("runs/grpo", "output directory: config.json, metrics.jsonl, eval.jsonl, episodes.jsonl, "
                                 "checkpoint.pt, curves.png")
     resume: bool = arg(False, "continue from <out>/checkpoint.pt")
+    overwrite: bool = arg(False, "start afresh in an --out that holds a run, deleting it (without this, refused)")
     seed: int = arg(0, "one seed for data order, sampling and augmentation")
     data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
     memory: str = arg("auto", "auto: plan memory before loading and pick what the user did not set (fp32 or bf16 "
@@ -133,14 +136,73 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
         if f.type == "bool":
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
+            kind = FLAG_TYPES.get(f.name) or {"int": int, "float": float, "str": str}[f.type]
             p.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default!r})")
     p.add_argument("--plot", action="store_true", help="only redraw <out>/curves.png from <out>/metrics.jsonl")
     args = vars(p.parse_args(argv))
     plot = args.pop("plot")
     if args["method"] not in TASKS:
         p.error(f"--method {args['method']!r}: choose one of {', '.join(TASKS)}")
-    return Config(**args), plot
+    cfg = Config(**args)
+    if not plot and (problem := config_problem(cfg)):
+        p.error(problem)
+    return cfg, plot
+
+
+# the least value each numeric flag takes, checked when the command is parsed (files.py's argparse types)
+FLAG_TYPES = {
+    **dict.fromkeys(("samples", "size", "steps", "batch_size", "group_size", "updates", "max_new_tokens", "eval_size",
+                     "eval_batch_size"), positive_int),
+    **dict.fromkeys(("micro_batch", "eval_queries", "eval_every", "save_every", "dump_every", "seed", "logits_chunk"),
+                    nonneg_int),
+    **dict.fromkeys(("lr", "clip_eps", "temperature"), positive_float),
+    **dict.fromkeys(("min_ndcg", "weight_decay", "max_grad_norm", "beta", "memory_gb"), nonneg_float),
+}
+
+
+def config_problem(cfg: Config) -> str:
+    """What is wrong with a parsed Config across flags (argparse checked each one alone), or "" when nothing is."""
+    if cfg.group_size < 2:
+        return f"--group-size {cfg.group_size}: GRPO compares completions within a group; it needs at least 2"
+    if cfg.size < 2:
+        return f"--size {cfg.size}: a candidate set needs at least 2 passages to have an order"
+    if cfg.min_ndcg > 1:
+        return f"--min-ndcg {cfg.min_ndcg}: nDCG@10 is at most 1, so every set would be dropped"
+    if cfg.clip_eps >= 1:
+        return f"--clip-eps {cfg.clip_eps}: the clip range [1-eps, 1+eps] needs eps < 1"
+    if cfg.resume and cfg.overwrite:
+        return "--resume continues the run in --out, --overwrite deletes it: choose one"
+    if cfg.train_file:
+        try:
+            check_file(cfg.train_file)
+        except DataError as e:
+            return f"--train-file {e}"
+    elif cfg.dataset not in DATASETS:
+        return f"--dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}"
+    elif cfg.dataset in TEST_SETS:
+        return (f"--dataset {cfg.dataset} is a test set: training on it makes its evaluation meaningless; use dl21 or "
+                "scifact-train (or a --train-file from `augment.py --allow-test-set`)")
+    if cfg.eval_every and cfg.eval_dataset not in DATASETS:
+        return f"--eval-dataset {cfg.eval_dataset!r}: choose one of {', '.join(DATASETS)}"
+    if cfg.eval_every and not cfg.train_file and cfg.eval_dataset == cfg.dataset:
+        return f"--eval-dataset {cfg.eval_dataset} is also the training --dataset: held-out means not trained on"
+    return ""
+
+
+def check_out(cfg: Config) -> None:
+    """Finished work is never lost: an --out holding a run is continued only with --resume, replaced only with
+    --overwrite (which deletes it here, checkpoint included, so a later --resume cannot pick up the old run)."""
+    out = check_out_dir(cfg.out, create=False)
+    held = sorted(p.name for p in out.iterdir() if p.name != "config.json") if out.is_dir() else []
+    if not held or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise DataError(f"{out} holds a training run ({', '.join(held[:6])}): continue it with --resume, use a new "
+                        "--out, or pass --overwrite to delete it and start afresh")
+    for name in held:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    print(f"--overwrite: deleted {', '.join(held)} from {out}")
 
 
 def explicit_flags(argv: list[str] | None) -> set[str]:
@@ -501,7 +563,17 @@ def log_line(m: dict) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The records of a log file; a half-written last line (the run was killed mid-write) is dropped, a damaged line
+    before it is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno < len(lines) and line.strip():
+                raise DataError(f"{path}:{lineno}: invalid JSON line ({e.msg}); use a new --out") from None
+    return records
 
 
 def plot(out: Path) -> Path | None:
@@ -558,6 +630,7 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs
 
+    check_out(cfg)  # before anything is written: never replace a run by mistake
     plan_memory(cfg, explicit)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -734,11 +807,11 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, only_plot = parse_args(argv)
-    if only_plot:
-        path = plot(Path(cfg.out))
-        print(f"wrote {path}" if path else "no plot written")
-        return
     try:
+        if only_plot:
+            path = plot(Path(cfg.out))
+            print(f"wrote {path}" if path else "no plot written")
+            return
         train(cfg, explicit_flags(argv))
     except (DataError, ModelError) as e:
         sys.exit(f"error: {e}")
