@@ -6,7 +6,7 @@
     python eval.py --dataset dl19 --model runs/grpo/model                   # evaluate what it trained
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
 
-One step: B training instances (candidate sets sampled by `data.py augment`, METHOD §4), each rendered with the REARANK
+One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
 prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
 reward (reward.py) -> advantages within each group -> the clipped policy-gradient loss on the generated token ids ->
 one optimizer step. Everything a step did is one line on stdout and one JSON object in <out>/metrics.jsonl.
@@ -62,10 +62,8 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from data import (
-    AugmentStats, DataError, Dataset, TrainInstance,
-    augment, augment_setwise, load_dataset, make_instance, read_instances,
-)
+from augment import AugmentStats, TrainInstance, augment, augment_setwise, make_instance, read_instances
+from data import DataError, Dataset, load_dataset
 from prefix import completion_logprobs, group_backward, unpadded
 from rearank import ANSWER_END, build_prompt
 from setwise import build_setwise_prompt
@@ -91,7 +89,7 @@ class Config:
     method: str = arg("listwise", "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant "
                                   "passage)")
     dataset: str = arg("dl21", "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)")
-    train_file: str = arg("", "JSONL of training instances from `data.py augment` (overrides --dataset)")
+    train_file: str = arg("", "JSONL of training instances from `augment.py` (overrides --dataset)")
     samples: int = arg(50, "augmentation: candidate sets sampled per query")
     size: int = arg(20, "augmentation: passages per candidate set (the paper: 20)")
     min_ndcg: float = arg(0.1, "augmentation: drop sets whose best reachable nDCG@10 is below this")
@@ -883,7 +881,7 @@ def train(cfg: Config) -> dict:
     model, tokenizer = load_model(cfg.model)
     model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)

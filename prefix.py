@@ -25,8 +25,8 @@ For the log-probs a group shares ONE unpadded prompt: `prompt_ids` is `(P,)` or 
 (`generate` takes a left-padded batch and strips each prompt's padding itself). Completions are
 right-padded `(G, C)` with `completion_mask` 1 on real tokens (pad with any valid token id).
 
-Pitfalls in transformers 5.23 that shape this file:
-- A checkpointed decoder layer (`GradientCheckpointingLayer`, modeling_layers.py) drops `past_key_values` (and
+Pitfalls in transformers 5.24 that shape this file:
+- A checkpointed decoder layer (`GradientCheckpointingLayer`, modeling_layers.py) drops `cache` (and
   `use_cache`) unless the layer sets `_can_checkpoint_with_cache`. Our caches only read (or record once), so we set
   that flag on the model's layers for the duration of a forward (`_cache_survives_checkpointing`).
 - A checkpointed layer calls the cache's `update` twice: forward, then recompute in backward. So `PrefixLayer.update`
@@ -34,8 +34,8 @@ Pitfalls in transformers 5.23 that shape this file:
   serves several micro-batches.
 - Reentrant checkpointing runs the layer under no_grad and only tracks its positional inputs; the broadcast prefix
   reaches the layer through the cache, so its gradient is silently lost (issue 6 measured a relative error of ~1.15).
-  We refuse it (`check_checkpointing`). Non-reentrant checkpointing is exact. (`gradient_checkpointing_enable` is
-  deprecated in 5.23 for `activation_checkpointing_enable`, whose default is already non-reentrant.)
+  We refuse it (`check_checkpointing`). Non-reentrant checkpointing (`activation_checkpointing_enable`'s default)
+  is exact.
 - Checkpointed layers drop the cache whenever `model.training`, even under no_grad, so `rollout` generates in eval
   mode.
 - Positions and the mask come from the cache: `get_seq_length()` (position ids, query offset) and
@@ -123,7 +123,7 @@ class _RecordLayer(CacheLayerMixin):
 class PrefixCache(Cache):
     """A read-only cache: the keys/values of a prompt's first P-1 tokens per layer, and its last token `(1, 1)`.
 
-    Pass it as `past_key_values` to a forward whose rows start with `last_token`.
+    Pass it as `cache` to a forward whose rows start with `last_token`.
     """
 
     def __init__(self, layers: list[PrefixLayer], last_token: torch.Tensor):
@@ -152,7 +152,7 @@ def check_checkpointing(model) -> None:
                 raise ValueError(
                     "the shared prompt needs non-reentrant activation checkpointing: reentrant checkpointing "
                     "drops the gradient that flows through the prompt's keys/values. Use "
-                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+                    "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})."
                 )
 
 
@@ -168,7 +168,7 @@ def _check_full_attention(model) -> None:
 
 @contextlib.contextmanager
 def _cache_survives_checkpointing(model):
-    """Let checkpointed decoder layers keep `past_key_values` (transformers drops it, modeling_layers.py).
+    """Let checkpointed decoder layers keep `cache` (transformers drops it, modeling_layers.py).
 
     Safe here because our caches never grow: the recompute reads the same prefix. The flag is only read when the
     layer is called, so restoring it afterwards does not affect the later recompute.
@@ -216,7 +216,7 @@ def prompt_forward(model, prompt_ids: torch.Tensor) -> PrefixCache:
     record = Cache(layers=[_RecordLayer() for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)])
     with _cache_survives_checkpointing(model):
         # logits_to_keep=1: the prefix's logits are never used, so skip the (P, V) lm_head product
-        model(input_ids=prompt_ids[:, :-1], past_key_values=record, use_cache=False, logits_to_keep=1)
+        model(input_ids=prompt_ids[:, :-1], cache=record, use_cache=False, logits_to_keep=1)
     return PrefixCache([PrefixLayer(lay.keys, lay.values) for lay in record.layers], prompt_ids[:, -1:])
 
 
@@ -230,7 +230,7 @@ def prefix_logprobs(model, prefix: PrefixCache, completion_ids: torch.Tensor, co
     attention_mask = torch.cat([ones, completion_mask], dim=1)  # (B, P+C)
     with _cache_survives_checkpointing(model):
         # positions start at P-1 because they are derived from prefix.get_seq_length() (LlamaModel.forward)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=prefix,
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=prefix,
                        use_cache=False).logits  # (B, 1+C, V)
     # logits at t score token t+1: the last prompt token's score completion token 0
     return token_logprobs(logits[:, :-1], completion_ids, temperature)
@@ -358,7 +358,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats
     model.eval()  # checkpointed layers in train mode would drop the cache (modeling_layers.py)
     try:
         if shared and full_attention(model):  # else plain generate: sliding-window layers need their own cache
-            generate_kwargs["past_key_values"] = prefilled_cache(model, prompt_ids, prompt_mask, repeats)
+            generate_kwargs["cache"] = prefilled_cache(model, prompt_ids, prompt_mask, repeats)
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
     finally:
         model.train(was_training)

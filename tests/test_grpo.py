@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import augment
 import data
 import grpo
 from data import Candidate
@@ -77,7 +78,7 @@ def toy_batch(n: int = 2):
     """Training instances whose prompts differ in length, so the rollout batch is left-padded."""
     cands = [Candidate(f"d{i}", "flea " * (1 + 9 * i)) for i in range(6)]
     ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1}})
-    return [data.make_instance(ds.rankings[0].query, cands[i : i + 3], ds.qrels["q1"]) for i in range(n)]
+    return [augment.make_instance(ds.rankings[0].query, cands[i : i + 3], ds.qrels["q1"]) for i in range(n)]
 
 
 def test_greedy_rollout_of_a_padded_batch_is_what_the_training_pass_scores(tokenizer, true_float64):
@@ -116,7 +117,7 @@ def test_prompt_once_per_group_gives_the_usual_loss_and_gradients_in_float64(tru
     # prompt run once per group equals the prompt repeated per completion (TRL's way) to 1e-10 relative
     model = tiny_model(100).double().train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = tiny_model(100, seed=1).double().eval()
     ro = hand_rollout(100)
     adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5], dtype=torch.float64)
@@ -247,8 +248,8 @@ def test_one_step_at_lr_1e_6_moves_fp32_weights_but_not_bf16_ones():
 def toy_instances(path):
     cands = [Candidate(f"d{i}", f"passage number {i} about fleas" if i % 2 else f"cats {i}") for i in range(12)]
     ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1, "d5": 3}})
-    instances, _ = data.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)
-    data.write_instances(path, instances)
+    instances, _ = augment.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)
+    augment.write_instances(path, instances)
     return path
 
 
@@ -302,9 +303,9 @@ def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatc
 
     cands = [Candidate(f"d{i}", f"passage number {i}") for i in range(12)]
     ds = data.Dataset("toy", [Ranking(Query("q", "which passage"), cands)], {"q": {"d3": 2}})
-    insts, _ = data.augment_setwise(ds, samples=4, size=4, seed=0)
+    insts, _ = augment.augment_setwise(ds, samples=4, size=4, seed=0)
     path = tmp_path / "sw.jsonl"
-    data.write_instances(path, insts)
+    augment.write_instances(path, insts)
     task, prompts, scored = grpo.TASKS["setwise"], [], []
 
     def prompt(inst):
