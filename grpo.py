@@ -795,7 +795,7 @@ def log_line(m: dict) -> str:
     return (
         f"step {m['step']}/{m['steps']} | reward {m['reward']:.3f}±{m['reward_std']:.3f} "
         f"(rank {m['rank']:+.3f} f1 {m['format1']:.2f} f2 {m['format2']:.2f}) | zero-std {m['frac_zero_std']:.2f} | "
-        f"len {m['completion_len']:.0f} trunc {m['frac_truncated']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} | "
+        f"len {m['completion_len']:.0f} trunc {m['frac_truncated']:.2f} | kl {m['kl']:.3g} clip {m['clip_frac']:.3f} | "
         f"gnorm {m['grad_norm']:.3f} lr {m['lr']:.1e} | gen {m['gen_s']:.0f}s train {m['train_s']:.0f}s "
         f"(ref {m.get('ref_s', 0.0):.1f}s)"
     )
