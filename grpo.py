@@ -107,8 +107,6 @@ class Config:
     max_grad_norm: float = arg(1.0, "clip the gradient norm to this (0 = no clipping)")
     beta: float = arg(0.001, "KL coefficient of the k3 penalty to the frozen reference (verl's default); 0 = no "
                              "reference model at all")
-    reference: str = arg("auto", "where the reference lives: resident (on the device), offload (CPU memory, on the "
-                                 "device only for its no-grad pass each step), auto (resident unless memory is short)")
     clip_eps: float = arg(0.2, "PPO clip range: the ratio is clipped to [1-eps, 1+eps]")
     no_std: bool = arg(False, "advantages r - mean(r) without dividing by std (Dr. GRPO)")
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
@@ -128,6 +126,15 @@ class Config:
     resume: bool = arg(False, "continue from <out>/checkpoint/")
     seed: int = arg(0, "one seed for data order, sampling and augmentation")
     data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
+    memory: str = arg("auto", "auto: plan memory before loading and pick what the user did not set (fp32 or bf16 "
+                              "weights, checkpointing, micro-batch, logits chunk, where the reference lives); off: the "
+                              "flags as given (memory.py)")
+    memory_gb: float = arg(0.0, "memory budget the plan fits in, GB (0 = the device's free memory)")
+    logits_chunk: int = arg(0, "positions per lm_head chunk in the training passes (0 = the planner picks; all at "
+                               "once with --memory off)")
+    reference: str = arg("auto", "where the KL's frozen reference lives: resident (on the device), offload (CPU "
+                                 "memory, on the device only for its no-grad pass each step), auto (the memory plan "
+                                 "decides)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
@@ -147,6 +154,35 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     if args["reference"] not in REFERENCE_PLACEMENTS:
         p.error(f"--reference {args['reference']!r}: choose one of {', '.join(REFERENCE_PLACEMENTS)}")
     return Config(**args), plot
+
+
+def explicit_flags(argv: list[str] | None) -> set[str]:
+    """The Config fields set on the command line (argparse's unique-prefix abbreviations included), which the memory
+    plan must not change."""
+    flags = {"--" + f.name.replace("_", "-"): f.name for f in fields(Config)}
+    given = set()
+    for token in sys.argv[1:] if argv is None else argv:
+        name = token.split("=", 1)[0]
+        matches = [flags[name]] if name in flags else [v for k, v in flags.items() if k.startswith(name)]
+        if token.startswith("--") and len(matches) == 1:
+            given |= set(matches)
+    return given
+
+
+def plan_memory(cfg: Config, explicit: set[str] | None) -> None:
+    """Print the memory plan and fill in what the user left to it (memory.py), before any weight is loaded.
+    `explicit` None (train() called from code): the fields that differ from their defaults count as given."""
+    import memory
+    from backend import SMOLLM2, smollm2_dir
+
+    if explicit is None:
+        explicit = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    try:
+        config = memory.published_config(str(smollm2_dir()) if cfg.model == SMOLLM2 else cfg.model)
+    except (OSError, ValueError) as e:
+        print(f"memory plan: skipped, cannot read the model's config ({str(e).splitlines()[0][:200]})")
+        return
+    memory.plan_run(cfg, explicit, config, torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -295,7 +331,7 @@ def group_logprobs(model, ro: Rollout, cfg: Config) -> list[torch.Tensor]:
     for b in range(len(ro.prompts)):
         prompt, ids, mask, _ = ro.group(b)
         out.append(completion_logprobs(model, prompt, ids, mask, cfg.temperature, shared=not cfg.repeat_prompt,
-                                       micro_batch=cfg.micro_batch or None))
+                                       micro_batch=cfg.micro_batch or None, logits_chunk=cfg.logits_chunk))
     return out
 
 
@@ -321,7 +357,7 @@ def policy_backward(model, ro: Rollout, adv: torch.Tensor, old_logp: list | None
 
         # the backward runs inside (loss.backward()): Accelerate's backward adds nothing on one device with bf16
         total += group_backward(model, prompt, ids, mask, loss_fn, cfg.temperature, cfg.micro_batch or None,
-                                shared=not cfg.repeat_prompt)
+                                shared=not cfg.repeat_prompt, logits_chunk=cfg.logits_chunk)
     return total, {k: v / n_tokens for k, v in sums.items()}
 
 
@@ -375,8 +411,13 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class BF16AdamW(torch.optim.Optimizer):
-    """AdamW for bf16 weights: moments stored in bf16, the step computed in fp32, written back with stochastic
-    rounding. 8 bytes a parameter (weight, grad, two moments), against 10 for fp32 master weights with 8-bit Adam."""
+    """AdamW for bf16 weights: moments stored in bf16, the step computed in fp32; weights and moments are written back
+    with stochastic rounding. 8 bytes a parameter (weight, grad, two moments), against 10 for fp32 master weights with
+    8-bit Adam.
+
+    The moments need the stochastic rounding too: v's 0.1 % decay a step (beta2 = 0.999) is below half a bf16
+    spacing (0.39 %), so round-to-nearest leaves v where it was and it stops tracking g^2 (0.25 of the truth after
+    3,000 steps of a constant gradient, issue 10); rounded at random, v decays right on average."""
 
     CHUNK = 1 << 24  # elements per fp32 temporary: a 545M-parameter embedding must not need 4 fp32 copies at once
 
@@ -400,8 +441,8 @@ class BF16AdamW(torch.optim.Optimizer):
                     g = g.float()
                     m32 = m.float().mul_(b1).add_(g, alpha=1 - b1)
                     v32 = v.float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                    m.copy_(m32)
-                    v.copy_(v32)
+                    stochastic_round_(m, m32)
+                    stochastic_round_(v, v32)
                     update = (m32 / c1) / ((v32 / c2).sqrt() + group["eps"])
                     stochastic_round_(w, w.float() * (1 - lr * group["weight_decay"]) - lr * update)
 
@@ -423,9 +464,9 @@ def reference_placement(choice: str, cuda: bool, ref_bytes: int, device_bytes: i
     """Where the frozen reference of the KL term lives: "resident" (on the device, beside the policy) or "offload"
     (in CPU memory, on the device only for its one no-grad pass a step).
 
-    "auto": resident on CPU (there is nowhere else to put it) and on a GPU when it takes at most a tenth of the
-    device's memory; offloaded otherwise (a bf16 7B reference is 15.2 GB, a fifth of an 80 GB GPU). A stand-in
-    until the memory plan (issue 10) decides from the whole budget; an explicit choice always wins.
+    With --memory auto the plan (memory.py) has already replaced "auto" by its choice. Left "auto" (--memory off, or
+    no plan): resident on CPU (there is nowhere else to put it) and on a GPU when it takes at most a tenth of the
+    device's memory; offloaded otherwise (a bf16 7B reference is 15.2 GB, a fifth of an 80 GB GPU).
 
     >>> reference_placement("auto", cuda=True, ref_bytes=15_200_000_000, device_bytes=80_000_000_000)
     'offload'
@@ -497,6 +538,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def weight_sample(params: list[torch.Tensor], per_tensor: int = 1024) -> list[torch.Tensor]:
+    """Up to `per_tensor` evenly spaced entries of each tensor, copied to the CPU: enough to see whether the weights
+    move, at a few MB for a 7B model (a copy of every 10th tensor took 5.4 GB of GPU memory, issue 10)."""
+    out = []
+    for p in params:
+        flat = p.detach().reshape(-1)
+        out.append(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].to("cpu", copy=True))
+    return out
 
 
 def moved_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
@@ -853,16 +904,25 @@ def plot(out: Path) -> Path | None:
 # the loop
 
 
-def train(cfg: Config) -> dict:
-    """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them)."""
+def train(cfg: Config, explicit: set[str] | None = None) -> dict:
+    """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them). `explicit`: the fields
+    the user set (the memory plan keeps them); None: those that differ from the defaults."""
     from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
 
+    plan_memory(cfg, explicit)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(asdict(cfg), indent=1))
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")  # bf16 autocast, weights keep their dtype
+    # autocast caches a bf16 cast of every fp32 weight until its context ends (15 GB at 7B): worth it across the
+    # rollout's decoding steps; in no-grad passes nothing needs the casts afterwards; in the backward without
+    # checkpointing the graphs save the casts anyway (the cache makes the prompt's graph and each micro-batch's share
+    # one copy), with checkpointing they are recomputed layer by layer, so a cache would only keep them all alive
+    uncached = AutocastKwargs(cache_enabled=False)
+    training_casts = AutocastKwargs(cache_enabled=not cfg.gradient_checkpointing)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -948,7 +1008,7 @@ def train(cfg: Config) -> dict:
             N = r.numel()
             old_logp = ref_logp = None
             ref_s = 0.0
-            with torch.no_grad(), accelerator.autocast():
+            with torch.no_grad(), accelerator.autocast(uncached):
                 if cfg.updates > 1:
                     old_logp = group_logprobs(model, ro, cfg)
                 if ref is not None:
@@ -958,12 +1018,12 @@ def train(cfg: Config) -> dict:
 
             # --- update: `updates` passes over the batch, each followed by an optimizer step
             first = step == start and not cfg.resume
-            if first:  # prove the weights move at this lr (METHOD §5): snapshot a few tensors
-                watched = [p for p in policy.parameters() if p.requires_grad][:: 10]
-                before = [p.detach().clone() for p in watched]
+            if first:  # prove the weights move at this lr (METHOD §5): a small sample of every tensor, on the CPU
+                watched = [p for p in policy.parameters() if p.requires_grad]
+                before = weight_sample(watched)
             losses, stats, grad_norm = [], {}, 0.0  # stats: of the last update (the first one's ratio is 1)
             for _ in range(cfg.updates):
-                with accelerator.autocast():
+                with accelerator.autocast(training_casts):
                     loss, stats = policy_backward(model, ro, adv, old_logp, ref_logp, cfg)
                 losses.append(loss)
                 # the norm before clipping; an infinite bound measures without clipping
@@ -972,7 +1032,8 @@ def train(cfg: Config) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             train_s = time.time() - t1
             if first:
-                moved = moved_fraction(before, [p.detach() for p in watched])
+                moved = moved_fraction(before, weight_sample(watched))
+                del before
                 print(f"weights: {moved:.1%} of the watched parameters changed in the first step at lr {cfg.lr:g}")
 
             # --- log / checkpoint
@@ -1029,7 +1090,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}" if path else "no plot written")
         return
     try:
-        train(cfg)
+        train(cfg, explicit_flags(argv))
     except (DataError, ModelError) as e:
         sys.exit(f"error: {e}")
 

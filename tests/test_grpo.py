@@ -160,6 +160,13 @@ def test_advantages_zero_mean_per_group_and_zero_for_a_constant_group():
     assert a.std().item() == pytest.approx(1.0, abs=1e-3)  # unit std (up to eps)
 
 
+def test_advantages_of_a_group_whose_std_is_near_eps():
+    # std of [0, 2e-4] is sqrt(2) 1e-4, eps 1e-4: (+-1e-4) / (sqrt(2) 1e-4 + 1e-4) = +-(sqrt(2) - 1); eps inside the
+    # square root (sqrt(var + eps) = 0.01) would give +-0.01
+    a = group_advantages(torch.tensor([0.0, 2e-4], dtype=torch.float64), 2)
+    torch.testing.assert_close(a, torch.tensor([1 - math.sqrt(2), math.sqrt(2) - 1], dtype=torch.float64))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the loss
 
@@ -196,6 +203,16 @@ def test_kl_is_nonnegative_and_zero_when_policy_is_reference():
     assert (kl >= 0).all()
 
 
+def test_k3_kl_of_a_single_token():
+    # pi = 0.2, pi_ref = 0.1: KL_k3 = pi_ref/pi - ln(pi_ref/pi) - 1 = 0.5 - ln 0.5 - 1 = 0.19315 (swapping the two
+    # log-probs gives 2 - ln 2 - 1 = 0.30685); with A = 0 the loss is beta * KL
+    logp, ref = torch.log(torch.tensor([[0.2]])), torch.log(torch.tensor([[0.1]]))
+    loss, stats = grpo_loss(logp, None, ref, torch.tensor([0.0]), torch.ones(1, 1), beta=0.5)
+    assert stats["kl"] == pytest.approx(0.5 - math.log(0.5) - 1, abs=1e-6) and stats["kl"] == pytest.approx(0.19315,
+                                                                                                             abs=1e-5)
+    assert loss.item() == pytest.approx(0.5 * 0.19315, abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "ratio, adv, clipped",
     [(1.1, 1.0, False), (1.5, 1.0, True), (1.5, -1.0, False), (0.9, -1.0, False), (0.5, -1.0, True), (0.5, 1.0, False)],
@@ -217,6 +234,14 @@ def test_one_update_per_batch_gives_the_policy_gradient():
     loss.backward()
     assert stats["ratio"] == 1.0 and loss.item() == pytest.approx(-2.0)
     torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, -1.0]]))
+
+
+def test_batch_indices_draw_a_fresh_permutation_every_epoch():
+    n = 10
+    epochs = [grpo.batch_indices(e, n, n, seed=0) for e in range(4)]  # one step = one epoch
+    assert all(sorted(e) == list(range(n)) for e in epochs)  # each epoch visits every instance once
+    assert len({tuple(e) for e in epochs}) == 4  # and in a different order each time
+    assert grpo.batch_indices(1, n, n, seed=1) != epochs[1]  # the seed matters too
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -323,3 +348,32 @@ def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatc
     assert len(scored) == 2 * 3  # B prompts x G completions, each scored by Rank-R1's reward
     with pytest.raises(SystemExit):
         grpo.parse_args(["--method", "pointwise"])
+
+
+def test_bf16_adamw_second_moment_tracks_a_constant_gradient_over_thousands_of_steps():
+    # beta2 = 0.999: v's decay of 0.1 % a step is below half a bf16 spacing; rounded to nearest it stalls and v / c2
+    # falls to ~0.25 g^2 after 3,000 steps (updates ~2x too large); rounded stochastically it stays near g^2
+    torch.manual_seed(0)
+    g = torch.linspace(0.5, 2.0, 4096)
+    w = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
+    opt = grpo.BF16AdamW([w], lr=1e-6)
+    for _ in range(3000):
+        w.grad = g.to(torch.bfloat16)
+        opt.step()
+    state = opt.state[w]
+    v_hat = state["v"].float() / (1 - 0.999 ** state["step"])
+    ratio = v_hat / g.to(torch.bfloat16).float() ** 2
+    assert ratio.mean().item() == pytest.approx(1.0, abs=0.02)  # unbiased on average
+    assert (ratio - 1).abs().max().item() < 0.25  # and no element far off
+
+
+def test_weight_sample_is_small_and_on_the_cpu_and_sees_a_move():
+    model = tiny_model(100)
+    params = list(model.parameters())
+    before = grpo.weight_sample(params, per_tensor=64)
+    assert all(t.device.type == "cpu" and t.numel() <= 64 for t in before)
+    assert all(t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() for t, p in zip(before, params))
+    assert grpo.moved_fraction(before, grpo.weight_sample(params, per_tensor=64)) == 0.0
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert 0 < grpo.moved_fraction(before, grpo.weight_sample(params, per_tensor=64)) < 1

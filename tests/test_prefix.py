@@ -291,3 +291,40 @@ def test_generate_falls_back_to_plain_for_sliding_window_layers():
     handle.remove()
     assert shapes[0] == (2, P)  # no prefix pass: plain generate prefilled the repeated prompt
     assert torch.equal(out, prefix.generate(model, ids, torch.ones_like(ids), repeats=2, shared=False, **kwargs))
+
+
+# --- logits in chunks of positions (issue 10)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunked_logits_give_the_same_logprobs_and_gradients_float64(true_float64, shared):
+    model = tiny_model(torch.float64)
+    g = torch.Generator().manual_seed(2)
+    prompt, ids = torch.randint(4, 97, (7,), generator=g), torch.randint(4, 97, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    results = []
+    for chunk in (0, 4):  # 9 positions: chunks of 4, 4 and 1
+        model.zero_grad()
+        logp = prefix.completion_logprobs(model, prompt, ids, mask, temperature=0.7, shared=shared, logits_chunk=chunk)
+        (logp * mask).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp0, g0), (lp1, g1) = results
+    assert (lp1 - lp0).abs().max() <= 1e-12
+    for name, grad in g0.items():
+        assert (g1[name] - grad).norm() <= 1e-10 * grad.norm(), name
+
+
+def test_prefilled_cache_is_bf16_under_autocast_with_fp32_weights():
+    # fp32 weights under bf16 autocast: the rotary embedding makes fp32 keys; the cache stores what SDPA computes in
+    model = tiny_model(torch.float32).eval()
+    prompt = torch.randint(4, 97, (1, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = prefix.prefilled_cache(model, prompt, torch.ones_like(prompt), repeats=2)
+        assert {lay.keys.dtype for lay in cache.layers} == {lay.values.dtype for lay in cache.layers} == \
+            {torch.bfloat16}
+        model.generate(input_ids=prompt.repeat(2, 1), attention_mask=torch.ones(2, 8, dtype=torch.long),
+                       cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert {lay.keys.dtype for lay in cache.layers} == {torch.bfloat16}  # decoding steps do not promote it
+    assert cache.layers[0].keys.shape[-2] == 8 + 4 - 1  # the prompt and the tokens fed back (not the last)
+    assert prefix.prefilled_cache(model, prompt, torch.ones_like(prompt)).layers[0].keys.dtype == torch.float32
