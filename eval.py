@@ -93,7 +93,7 @@ class EvalConfig:
     top_k: int = 100
     window: int = 20
     step: int = 10
-    batch_size: int = 8
+    batch_size: int | None = None  # None: default_batch_size (8 on CPU, one window position of every query on CUDA)
     limit: int | None = None
     max_new_tokens: int = 2048
     num_child: int = 19
@@ -129,7 +129,9 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p.add_argument("--top-k", type=positive_int, default=100, help="candidates per query to consider")
     p.add_argument("--window", type=positive_int, default=20, help="passages per window")
     p.add_argument("--step", type=positive_int, default=10, help="how far the window moves up each time (<= --window)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="windows (of different queries) generated together")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="windows (of different queries) generated together (default: 8 on CPU; on CUDA the window of "
+                   "every query at one position, at most 64)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N queries")
     p.add_argument("--max-new-tokens", type=positive_int, default=2048, help="generation budget per window (paper: 2048)")
     p.add_argument("--num-child", type=positive_int, default=19,
@@ -245,6 +247,18 @@ def save_metrics(path: Path, cfg: EvalConfig, ev: Evaluation, **extra) -> None:
         **extra,
     }
     write_text(path, json.dumps(record, indent=1))
+
+
+def default_batch_size(queries: int, cuda: bool, cap: int = 64) -> int:
+    """--batch-size when none is given. On CPU 8 (a bigger batch only adds padding there). On CUDA the k-th window of
+    every query at once: DL19's 43 queries at top-100 take 9 generate calls instead of 54, and a GPU decoding 8 rows
+    is mostly idle. At most 64, so a 7B model's KV cache (57 KB a token in bf16 for Qwen2.5-7B: 64 windows of
+    2,300 + 2,048 tokens = 16 GB) stays well beside its 15 GB of weights on an 80 GB GPU.
+
+    >>> default_batch_size(43, cuda=True), default_batch_size(43, cuda=False), default_batch_size(300, cuda=True)
+    (43, 8, 64)
+    """
+    return max(1, min(queries, cap)) if cuda else 8
 
 
 def load_input(cfg: EvalConfig) -> Dataset:
@@ -465,6 +479,10 @@ def main(argv: list[str] | None = None) -> None:
         check_judged(first, f"{cfg.candidates} against {cfg.qrels}" if cfg.candidates else cfg.dataset)
         extra = {}
         if cfg.model != "bm25":
+            if cfg.batch_size is None:
+                import torch
+
+                cfg.batch_size = default_batch_size(len(rankings), torch.cuda.is_available())
             print("config: " + json.dumps(asdict(cfg)))
             print_metrics(first, "first stage ")
             rankings, extra = rerank_with_model(cfg, rankings, out)

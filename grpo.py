@@ -3,6 +3,7 @@
     python grpo.py --model Qwen/Qwen2.5-7B-Instruct                         # the paper's recipe, one GPU
     python grpo.py --model smollm2 --dataset dl21 --steps 40 --size 5       # the embedded model on CPU
     python grpo.py --out runs/grpo --resume                                 # continue from the last checkpoint
+    python eval.py --dataset dl19 --model runs/grpo/model                   # evaluate what it trained
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
 
 One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
@@ -23,8 +24,10 @@ How this departs from vanilla GRPO (DeepSeekMath, arXiv 2402.03300):
    token count of the whole batch, so micro-batches (`--micro-batch`) do not change the gradient.
 2. `--no-std` drops the std from the advantage (Dr. GRPO): with std, a group that differs only in a format bit gets
    advantages as large as a group that differs in ranking quality (METHOD §5 pitfalls).
-3. The KL penalty is off by default (`--beta 0`, like TRL and DAPO); the frozen reference model is loaded only when
-   beta > 0. When on, it is the k3 estimator per token, as DeepSeekMath.
+3. The KL penalty to the frozen initial policy is on, as the design has it, with verl's default coefficient
+   (`--beta 0.001`, k3 "low_var_kl"; REARANK trained with verl, ReasonRank and nano-aha-moment use 0.001 too): the
+   k3 estimator per token, as DeepSeekMath. `--reference offload` keeps the reference in CPU memory and brings it to
+   the GPU only for its no-grad pass; `--beta 0` (TRL's and DAPO's default) builds no reference at all.
 4. With one update per rollout batch (`--updates 1`, the default) the old policy *is* the current one: the ratio is
    exp(logp - logp.detach()) == 1, the clip is inert and no extra forward pass is made. With `--updates > 1` the old
    log-probs are computed once, under no_grad, before the first update.
@@ -46,6 +49,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -69,6 +73,9 @@ from reward import Reward, rerank_reward, setwise_set_reward
 
 # ----------------------------------------------------------------------------------------------------------------------
 # config
+
+
+REFERENCE_PLACEMENTS = ("auto", "resident", "offload")
 
 
 def arg(default, help: str):
@@ -99,7 +106,8 @@ class Config:
     lr: float = arg(1e-6, "learning rate (AdamW)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "clip the gradient norm to this (0 = no clipping)")
-    beta: float = arg(0.0, "KL coefficient (k3 estimator); 0 = no reference model")
+    beta: float = arg(0.001, "KL coefficient of the k3 penalty to the frozen reference (verl's default); 0 = no "
+                             "reference model at all")
     clip_eps: float = arg(0.2, "PPO clip range: the ratio is clipped to [1-eps, 1+eps]")
     no_std: bool = arg(False, "advantages r - mean(r) without dividing by std (Dr. GRPO)")
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
@@ -115,8 +123,8 @@ class Config:
     save_every: int = arg(25, "checkpoint every N steps (also at the end and on Ctrl-C)")
     dump_every: int = arg(10, "write the completions of one group to <out>/episodes.jsonl every N steps (0 = never)")
     out: str = arg("runs/grpo", "output directory: config.json, metrics.jsonl, eval.jsonl, episodes.jsonl, "
-                                "checkpoint.pt, curves.png")
-    resume: bool = arg(False, "continue from <out>/checkpoint.pt")
+                                "checkpoint/, model/ (the trained reranker), curves.png")
+    resume: bool = arg(False, "continue from <out>/checkpoint/")
     overwrite: bool = arg(False, "start afresh in an --out that holds a run, deleting it (without this, refused)")
     seed: int = arg(0, "one seed for data order, sampling and augmentation")
     data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
@@ -126,7 +134,9 @@ class Config:
     memory_gb: float = arg(0.0, "memory budget the plan fits in, GB (0 = the device's free memory)")
     logits_chunk: int = arg(0, "positions per lm_head chunk in the training passes (0 = the planner picks; all at "
                                "once with --memory off)")
-    reference: str = arg("auto", "where the frozen reference lives: auto (the memory plan decides), resident, offload")
+    reference: str = arg("auto", "where the KL's frozen reference lives: resident (on the device), offload (CPU "
+                                 "memory, on the device only for its no-grad pass each step), auto (the memory plan "
+                                 "decides)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
@@ -143,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     plot = args.pop("plot")
     if args["method"] not in TASKS:
         p.error(f"--method {args['method']!r}: choose one of {', '.join(TASKS)}")
+    if args["reference"] not in REFERENCE_PLACEMENTS:
+        p.error(f"--reference {args['reference']!r}: choose one of {', '.join(REFERENCE_PLACEMENTS)}")
     cfg = Config(**args)
     if not plot and (problem := config_problem(cfg)):
         p.error(problem)
@@ -509,6 +521,71 @@ def make_optimizer(model, cfg: Config):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def reference_placement(choice: str, cuda: bool, ref_bytes: int, device_bytes: int) -> str:
+    """Where the frozen reference of the KL term lives: "resident" (on the device, beside the policy) or "offload"
+    (in CPU memory, on the device only for its one no-grad pass a step).
+
+    With --memory auto the plan (memory.py) has already replaced "auto" by its choice. Left "auto" (--memory off, or
+    no plan): resident on CPU (there is nowhere else to put it) and on a GPU when it takes at most a tenth of the
+    device's memory; offloaded otherwise (a bf16 7B reference is 15.2 GB, a fifth of an 80 GB GPU).
+
+    >>> reference_placement("auto", cuda=True, ref_bytes=15_200_000_000, device_bytes=80_000_000_000)
+    'offload'
+    >>> reference_placement("auto", cuda=False, ref_bytes=15_200_000_000, device_bytes=0)
+    'resident'
+    """
+    if choice != "auto":
+        return choice
+    return "resident" if not cuda or ref_bytes <= device_bytes / 10 else "offload"
+
+
+def frozen_copy(model, device, dtype: torch.dtype):
+    """A no-grad copy of `model` with its floating-point tensors in `dtype` on `device`, made tensor by tensor, so
+    no second full copy ever sits on the model's own device (deepcopy would first clone a 7B model on the GPU).
+    Tied weights stay tied: deepcopy's memo maps each original tensor to its one copy."""
+    memo: dict = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        c = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+        memo[id(t)] = torch.nn.Parameter(c, requires_grad=False) if isinstance(t, torch.nn.Parameter) else c
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
+
+
+class Reference:
+    """The frozen reference policy pi_ref of the KL penalty: the initial weights, bf16 on CUDA (fp32 on CPU).
+
+    Resident, it stays on the device. Offloaded, it lives in CPU memory and is brought to the device only for its
+    no-grad pass, once a step, then sent back (as nano-aha-moment does): it costs no second resident copy, only the
+    transfer (15.2 GB each way for 7B). Either way the log-probs are the same numbers (tests/test_grpo.py).
+    """
+
+    def __init__(self, model, device, placement: str):
+        assert placement in ("resident", "offload"), placement
+        self.device, self.placement = torch.device(device), placement
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # it never trains: bf16 is enough
+        self.model = frozen_copy(model, self.device if placement == "resident" else "cpu", dtype)
+
+    @torch.no_grad()
+    def logprobs(self, ro: Rollout, cfg: Config) -> list[torch.Tensor]:
+        if self.placement == "offload":
+            self.model.to(self.device)
+        try:
+            return group_logprobs(self.model, ro, cfg)
+        finally:
+            if self.placement == "offload":
+                self.model.to("cpu")
+
+
+def make_reference(model, cfg: Config) -> Reference:
+    """The reference for --beta > 0, placed as --reference says (printed: it decides a GPU's memory)."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    ref_bytes = sum(p.numel() for p in model.parameters()) * (2 if cuda else 4)
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else 0
+    placement = reference_placement(cfg.reference, cuda, ref_bytes, total)
+    print(f"reference: {placement} ({ref_bytes / 1e9:.2f} GB; --reference {cfg.reference})")
+    return Reference(model, device, placement)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -522,16 +599,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, model, optimizer, step: int, rng: dict, cfg: Config) -> None:
-    """Everything the next step depends on: weights, optimizer moments, the step (which fixes the data position,
-    see batch_indices) and the RNG state at the start of that step. Written atomically."""
-    tmp = path.with_suffix(".tmp")
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
-             "data_position": step * cfg.batch_size, "config": asdict(cfg)}
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def weight_sample(params: list[torch.Tensor], per_tensor: int = 1024) -> list[torch.Tensor]:
@@ -550,6 +617,289 @@ def moved_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> flo
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# checkpoints (resume) and the exported model (eval.py --model <out>/model), both written beside the old, then renamed
+
+CHECKPOINT_FORMAT = "rearank-grpo-checkpoint/1"  # state.json says which layout it is; anything else is refused
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Put the finished folder `tmp` at `dest` without ever leaving `dest` half-written.
+
+    A folder cannot be renamed over a non-empty one, so the previous `dest` moves aside to `dest.old` first and is
+    deleted only once the new one is in place. A crash between the two renames leaves `dest.old` and no `dest`:
+    `find_checkpoint` falls back to it.
+    """
+    for f in tmp.iterdir():  # the data must be on disk before the rename makes it the checkpoint
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a stale one: dest is newer and complete
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fresh_dir(dest: Path) -> Path:
+    """An empty `dest.tmp` to write a new `dest` into (what a crash left there is thrown away)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def find_checkpoint(out: Path) -> Path:
+    """<out>/checkpoint, or <out>/checkpoint.old when a crash came between replace_dir's two renames."""
+    ckpt = out / "checkpoint"
+    if ckpt.is_dir() or not (out / "checkpoint.old").is_dir():
+        return ckpt
+    return out / "checkpoint.old"
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state dict without tied copies (safetensors stores a shared tensor once), and {alias: name kept}.
+
+    >>> w = torch.ones(2)
+    >>> unique_tensors({"embed": w, "lm_head": w, "norm": torch.zeros(2)})[1]
+    {'lm_head': 'embed'}
+    """
+    kept, tied, seen = {}, {}, {}
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if key in seen:
+            tied[name] = seen[key]
+        else:
+            seen[key], kept[name] = name, t.detach().contiguous()
+    return kept, tied
+
+
+def optimizer_to_data(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer.state_dict() split into its tensors ("param.name" -> tensor, for safetensors) and plain data (the
+    numbers of each parameter's state and the param groups, for JSON): nothing in it needs a pickle.
+
+    >>> t, d = optimizer_to_data({"state": {0: {"step": 3, "m": torch.zeros(2)}}, "param_groups": [{"lr": 0.1}]})
+    >>> list(t), d
+    (['0.m'], {'numbers': {'0': {'step': 3}}, 'param_groups': [{'lr': 0.1}]})
+    """
+    tensors, numbers = {}, {}
+    for i, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{i}.{name}"] = value.detach().contiguous()
+            else:
+                numbers.setdefault(str(i), {})[name] = value
+    return tensors, {"numbers": numbers, "param_groups": state["param_groups"]}
+
+
+def optimizer_from_data(tensors: dict[str, torch.Tensor], data: dict) -> dict:
+    """The inverse of optimizer_to_data: a state dict for optimizer.load_state_dict."""
+    state: dict[int, dict] = {int(i): dict(v) for i, v in data["numbers"].items()}
+    for key, t in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = t
+    return {"state": state, "param_groups": data["param_groups"]}
+
+
+def rng_to_data(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """rng_state() as tensors (torch's and CUDA's generator states) and JSON data (python's and numpy's)."""
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    tensors = {"torch": state["torch"], **{f"cuda.{i}": s for i, s in enumerate(state.get("cuda", []))}}
+    return tensors, {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def rng_from_data(tensors: dict[str, torch.Tensor], data: dict) -> dict:
+    """The inverse of rng_to_data: a state for set_rng_state."""
+    version, internal, gauss = data["python"]
+    name, keys, pos, has_gauss, cached = data["numpy"]
+    state = {"python": (version, tuple(internal), gauss),
+             "numpy": (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached), "torch": tensors["torch"]}
+    cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))
+    if cuda:
+        state["cuda"] = [tensors[k] for k in cuda]
+    return state
+
+
+def write_checkpoint(dest: Path, model, optimizer, step: int, rng: dict, cfg: Config) -> None:
+    """Everything the next step depends on, as data only (safetensors and JSON; nothing that runs code when read):
+
+        model.safetensors      the weights in their training dtype (tied weights once; state.json lists the aliases)
+        optimizer.safetensors  the optimizer's tensors (moments, AdamW's step counts)
+        rng.safetensors        torch's (and CUDA's) generator states
+        state.json             the step (it fixes the data position, see batch_indices), python's and numpy's
+                               generator states, the optimizer's numbers and param groups, the config
+
+    Written into dest.tmp, then renamed into place (replace_dir): a crash never touches the previous checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    tmp = fresh_dir(dest)
+    weights, tied = unique_tensors(model.state_dict())
+    save_file(weights, tmp / "model.safetensors")
+    del weights
+    opt_tensors, opt_data = optimizer_to_data(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    del opt_tensors
+    rng_tensors, rng_data = rng_to_data(rng)
+    save_file(rng_tensors, tmp / "rng.safetensors")
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "data_position": step * cfg.batch_size, "tied": tied,
+             "rng": rng_data, "optimizer": opt_data, "config": asdict(cfg)}
+    (tmp / "state.json").write_text(json.dumps(state))
+    replace_dir(tmp, dest)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file into CPU memory, or a DataError naming the file (missing, truncated, not safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise DataError(f"{path}: missing: the checkpoint is incomplete; start without --resume")
+    try:
+        return load_file(path, device="cpu")  # on the CPU first: a GPU run must not hold a second copy there
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable safetensors file ({e}); the file is damaged or not a checkpoint "
+                        "of grpo.py: start without --resume") from None
+
+
+def read_state(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: missing: the checkpoint is incomplete; start without --resume")
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not JSON ({e}); the file is damaged: start without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not a grpo.py checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    return state
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, dict]:
+    """Restore weights and optimizer state from a folder written by write_checkpoint; returns (step, RNG state).
+
+    Reads data only. Every file is checked before the model is touched: a truncated file, another model's weights
+    (other names, shapes or dtypes) or another optimizer's state is a DataError naming the file. The files are only
+    read, never changed, so a refused checkpoint stays as it was.
+    """
+    state = read_state(folder / "state.json")
+    path = folder / "model.safetensors"
+    weights = read_tensors(path)
+    for alias, name in state["tied"].items():
+        if name in weights:
+            weights[alias] = weights[name]
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    differ = [k for k in expected if k in weights
+              and (weights[k].shape != expected[k].shape or weights[k].dtype != expected[k].dtype)]
+    if missing or unexpected or differ:
+        raise DataError(f"{path}: the weights of another model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                        f"other shape or dtype {differ[:3]}): resume with the --model and dtype flags of that run")
+    path = folder / "optimizer.safetensors"
+    opt_state = optimizer_from_data(read_tensors(path), state["optimizer"])
+    rng_tensors = read_tensors(folder / "rng.safetensors")
+    model.load_state_dict(weights)
+    del weights, expected  # the loaded copy is freed at once, not held for the whole run
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise DataError(f"{path}: not this run's optimizer state ({e}): resume with the flags of that run") from None
+    del opt_state
+    return state["step"], rng_from_data(rng_tensors, state["rng"])
+
+
+def export_dtype(weights: torch.dtype, cuda: bool) -> torch.dtype:
+    """The dtype of <out>/model: bf16 on CUDA, the dtype backend.load_model serves in there (half the bytes of fp32
+    master weights); on CPU the training weights' own dtype, so the export reloads to exactly the policy's numbers.
+
+    >>> export_dtype(torch.float32, cuda=True), export_dtype(torch.float32, cuda=False)
+    (torch.bfloat16, torch.float32)
+    """
+    return torch.bfloat16 if cuda else weights
+
+
+def greedy_generation_config(model, tokenizer):
+    """generation_config.json for the export: greedy, the stop ids, and no sampling or penalty knob at all.
+
+    The base model's file may carry some (Qwen2.5: repetition_penalty 1.05, top_k 20, top_p 0.8, temperature 0.7);
+    generate_tokens sets every knob itself, but other HF tools read the file, and those would bend greedy decoding.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=False, bos_token_id=model.generation_config.bos_token_id,
+                            eos_token_id=model.generation_config.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def model_card(cfg: Config, step: int, dtype: torch.dtype, held: dict | None) -> str:
+    """README.md of the export: where it came from and how it did last on the held-out set."""
+    if held:
+        figures = (f"step {held['step']}, {cfg.eval_dataset} top-{cfg.eval_size} windows of {held['queries']} "
+                   f"queries, greedy, {cfg.max_new_tokens} new tokens: reward {held['reward']:.4f}, nDCG@10 "
+                   f"{held['ndcg@10']:.4f} (first stage {held['ndcg@10_first_stage']:.4f}), format1 "
+                   f"{held['format1']:.2f}, format2 {held['format2']:.2f}")
+    else:
+        figures = "none yet (--eval-every 0, or no evaluation has run)"
+    return (
+        f"# REARANK {cfg.method} reranker trained with GRPO (grpo.py)\n\n"
+        f"- base model: `{cfg.model}`\n"
+        f"- step: {step} of {cfg.steps} (batch {cfg.batch_size} prompts x {cfg.group_size} samples, lr {cfg.lr:g}, "
+        f"beta {cfg.beta:g})\n"
+        f"- weights: {str(dtype).removeprefix('torch.')} safetensors\n"
+        f"- last held-out evaluation: {figures}\n\n"
+        f"Use: `python eval.py --dataset dl19 --model <this folder>`. `generation_config.json` is greedy with no "
+        f"sampling or penalty settings.\n\n"
+        f"## Config\n\n```json\n{json.dumps(asdict(cfg), indent=1)}\n```\n"
+    )
+
+
+def export_model(dest: Path, model, tokenizer, cfg: Config, step: int, held: dict | None = None) -> None:
+    """<out>/model/: the policy as a Hugging Face checkpoint (`save_pretrained` safetensors, config, tokenizer with
+    its chat template, a greedy generation_config.json, a model card), in export_dtype. Written into dest.tmp, then
+    renamed into place: a crash never leaves half a model."""
+    param = next(model.parameters())
+    dtype = export_dtype(param.dtype, param.is_cuda)
+    tmp = fresh_dir(dest)
+    cast: dict = {}  # one CPU copy per tensor, tied weights sharing theirs (save_pretrained then stores them once)
+    weights = {k: cast.setdefault((v.data_ptr(), tuple(v.shape)), v.detach().to("cpu", dtype))
+               for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp, state_dict=weights)
+    del weights, cast
+    config = json.loads((tmp / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained writes the in-memory model's dtype
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(tmp)
+    greedy_generation_config(model, tokenizer).save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(cfg, step, dtype, held))
+    replace_dir(tmp, dest)
+
+
+def update_model_card(folder: Path, cfg: Config, step: int) -> None:
+    """Rewrite the export's README.md (atomically) so it quotes the last held-out evaluation."""
+    dtype = getattr(torch, json.loads((folder / "config.json").read_text())["dtype"])
+    held = read_jsonl(folder.parent / "eval.jsonl")
+    tmp = folder / "README.md.tmp"
+    tmp.write_text(model_card(cfg, step, dtype, held[-1] if held else None))
+    tmp.replace(folder / "README.md")
+
+
+def check_checkpoint(out: Path, ckpt: Path) -> None:
+    """--resume needs a checkpoint folder; a pickled checkpoint.pt of an older grpo.py is never unpickled."""
+    if ckpt.is_dir():
+        return
+    legacy = out / "checkpoint.pt"
+    if legacy.exists():
+        raise DataError(f"{legacy}: a pickled checkpoint of an older grpo.py: not loaded, since unpickling can run "
+                        "any code; start without --resume")
+    raise DataError(f"--resume: {ckpt} not found; start without --resume")
+
+
+def save_checkpoint(out: Path, model, tokenizer, optimizer, step: int, rng: dict, cfg: Config) -> None:
+    """<out>/checkpoint/ (what --resume reads) and <out>/model/ (the trained reranker, for eval.py and HF tools)."""
+    write_checkpoint(out / "checkpoint", model, optimizer, step, rng, cfg)
+    held = read_jsonl(out / "eval.jsonl")
+    export_model(out / "model", model, tokenizer, cfg, step, held[-1] if held else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # logging and the plot
 
 
@@ -557,8 +907,9 @@ def log_line(m: dict) -> str:
     return (
         f"step {m['step']}/{m['steps']} | reward {m['reward']:.3f}±{m['reward_std']:.3f} "
         f"(rank {m['rank']:+.3f} f1 {m['format1']:.2f} f2 {m['format2']:.2f}) | zero-std {m['frac_zero_std']:.2f} | "
-        f"len {m['completion_len']:.0f} trunc {m['frac_truncated']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} | "
-        f"gnorm {m['grad_norm']:.3f} lr {m['lr']:.1e} | gen {m['gen_s']:.0f}s train {m['train_s']:.0f}s"
+        f"len {m['completion_len']:.0f} trunc {m['frac_truncated']:.2f} | kl {m['kl']:.3g} clip {m['clip_frac']:.3f} | "
+        f"gnorm {m['grad_norm']:.3f} lr {m['lr']:.1e} | gen {m['gen_s']:.0f}s train {m['train_s']:.0f}s "
+        f"(ref {m.get('ref_s', 0.0):.1f}s)"
     )
 
 
@@ -663,22 +1014,16 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = None
-    if cfg.beta > 0:  # the reference never trains: bf16 is enough on CUDA
-        ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
+    ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)  # generate() lives on the bare model
 
-    start, ckpt = 0, out / "checkpoint.pt"
+    start, ckpt = 0, find_checkpoint(out)
     if cfg.resume:
-        if not ckpt.exists():
-            raise DataError(f"--resume: {ckpt} not found; start without --resume")
-        state = torch.load(ckpt, weights_only=False)
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        set_rng_state(state["rng"])
+        check_checkpoint(out, ckpt)
+        start, rng = load_checkpoint(ckpt, policy, optimizer)
+        set_rng_state(rng)
         for name, keep in (("metrics.jsonl", start), ("episodes.jsonl", start), ("eval.jsonl", start - 1)):
             kept = [m for m in read_jsonl(out / name) if m["step"] <= keep]  # forget what came after the checkpoint
             (out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
@@ -734,11 +1079,14 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
             model.train()
             N = r.numel()
             old_logp = ref_logp = None
+            ref_s = 0.0
             with torch.no_grad(), accelerator.autocast(uncached):
                 if cfg.updates > 1:
                     old_logp = group_logprobs(model, ro, cfg)
                 if ref is not None:
-                    ref_logp = group_logprobs(ref, ro, cfg)
+                    t_ref = time.time()
+                    ref_logp = ref.logprobs(ro, cfg)
+                    ref_s = time.time() - t_ref
 
             # --- update: `updates` passes over the batch, each followed by an optimizer step
             first = step == start and not cfg.resume
@@ -779,7 +1127,8 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
                 "grad_norm": grad_norm,
                 "lr": optimizer.param_groups[0]["lr"],
                 "gen_s": gen_s,
-                "train_s": train_s,
+                "train_s": train_s,  # the reference pass included
+                "ref_s": ref_s,
             }
             print(log_line(metrics), flush=True)
             with open(out / "metrics.jsonl", "a") as f:
@@ -792,13 +1141,14 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
                                             "advantage": adv[g].item()}) + "\n")
             last = step + 1 == cfg.steps
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or stop["requested"]:
-                save_checkpoint(ckpt, policy, optimizer, step + 1, rng_state(), cfg)
+                save_checkpoint(out, policy, tokenizer, optimizer, step + 1, rng_state(), cfg)
             if stop["requested"] and not last:
                 print(f"stopped after step {step + 1}; continue with --resume")
                 break
         else:  # the final weights, unless already evaluated (resuming a finished run only evaluates it)
             if cfg.eval_every and not any(e["step"] == cfg.steps for e in read_jsonl(out / "eval.jsonl")):
                 held_out_eval(cfg.steps)
+                update_model_card(out / "model", cfg, cfg.steps)  # the card quotes the final evaluation
     finally:
         signal.signal(signal.SIGINT, previous)
     plot(out)
