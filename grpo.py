@@ -43,9 +43,11 @@ The loop is generic over a `Task` (training sets, prompt, reward): REARANK's lis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -57,6 +59,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
+import dist
 from data import (
     AugmentStats, DataError, Dataset, TrainInstance,
     augment, augment_setwise, load_dataset, make_instance, read_instances,
@@ -289,13 +292,15 @@ def group_logprobs(model, ro: Rollout, cfg: Config) -> list[torch.Tensor]:
 
 
 def policy_backward(model, ro: Rollout, adv: torch.Tensor, old_logp: list | None, ref_logp: list | None,
-                    cfg: Config) -> tuple[float, dict[str, float]]:
+                    cfg: Config, n_tokens: float | None = None) -> tuple[float, dict[str, float]]:
     """One backward of the GRPO loss over the whole rollout batch, group by group and micro-batch by micro-batch.
 
     Every micro-batch's loss is divided by the token count of the whole batch (DAPO), so the gradients add up to
     those of one loss over the batch. Returns the loss and the token means of grpo_loss's statistics.
+    With several processes `n_tokens` is the count over all of them: each returns its share of the global loss and
+    of the means, and the shares sum to them (`dist.all_reduce_sum`, `dist.all_reduce_grads`).
     """
-    n_tokens = int(ro.completion_mask.sum().clamp(min=1))
+    n_tokens = n_tokens or int(ro.completion_mask.sum().clamp(min=1))
     total, sums = 0.0, {"kl": 0.0, "ratio": 0.0, "clip_frac": 0.0}
     for b in range(len(ro.prompts)):
         prompt, ids, mask, rows = ro.group(b)
@@ -324,8 +329,11 @@ def held_out(cfg: Config) -> list[TrainInstance]:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: Config) -> dict[str, float]:
-    """Greedy completions for the held-out windows: mean reward (and parts) and nDCG@10 of the reordered windows."""
+def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: Config,
+             gather: Callable[[list], list] = lambda xs: xs) -> dict[str, float]:
+    """Greedy completions for the held-out windows: mean reward (and parts) and nDCG@10 of the reordered windows.
+
+    With several processes each passes its block of the windows and `gather` (dist.gather_lists) joins the blocks."""
     from tqdm import tqdm
 
     rewards, ndcg, base = [], [], []
@@ -335,6 +343,7 @@ def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: 
         rewards += ro.rewards
         ndcg += [r.ndcg for r in ro.rewards]
         base += [inst.r_init for inst in chunk]
+    rewards, ndcg, base = gather(rewards), gather(ndcg), gather(base)
     mean = lambda xs: float(np.mean(xs))  # noqa: E731
     return {
         "reward": mean([r.total for r in rewards]),
@@ -343,7 +352,7 @@ def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: 
         "format2": mean([r.format2 for r in rewards]),
         "ndcg@10": mean(ndcg),
         "ndcg@10_first_stage": mean(base),
-        "queries": len(instances),
+        "queries": len(base),
     }
 
 
@@ -423,12 +432,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, rng: dict, cfg: Config) -> None:
+def save_checkpoint(path: Path, model, optimizer, step: int, rng: dict, cfg: Config,
+                    rng_ranks: list[dict] | None = None) -> None:
     """Everything the next step depends on: weights, optimizer moments, the step (which fixes the data position,
-    see batch_indices) and the RNG state at the start of that step. Written atomically."""
+    see batch_indices) and the RNG state at the start of that step (with several processes, each one's: `rng_ranks`).
+    Written atomically."""
     tmp = path.with_suffix(".tmp")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
              "data_position": step * cfg.batch_size, "config": asdict(cfg)}
+    if rng_ranks and len(rng_ranks) > 1:
+        state["rng_ranks"] = rng_ranks
     torch.save(state, tmp)
     tmp.replace(path)
 
@@ -500,6 +513,99 @@ def plot(out: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# several processes (torchrun / accelerate launch): data parallel over whole groups; in one process all of it is inert
+
+
+def quiet_unless_main(main: bool) -> None:
+    """One log on stdout, the main process's: the others' prints go nowhere (errors still reach stderr)."""
+    if not main:
+        sys.stdout = open(os.devnull, "w")
+
+
+def rank_rng(state: dict, rank: int, world: int) -> dict:
+    """This process's RNG state from a checkpoint: its own when the checkpoint was written by as many processes."""
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) != world:
+        print(f"resume: the checkpoint holds the RNG states of {len(ranks)} process(es), this run has {world}: the "
+              "data order is the same, the samples differ from an uninterrupted run")
+        return ranks[0] if rank >= len(ranks) else ranks[rank]
+    return ranks[rank]
+
+
+class Seen(NamedTuple):
+    """What the step's log reports, over every process's completions in global batch order."""
+
+    rewards: list[Reward]
+    lengths: list[int]
+    truncated: list[bool]
+
+
+def gather_rollouts(ro: Rollout) -> Seen:
+    parts = dist.gather((ro.rewards, ro.completion_mask.sum(dim=1).tolist(), ro.truncated))
+    return Seen(*([x for part in parts for x in part[i]] for i in range(3)))
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+@contextlib.contextmanager
+def gathered_params(accelerator, model):
+    """Generation under FSDP: every process holds only a shard of each weight, so the weights are gathered whole
+    for the rollout and sharded again after (FSDP2's unshard / reshard).
+
+    Left sharded, generation would still be right (FSDP gathers each layer for its forward and frees it after), but
+    then a 2,048-token completion gathers the whole model 2,048 times. Gathered once, it costs the memory of one
+    unsharded bf16 copy on every GPU (15 GB for 7B) for the length of the rollout, and one all-gather of the model.
+    Without FSDP this does nothing."""
+    if not is_fsdp(accelerator):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        raise ModelError("FSDP version 1 is not supported: set fsdp_version: 2 (see launch/fsdp-7b.yaml)")
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)  # or the first decoding step would shard them again
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+@contextlib.contextmanager
+def grad_sync(accelerator, model):
+    """One gradient exchange per update, however many backward passes it takes.
+
+    DDP all-reduces in the backward of every forward made through its wrapper, and `prefix.group_backward` makes
+    several a step (one per micro-batch, then the shared prompt's), whose sum is the gradient. So the loop runs the
+    bare module (which DDP's hooks ignore; `no_sync` says so outright) and the gradients are summed over the processes
+    once after (`dist.all_reduce_grads`). Each process's loss is its share of the global loss (divided by the global
+    token count), so the sum, not DDP's mean, is the gradient one process computes over the whole batch.
+    FSDP reduce-scatters in every backward itself (its no_sync would keep whole unsharded gradients on every GPU) and
+    averages over the processes: multiplying by their number makes that average the sum.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        with accelerator.no_sync(model):
+            yield
+        dist.all_reduce_grads(model.parameters())
+        return
+    yield
+    if is_fsdp(accelerator) and accelerator.num_processes > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(accelerator.num_processes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -508,14 +614,21 @@ def train(cfg: Config) -> dict:
     from accelerate import Accelerator
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(asdict(cfg), indent=1))
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")  # bf16 autocast, weights keep their dtype
+    # bf16 autocast, weights keep their dtype; cpu=True on a machine without CUDA, else torchrun's ranks are ignored
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    if world > 1 and cfg.batch_size % world:
+        raise DataError(f"--batch-size {cfg.batch_size} does not split over {world} processes: use a multiple of "
+                        f"{world} (each process rolls out whole groups)")
+    quiet_unless_main(main)
+    if main:  # with several processes only the main one writes files (and prints)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    print(json.dumps(asdict(cfg), indent=1))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own completions
     task = TASKS[cfg.method]
 
     # --- data
@@ -537,7 +650,9 @@ def train(cfg: Config) -> dict:
         ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    policy = accelerator.unwrap_model(model)  # generate() lives on the bare model
+    # generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; under DDP,
+    # whose wrapper it bypasses, gradients are exchanged by `grad_sync` (the wrapper's part: equal initial weights)
+    policy = accelerator.unwrap_model(model)
 
     start, ckpt = 0, out / "checkpoint.pt"
     if cfg.resume:
@@ -547,22 +662,25 @@ def train(cfg: Config) -> dict:
         policy.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-        set_rng_state(state["rng"])
+        set_rng_state(rank_rng(state, accelerator.process_index, world))
         for name, keep in (("metrics.jsonl", start), ("episodes.jsonl", start), ("eval.jsonl", start - 1)):
             kept = [m for m in read_jsonl(out / name) if m["step"] <= keep]  # forget what came after the checkpoint
-            (out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
+            if main:
+                (out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
         print(f"resumed from {ckpt} at step {start}")
-    else:
+    elif main:
         for name in ("metrics.jsonl", "eval.jsonl", "episodes.jsonl"):
             (out / name).unlink(missing_ok=True)
 
     def held_out_eval(step: int) -> None:
-        with accelerator.autocast():
-            ev = {"step": step, **evaluate(policy, tokenizer, task, held, cfg)}
+        mine = dist.shard(held, accelerator.process_index, world)  # each process greedily scores its block
+        with accelerator.autocast(), gathered_params(accelerator, model):
+            ev = {"step": step, **evaluate(policy, tokenizer, task, mine, cfg, gather=dist.gather_lists)}
         print(f"eval step {step} | reward {ev['reward']:.3f} | nDCG@10 {ev['ndcg@10']:.4f} "
               f"(first stage {ev['ndcg@10_first_stage']:.4f}) | f1 {ev['format1']:.2f} f2 {ev['format2']:.2f}")
-        with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps(ev) + "\n")
+        if main:
+            with open(out / "eval.jsonl", "a") as f:
+                f.write(json.dumps(ev) + "\n")
 
     stop = {"requested": False}
 
@@ -585,27 +703,31 @@ def train(cfg: Config) -> dict:
 
             # --- rollout
             t0 = time.time()
-            batch = [instances[i] for i in batch_indices(step, cfg.batch_size, len(instances), cfg.seed)]
-            with accelerator.autocast():
+            # the global batch is a function of (step, seed); each process takes its block of whole groups
+            indices = batch_indices(step, cfg.batch_size, len(instances), cfg.seed)
+            batch = [instances[i] for i in dist.shard(indices, accelerator.process_index, world)]
+            with accelerator.autocast(), gathered_params(accelerator, model):
                 ro = rollout(policy, tokenizer, task, batch, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, shared_prompt=not cfg.repeat_prompt)
             gen_s = time.time() - t0
 
             # --- reward
-            r = torch.tensor([x.total for x in ro.rewards])  # (B*G,)
+            r = torch.tensor([x.total for x in ro.rewards])  # (B*G,) this process's groups
 
-            # --- advantages
+            # --- advantages (within each group, so they never need the other processes)
             adv = group_advantages(r, cfg.group_size, scale=not cfg.no_std).to(accelerator.device)  # (B*G,)
-            zero_std = (r.view(-1, cfg.group_size).std(dim=1) == 0).float().mean().item()
+            seen = gather_rollouts(ro)  # what the log reports: every process's completions, in global order
+            r_all = torch.tensor([x.total for x in seen.rewards])
+            zero_std = (r_all.view(-1, cfg.group_size).std(dim=1) == 0).float().mean().item()
 
             # --- log-probs of the old policy and the reference (no grad; only when they differ from the policy)
             t1 = time.time()
             model.train()
-            N = r.numel()
+            N = r_all.numel()
             old_logp = ref_logp = None
             with torch.no_grad(), accelerator.autocast():
                 if cfg.updates > 1:
-                    old_logp = group_logprobs(model, ro, cfg)
+                    old_logp = group_logprobs(policy, ro, cfg)
                 if ref is not None:
                     ref_logp = group_logprobs(ref, ro, cfg)
 
@@ -615,9 +737,12 @@ def train(cfg: Config) -> dict:
                 watched = [p for p in policy.parameters() if p.requires_grad][:: 10]
                 before = [p.detach().clone() for p in watched]
             losses, stats, grad_norm = [], {}, 0.0  # stats: of the last update (the first one's ratio is 1)
+            n_tokens = max(dist.all_reduce_sum([float(ro.completion_mask.sum())])[0], 1.0)  # DAPO: the global count
             for _ in range(cfg.updates):
-                with accelerator.autocast():
-                    loss, stats = policy_backward(model, ro, adv, old_logp, ref_logp, cfg)
+                with accelerator.autocast(), grad_sync(accelerator, model):
+                    loss, stats = policy_backward(policy, ro, adv, old_logp, ref_logp, cfg, n_tokens)
+                loss, *parts = dist.all_reduce_sum([loss, *stats.values()])  # the shares sum to the global values
+                stats = dict(zip(stats, parts))
                 losses.append(loss)
                 # the norm before clipping; an infinite bound measures without clipping
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
@@ -629,19 +754,19 @@ def train(cfg: Config) -> dict:
                 print(f"weights: {moved:.1%} of the watched parameters changed in the first step at lr {cfg.lr:g}")
 
             # --- log / checkpoint
-            lengths = ro.completion_mask.sum(dim=1).float()
+            lengths = torch.tensor(seen.lengths, dtype=torch.float32)
             metrics = {
                 "step": step + 1,
                 "steps": cfg.steps,
-                "reward": r.mean().item(),
-                "reward_std": r.std().item() if N > 1 else 0.0,
-                "rank": float(np.mean([x.rank for x in ro.rewards])),
-                "format1": float(np.mean([x.format1 for x in ro.rewards])),
-                "format2": float(np.mean([x.format2 for x in ro.rewards])),
-                "ndcg@10": float(np.mean([x.ndcg for x in ro.rewards])),
+                "reward": r_all.mean().item(),
+                "reward_std": r_all.std().item() if N > 1 else 0.0,
+                "rank": float(np.mean([x.rank for x in seen.rewards])),
+                "format1": float(np.mean([x.format1 for x in seen.rewards])),
+                "format2": float(np.mean([x.format2 for x in seen.rewards])),
+                "ndcg@10": float(np.mean([x.ndcg for x in seen.rewards])),
                 "frac_zero_std": zero_std,
                 "completion_len": lengths.mean().item(),
-                "frac_truncated": float(np.mean(ro.truncated)),
+                "frac_truncated": float(np.mean(seen.truncated)),
                 "loss": float(np.mean(losses)),
                 **stats,
                 "grad_norm": grad_norm,
@@ -650,17 +775,21 @@ def train(cfg: Config) -> dict:
                 "train_s": train_s,
             }
             print(log_line(metrics), flush=True)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if cfg.dump_every and (step + 1) % cfg.dump_every == 0:
+            if main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if main and cfg.dump_every and (step + 1) % cfg.dump_every == 0:
                 with open(out / "episodes.jsonl", "a") as f:
                     for g in range(cfg.group_size):  # the first group of the batch, in full
                         f.write(json.dumps({"step": step + 1, "qid": batch[0].qid, "query": batch[0].query,
                                             "completion": ro.texts[g], "reward": ro.rewards[g].asdict(),
                                             "advantage": adv[g].item()}) + "\n")
             last = step + 1 == cfg.steps
+            stop["requested"] = dist.any_rank(stop["requested"])  # stop together, or the others wait forever
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or stop["requested"]:
-                save_checkpoint(ckpt, policy, optimizer, step + 1, rng_state(), cfg)
+                rngs = dist.gather(rng_state())  # each process's sampling continues where it stopped
+                if main:
+                    save_checkpoint(ckpt, policy, optimizer, step + 1, rngs[0], cfg, rng_ranks=rngs)
             if stop["requested"] and not last:
                 print(f"stopped after step {step + 1}; continue with --resume")
                 break
@@ -669,7 +798,9 @@ def train(cfg: Config) -> dict:
                 held_out_eval(cfg.steps)
     finally:
         signal.signal(signal.SIGINT, previous)
-    plot(out)
+    if main:
+        plot(out)
+    accelerator.wait_for_everyone()  # nobody leaves (and tears the group down) before the files are written
     return metrics
 
 
