@@ -78,7 +78,7 @@ def main():
     model, name = load_model(cfg)
     model.train()  # dropout is 0 in these configs; train() is what turns checkpointing on
     if cfg.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     print(f"model: {name} | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
     gen = torch.Generator().manual_seed(cfg.seed)

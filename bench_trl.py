@@ -34,7 +34,8 @@ SIDES = ("ours", "ours-repeat", "trl")
 
 
 def instance(args):
-    from data import augment, load_dataset
+    from augment import augment
+    from data import load_dataset
 
     instances, _ = augment(load_dataset("dl21", args.data_dir), samples=1, size=args.size, seed=args.seed)
     return instances[0]
@@ -42,7 +43,7 @@ def instance(args):
 
 def run_ours(args, repeat_prompt: bool) -> dict:
     import grpo
-    from data import write_instances
+    from augment import write_instances
 
     grpo.save_checkpoint = lambda *a, **k: None  # a benchmark step writes nothing (TRL's side saves nothing either)
     grpo.generate_tokens = functools.partial(grpo.generate_tokens, min_new_tokens=args.max_new_tokens)  # C fixed

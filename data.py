@@ -1,4 +1,4 @@
-"""Datasets for reranking: typed records, loaders, BM25 first stage, and training-data augmentation.
+"""Datasets for reranking: typed records, the metric, loaders, and the dataset registry. The bottom of the project.
 
 Everything the rest of the project reads goes through the records defined here:
 
@@ -7,38 +7,35 @@ Everything the rest of the project reads goes through the records defined here:
     Ranking(query, candidates)        the ordered candidate list of one query
     Qrels = {qid: {docid: grade}}     graded judgments (trec_eval's own layout)
 
+The metric is here too: `ndcg_at_k` is trec_eval's `ndcg_cut` exactly (METHOD §8), the one nDCG that evaluation,
+the reward and augmentation all use.
+
 Datasets by name (see DATASETS): dl19, dl20 (TREC DL BM25 top-100, test sets), dl21 (graded MS MARCO v2 queries,
 the training seeds; never a test set), scifact (BEIR test split) and scifact-train, for which the project runs its own
-BM25 (rank_bm25 with a Lucene-like English analyzer) over the corpus.
+BM25 (bm25.py) over the corpus. Training sets are drawn from these datasets by augment.py.
 
 The data directory is --data-dir, else $REARANK_DATA, else ./data. Missing files are fetched from their public homes
 when the machine is online; offline, the error lists what is missing and where it goes.
 
     python data.py list                                  # the registry
     python data.py bm25 --dataset scifact                # build/cache the BM25 index, report times
-    python data.py augment --dataset dl21 --samples 50 --size 20 --out train.jsonl   # training sets (METHOD §4)
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import math
 import os
-import pickle
-import re
 import sys
-import time
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
-from rank_bm25 import BM25Okapi
+from bm25 import bm25_retrieve
 
 # ----------------------------------------------------------------------------------------------------------------------
 # records
@@ -292,50 +289,7 @@ def write_rankgpt(path: str | Path, rankings: Iterable[Ranking]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# BM25 with rank_bm25 and a Lucene-like English analyzer (what Anserini's BEIR "flat" baseline uses)
-
-# Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET
-STOPWORDS = frozenset(
-    "a an and are as at be but by for if in into is it no not of on or such that the their then there these they "
-    "this to was will with".split()
-)
-_TOKEN = re.compile(r"\w+")
-_stemmer = None
-
-
-def analyze(text: str) -> list[str]:
-    """Lowercase, drop possessive 's, split on non-word characters, drop Lucene's stopwords, Porter-stem.
-
-    >>> analyze("The Cats' owner's dogs are running")
-    ['cat', 'owner', 'dog', 'run']
-    """
-    global _stemmer
-    if _stemmer is None:
-        import Stemmer  # PyStemmer: Snowball's C stemmers; "porter" is Lucene's PorterStemFilter algorithm
-
-        _stemmer = Stemmer.Stemmer("porter")
-    text = re.sub(r"['\u2019]s\b", "", text.lower())
-    return _stemmer.stemWords([t for t in _TOKEN.findall(text) if t not in STOPWORDS])
-
-
-class LuceneBM25(BM25Okapi):
-    """rank_bm25's BM25Okapi with Lucene's idf, log(1 + (N - df + 0.5) / (df + 0.5)), which is never negative.
-
-    rank_bm25's own idf goes negative for terms in over half the corpus and patches that with an epsilon floor;
-    Lucene (and so Anserini, whose numbers we compare with) does not. k1=0.9, b=0.4 are Anserini's defaults.
-    """
-
-    def __init__(self, corpus_tokens: list[list[str]], k1: float = 0.9, b: float = 0.4):
-        super().__init__(corpus_tokens, k1=k1, b=b)
-
-    def _calc_idf(self, nd: dict[str, int]) -> None:
-        self.idf = {w: math.log(1 + (self.corpus_size - df + 0.5) / (df + 0.5)) for w, df in nd.items()}
-
-    def top_k(self, query_tokens: list[str], k: int) -> list[tuple[int, float]]:
-        """(document index, score) of the k best documents; ties broken by index for determinism."""
-        scores = self.get_scores(query_tokens)
-        order = np.lexsort((np.arange(len(scores)), -scores))[:k]
-        return [(int(i), float(scores[i])) for i in order]
+# the data directory and its public homes
 
 
 def cache_dir() -> Path:
@@ -343,46 +297,6 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("REARANK_CACHE") or Path.home() / ".cache" / "rearank")
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def bm25_index(corpus: dict[str, str], name: str, log: Callable[[str], None] = print) -> tuple[LuceneBM25, list[str]]:
-    """Build (or load from the cache) a BM25 index over `corpus`; returns it with the docids in index order."""
-    docids = list(corpus)
-    digest = hashlib.sha1("\n".join(f"{d}\t{corpus[d]}" for d in docids).encode()).hexdigest()[:12]
-    path = cache_dir() / f"bm25-{name}-{digest}.pkl"
-    if path.exists():
-        t = time.time()
-        with open(path, "rb") as f:
-            index = pickle.load(f)
-        log(f"bm25: loaded cached index {path} ({len(docids)} docs) in {time.time() - t:.1f}s")
-        return index, docids
-    t = time.time()
-    index = LuceneBM25([analyze(corpus[d]) for d in docids])
-    log(f"bm25: indexed {len(docids)} docs in {time.time() - t:.1f}s -> {path}")
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(index, f)
-    tmp.replace(path)  # atomic: an interrupted run never leaves half an index behind
-    return index, docids
-
-
-def bm25_retrieve(
-    corpus: dict[str, str], queries: dict[str, str], name: str, k: int = 100, log: Callable[[str], None] = print
-) -> list[Ranking]:
-    from tqdm import tqdm
-
-    index, docids = bm25_index(corpus, name, log)
-    t = time.time()
-    rankings = []
-    for qid, text in tqdm(queries.items(), desc=f"bm25 {name}", unit="q", disable=len(queries) < 50):
-        hits = index.top_k(analyze(text), k)
-        rankings.append(Ranking(Query(qid, text), [Candidate(docids[i], corpus[docids[i]], s) for i, s in hits]))
-    log(f"bm25: retrieved top-{k} for {len(queries)} queries in {time.time() - t:.1f}s")
-    return rankings
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the data directory and its public homes
 
 
 def data_dir(explicit: str | Path | None = None) -> Path:
@@ -472,7 +386,8 @@ def _scifact(split: str) -> Callable[[Path], Dataset]:
         if unknown:
             raise DataError(f"{qrels_p}: queries {unknown[:5]} are not in {queries_p}")
         corpus = load_beir_corpus(corpus_p)
-        rankings = bm25_retrieve(corpus, {q: queries[q] for q in qrels}, "scifact")
+        hits = bm25_retrieve(corpus, {q: queries[q] for q in qrels}, "scifact", cache_dir())
+        rankings = [Ranking(Query(q, queries[q]), [Candidate(d, corpus[d], s) for d, s in hits[q]]) for q in hits]
         return Dataset("scifact" if split == "test" else f"scifact-{split}", rankings, qrels)
 
     return load
@@ -494,134 +409,6 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# training instances: REARANK's "initial state expansion" (METHOD §4)
-
-
-@dataclass
-class TrainInstance:
-    """One candidate set P of one query, in its initial order, with what the reward needs to score a reordering.
-
-    `judged` holds the query's positive judgments (all of them, not only P's): the ideal DCG is computed from them.
-    """
-
-    qid: str
-    query: str
-    candidates: list[Candidate]  # P in its initial order
-    grades: list[int]  # grade of each candidate (0 when unjudged)
-    r_init: float  # nDCG@10 of P as given
-    r_star: float  # nDCG@10 of P sorted by grade: the best any reordering can reach
-    judged: dict[str, int] = field(default_factory=dict)
-
-
-def make_instance(query: Query, candidates: list[Candidate], grades: dict[str, int]) -> TrainInstance:
-    judged = {d: g for d, g in grades.items() if g > 0}
-    r_init, r_star = ndcg_bounds([c.docid for c in candidates], judged)
-    return TrainInstance(
-        query.qid, query.text, candidates, [grades.get(c.docid, 0) for c in candidates], r_init, r_star, judged
-    )
-
-
-def write_instances(path: str | Path, instances: Iterable[TrainInstance]) -> None:
-    """JSONL, one instance a line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for inst in instances:
-            rec = {**inst.__dict__, "candidates": [c.__dict__ for c in inst.candidates]}
-            f.write(json.dumps(rec) + "\n")
-
-
-def read_instances(path: str | Path) -> list[TrainInstance]:
-    """Read what write_instances wrote; a malformed line is an error naming the file and line."""
-    instances = []
-    for lineno, rec in _jsonl(Path(path)):
-        try:
-            rec["candidates"] = [Candidate(**c) for c in rec["candidates"]]
-            inst = TrainInstance(**rec)
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{path}:{lineno}: not a training instance ({e}); `data.py augment` writes them") from None
-        if len(inst.grades) != len(inst.candidates):
-            raise DataError(f"{path}:{lineno}: {len(inst.grades)} grades for {len(inst.candidates)} candidates")
-        instances.append(inst)
-    if not instances:
-        raise DataError(f"{path}: no training instances")
-    return instances
-
-
-@dataclass
-class AugmentStats:
-    kept: int = 0
-    no_relevant: int = 0  # P holds no relevant passage
-    below: int = 0  # the filtered nDCG is under the threshold
-
-
-def augment(
-    ds: Dataset, samples: int = 50, size: int = 20, seed: int = 0, min_ndcg: float = 0.1, filter_on: str = "best"
-) -> tuple[list[TrainInstance], AugmentStats]:
-    """Sample `samples` candidate sets of `size` passages from each judged query's first-stage list (METHOD §4).
-
-    Each set keeps the order it was drawn in (a random initial state, as the method's "initial state expansion"
-    asks). Sets with no relevant passage are dropped, then sets whose nDCG@10 is below `min_ndcg`: the paper states
-    that filter both on the initial nDCG and on the best reachable one; `filter_on="best"` (the default) filters on
-    r*, which keeps badly ordered sets, the ones with the most to learn from; `"init"` filters on r_init.
-    Reproducible: one random.Random(seed), queries in file order.
-    """
-    import random
-
-    if filter_on not in ("best", "init"):
-        raise ValueError(f"filter_on must be 'best' or 'init', not {filter_on!r}")
-    rng, stats, instances = random.Random(seed), AugmentStats(), []
-    for ranking in ds.rankings:
-        grades = ds.qrels.get(ranking.query.qid)
-        if not grades:
-            continue  # an unjudged query cannot be scored
-        for _ in range(samples):
-            sample = rng.sample(ranking.candidates, min(size, len(ranking.candidates)))
-            inst = make_instance(ranking.query, sample, grades)
-            if not any(g > 0 for g in inst.grades):
-                stats.no_relevant += 1
-            elif (inst.r_star if filter_on == "best" else inst.r_init) < min_ndcg:
-                stats.below += 1
-            else:
-                stats.kept += 1
-                instances.append(inst)
-    return instances, stats
-
-
-def augment_setwise(
-    ds: Dataset, samples: int = 50, size: int = 20, seed: int = 0, min_grade: int = 2
-) -> tuple[list[TrainInstance], AugmentStats]:
-    """Rank-R1's training sets (METHOD §6): one relevant passage (grade >= `min_grade`) and `size - 1` non-relevant
-    ones from the same query's first-stage candidates, shuffled; up to `samples` sets per judged query.
-
-    Non-relevant means judged 0 or unjudged (MS MARCO's convention: an unjudged passage counts as not relevant);
-    passages with 0 < grade < min_grade are never used, so the label is unambiguous. A query with no relevant
-    candidate, or too few non-relevant ones, gives no sets (counted as `no_relevant` / `below`).
-    """
-    import random
-
-    rng, stats, instances = random.Random(seed), AugmentStats(), []
-    for ranking in ds.rankings:
-        grades = ds.qrels.get(ranking.query.qid)
-        if not grades:
-            continue
-        relevant = [c for c in ranking.candidates if grades.get(c.docid, 0) >= min_grade]
-        negatives = [c for c in ranking.candidates if grades.get(c.docid, 0) <= 0]
-        if not relevant:
-            stats.no_relevant += samples
-            continue
-        if len(negatives) < size - 1:
-            stats.below += samples
-            continue
-        for _ in range(samples):
-            chosen = [rng.choice(relevant)] + rng.sample(negatives, size - 1)
-            rng.shuffle(chosen)
-            instances.append(make_instance(ranking.query, chosen, grades))
-            stats.kept += 1
-    return instances, stats
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -632,18 +419,6 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bm25", help="run (and cache) BM25 for a dataset, report times")
     b.add_argument("--dataset", default="scifact", help="dataset name")
     b.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
-    a = sub.add_parser("augment", help="sample training candidate sets (METHOD §4) into a JSONL file")
-    a.add_argument("--dataset", default="dl21", help="dataset whose judged queries seed the sets (dl21, scifact-train)")
-    a.add_argument("--method", choices=("listwise", "setwise"), default="listwise",
-                   help="listwise: REARANK's sampled sets; setwise: Rank-R1's one relevant + size-1 non-relevant")
-    a.add_argument("--min-grade", type=int, default=2, help="setwise: the grade that makes a passage the relevant one")
-    a.add_argument("--samples", type=int, default=50, help="candidate sets drawn per query")
-    a.add_argument("--size", type=int, default=20, help="passages per candidate set")
-    a.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same file")
-    a.add_argument("--min-ndcg", type=float, default=0.1, help="drop sets whose nDCG@10 is below this")
-    a.add_argument("--filter-on", choices=("best", "init"), default="best", help="filter on r* (best) or r_init")
-    a.add_argument("--out", default="train.jsonl", help="output JSONL")
-    a.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
     args = p.parse_args(argv)
     try:
         if args.cmd == "list":
@@ -652,23 +427,6 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "bm25":
             ds = load_dataset(args.dataset, args.data_dir)
             print(f"{ds.name}: {len(ds.rankings)} queries, {sum(len(r.candidates) for r in ds.rankings)} candidates")
-        elif args.cmd == "augment":
-            ds = load_dataset(args.dataset, args.data_dir)
-            if args.method == "setwise":
-                instances, st = augment_setwise(ds, args.samples, args.size, args.seed, args.min_grade)
-                write_instances(args.out, instances)
-                print(
-                    f"{ds.name}: kept {st.kept} setwise sets, dropped {st.no_relevant + st.below} ({st.no_relevant} "
-                    f"for queries with no passage of grade >= {args.min_grade}, {st.below} for too few non-relevant "
-                    f"ones); wrote {args.out}"
-                )
-                return
-            instances, st = augment(ds, args.samples, args.size, args.seed, args.min_ndcg, args.filter_on)
-            write_instances(args.out, instances)
-            print(
-                f"{ds.name}: kept {st.kept}, dropped {st.no_relevant + st.below} ({st.no_relevant} with no relevant "
-                f"passage, {st.below} with nDCG@10 ({args.filter_on}) < {args.min_ndcg}); wrote {args.out}"
-            )
     except DataError as e:
         sys.exit(f"error: {e}")
 

@@ -5,7 +5,7 @@
     python grpo.py --out runs/grpo --resume                                 # continue from the last checkpoint
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
 
-One step: B training instances (candidate sets sampled by `data.py augment`, METHOD §4), each rendered with the REARANK
+One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
 prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
 reward (reward.py) -> advantages within each group -> the clipped policy-gradient loss on the generated token ids ->
 one optimizer step. Everything a step did is one line on stdout and one JSON object in <out>/metrics.jsonl.
@@ -60,10 +60,8 @@ import numpy as np
 import torch
 
 import dist
-from data import (
-    AugmentStats, DataError, Dataset, TrainInstance,
-    augment, augment_setwise, load_dataset, make_instance, read_instances,
-)
+from augment import AugmentStats, TrainInstance, augment, augment_setwise, make_instance, read_instances
+from data import DataError, Dataset, load_dataset
 from prefix import completion_logprobs, group_backward, unpadded
 from rearank import ANSWER_END, build_prompt
 from setwise import build_setwise_prompt
@@ -86,7 +84,7 @@ class Config:
     method: str = arg("listwise", "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant "
                                   "passage)")
     dataset: str = arg("dl21", "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)")
-    train_file: str = arg("", "JSONL of training instances from `data.py augment` (overrides --dataset)")
+    train_file: str = arg("", "JSONL of training instances from `augment.py` (overrides --dataset)")
     samples: int = arg(50, "augmentation: candidate sets sampled per query")
     size: int = arg(20, "augmentation: passages per candidate set (the paper: 20)")
     min_ndcg: float = arg(0.1, "augmentation: drop sets whose best reachable nDCG@10 is below this")
@@ -122,6 +120,13 @@ class Config:
     resume: bool = arg(False, "continue from <out>/checkpoint.pt")
     seed: int = arg(0, "one seed for data order, sampling and augmentation")
     data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
+    memory: str = arg("auto", "auto: plan memory before loading and pick what the user did not set (fp32 or bf16 "
+                              "weights, checkpointing, micro-batch, logits chunk, where the reference lives); off: the "
+                              "flags as given (memory.py)")
+    memory_gb: float = arg(0.0, "memory budget the plan fits in, GB (0 = the device's free memory)")
+    logits_chunk: int = arg(0, "positions per lm_head chunk in the training passes (0 = the planner picks; all at "
+                               "once with --memory off)")
+    reference: str = arg("auto", "where the frozen reference lives: auto (the memory plan decides), resident, offload")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
@@ -139,6 +144,35 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     if args["method"] not in TASKS:
         p.error(f"--method {args['method']!r}: choose one of {', '.join(TASKS)}")
     return Config(**args), plot
+
+
+def explicit_flags(argv: list[str] | None) -> set[str]:
+    """The Config fields set on the command line (argparse's unique-prefix abbreviations included), which the memory
+    plan must not change."""
+    flags = {"--" + f.name.replace("_", "-"): f.name for f in fields(Config)}
+    given = set()
+    for token in sys.argv[1:] if argv is None else argv:
+        name = token.split("=", 1)[0]
+        matches = [flags[name]] if name in flags else [v for k, v in flags.items() if k.startswith(name)]
+        if token.startswith("--") and len(matches) == 1:
+            given |= set(matches)
+    return given
+
+
+def plan_memory(cfg: Config, explicit: set[str] | None) -> None:
+    """Print the memory plan and fill in what the user left to it (memory.py), before any weight is loaded.
+    `explicit` None (train() called from code): the fields that differ from their defaults count as given."""
+    import memory
+    from backend import SMOLLM2, smollm2_dir
+
+    if explicit is None:
+        explicit = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    try:
+        config = memory.published_config(str(smollm2_dir()) if cfg.model == SMOLLM2 else cfg.model)
+    except (OSError, ValueError) as e:
+        print(f"memory plan: skipped, cannot read the model's config ({str(e).splitlines()[0][:200]})")
+        return
+    memory.plan_run(cfg, explicit, config, torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -287,7 +321,7 @@ def group_logprobs(model, ro: Rollout, cfg: Config) -> list[torch.Tensor]:
     for b in range(len(ro.prompts)):
         prompt, ids, mask, _ = ro.group(b)
         out.append(completion_logprobs(model, prompt, ids, mask, cfg.temperature, shared=not cfg.repeat_prompt,
-                                       micro_batch=cfg.micro_batch or None))
+                                       micro_batch=cfg.micro_batch or None, logits_chunk=cfg.logits_chunk))
     return out
 
 
@@ -315,7 +349,7 @@ def policy_backward(model, ro: Rollout, adv: torch.Tensor, old_logp: list | None
 
         # the backward runs inside (loss.backward()): Accelerate's backward adds nothing on one device with bf16
         total += group_backward(model, prompt, ids, mask, loss_fn, cfg.temperature, cfg.micro_batch or None,
-                                shared=not cfg.repeat_prompt)
+                                shared=not cfg.repeat_prompt, logits_chunk=cfg.logits_chunk)
     return total, {k: v / n_tokens for k, v in sums.items()}
 
 
@@ -373,8 +407,13 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class BF16AdamW(torch.optim.Optimizer):
-    """AdamW for bf16 weights: moments stored in bf16, the step computed in fp32, written back with stochastic
-    rounding. 8 bytes a parameter (weight, grad, two moments), against 10 for fp32 master weights with 8-bit Adam."""
+    """AdamW for bf16 weights: moments stored in bf16, the step computed in fp32; weights and moments are written back
+    with stochastic rounding. 8 bytes a parameter (weight, grad, two moments), against 10 for fp32 master weights with
+    8-bit Adam.
+
+    The moments need the stochastic rounding too: v's 0.1 % decay a step (beta2 = 0.999) is below half a bf16
+    spacing (0.39 %), so round-to-nearest leaves v where it was and it stops tracking g^2 (0.25 of the truth after
+    3,000 steps of a constant gradient, issue 10); rounded at random, v decays right on average."""
 
     CHUNK = 1 << 24  # elements per fp32 temporary: a 545M-parameter embedding must not need 4 fp32 copies at once
 
@@ -398,8 +437,8 @@ class BF16AdamW(torch.optim.Optimizer):
                     g = g.float()
                     m32 = m.float().mul_(b1).add_(g, alpha=1 - b1)
                     v32 = v.float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                    m.copy_(m32)
-                    v.copy_(v32)
+                    stochastic_round_(m, m32)
+                    stochastic_round_(v, v32)
                     update = (m32 / c1) / ((v32 / c2).sqrt() + group["eps"])
                     stochastic_round_(w, w.float() * (1 - lr * group["weight_decay"]) - lr * update)
 
@@ -444,6 +483,16 @@ def save_checkpoint(path: Path, model, optimizer, step: int, rng: dict, cfg: Con
         state["rng_ranks"] = rng_ranks
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def weight_sample(params: list[torch.Tensor], per_tensor: int = 1024) -> list[torch.Tensor]:
+    """Up to `per_tensor` evenly spaced entries of each tensor, copied to the CPU: enough to see whether the weights
+    move, at a few MB for a 7B model (a copy of every 10th tensor took 5.4 GB of GPU memory, issue 10)."""
+    out = []
+    for p in params:
+        flat = p.detach().reshape(-1)
+        out.append(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].to("cpu", copy=True))
+    return out
 
 
 def moved_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
@@ -609,10 +658,13 @@ def grad_sync(accelerator, model):
 # the loop
 
 
-def train(cfg: Config) -> dict:
-    """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them)."""
+def train(cfg: Config, explicit: set[str] | None = None) -> dict:
+    """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them). `explicit`: the fields
+    the user set (the memory plan keeps them); None: those that differ from the defaults."""
     from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
 
+    plan_memory(cfg, explicit)
     out = Path(cfg.out)
     cuda = torch.cuda.is_available()
     # bf16 autocast, weights keep their dtype; cpu=True on a machine without CUDA, else torchrun's ranks are ignored
@@ -626,6 +678,12 @@ def train(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     print(json.dumps(asdict(cfg), indent=1))
+    # autocast caches a bf16 cast of every fp32 weight until its context ends (15 GB at 7B): worth it across the
+    # rollout's decoding steps; in no-grad passes nothing needs the casts afterwards; in the backward without
+    # checkpointing the graphs save the casts anyway (the cache makes the prompt's graph and each micro-batch's share
+    # one copy), with checkpointing they are recomputed layer by layer, so a cache would only keep them all alive
+    uncached = AutocastKwargs(cache_enabled=False)
+    training_casts = AutocastKwargs(cache_enabled=not cfg.gradient_checkpointing)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own completions
@@ -644,7 +702,7 @@ def train(cfg: Config) -> dict:
     model, tokenizer = load_model(cfg.model)
     model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.beta > 0:  # the reference never trains: bf16 is enough on CUDA
         ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
@@ -725,7 +783,7 @@ def train(cfg: Config) -> dict:
             model.train()
             N = r_all.numel()
             old_logp = ref_logp = None
-            with torch.no_grad(), accelerator.autocast():
+            with torch.no_grad(), accelerator.autocast(uncached):
                 if cfg.updates > 1:
                     old_logp = group_logprobs(policy, ro, cfg)
                 if ref is not None:
@@ -733,13 +791,13 @@ def train(cfg: Config) -> dict:
 
             # --- update: `updates` passes over the batch, each followed by an optimizer step
             first = step == start and not cfg.resume
-            if first:  # prove the weights move at this lr (METHOD §5): snapshot a few tensors
-                watched = [p for p in policy.parameters() if p.requires_grad][:: 10]
-                before = [p.detach().clone() for p in watched]
+            if first:  # prove the weights move at this lr (METHOD §5): a small sample of every tensor, on the CPU
+                watched = [p for p in policy.parameters() if p.requires_grad]
+                before = weight_sample(watched)
             losses, stats, grad_norm = [], {}, 0.0  # stats: of the last update (the first one's ratio is 1)
             n_tokens = max(dist.all_reduce_sum([float(ro.completion_mask.sum())])[0], 1.0)  # DAPO: the global count
             for _ in range(cfg.updates):
-                with accelerator.autocast(), grad_sync(accelerator, model):
+                with accelerator.autocast(training_casts), grad_sync(accelerator, model):
                     loss, stats = policy_backward(policy, ro, adv, old_logp, ref_logp, cfg, n_tokens)
                 loss, *parts = dist.all_reduce_sum([loss, *stats.values()])  # the shares sum to the global values
                 stats = dict(zip(stats, parts))
@@ -750,7 +808,8 @@ def train(cfg: Config) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             train_s = time.time() - t1
             if first:
-                moved = moved_fraction(before, [p.detach() for p in watched])
+                moved = moved_fraction(before, weight_sample(watched))
+                del before
                 print(f"weights: {moved:.1%} of the watched parameters changed in the first step at lr {cfg.lr:g}")
 
             # --- log / checkpoint
@@ -811,7 +870,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}" if path else "no plot written")
         return
     try:
-        train(cfg)
+        train(cfg, explicit_flags(argv))
     except (DataError, ModelError) as e:
         sys.exit(f"error: {e}")
 

@@ -25,8 +25,8 @@ For the log-probs a group shares ONE unpadded prompt: `prompt_ids` is `(P,)` or 
 (`generate` takes a left-padded batch and strips each prompt's padding itself). Completions are
 right-padded `(G, C)` with `completion_mask` 1 on real tokens (pad with any valid token id).
 
-Pitfalls in transformers 5.23 that shape this file:
-- A checkpointed decoder layer (`GradientCheckpointingLayer`, modeling_layers.py) drops `past_key_values` (and
+Pitfalls in transformers 5.24 that shape this file:
+- A checkpointed decoder layer (`GradientCheckpointingLayer`, modeling_layers.py) drops `cache` (and
   `use_cache`) unless the layer sets `_can_checkpoint_with_cache`. Our caches only read (or record once), so we set
   that flag on the model's layers for the duration of a forward (`_cache_survives_checkpointing`).
 - A checkpointed layer calls the cache's `update` twice: forward, then recompute in backward. So `PrefixLayer.update`
@@ -34,8 +34,8 @@ Pitfalls in transformers 5.23 that shape this file:
   serves several micro-batches.
 - Reentrant checkpointing runs the layer under no_grad and only tracks its positional inputs; the broadcast prefix
   reaches the layer through the cache, so its gradient is silently lost (issue 6 measured a relative error of ~1.15).
-  We refuse it (`check_checkpointing`). Non-reentrant checkpointing is exact. (`gradient_checkpointing_enable` is
-  deprecated in 5.23 for `activation_checkpointing_enable`, whose default is already non-reentrant.)
+  We refuse it (`check_checkpointing`). Non-reentrant checkpointing (`activation_checkpointing_enable`'s default)
+  is exact.
 - Checkpointed layers drop the cache whenever `model.training`, even under no_grad, so `rollout` generates in eval
   mode.
 - Positions and the mask come from the cache: `get_seq_length()` (position ids, query offset) and
@@ -48,6 +48,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 # --- cache layers
@@ -123,7 +124,7 @@ class _RecordLayer(CacheLayerMixin):
 class PrefixCache(Cache):
     """A read-only cache: the keys/values of a prompt's first P-1 tokens per layer, and its last token `(1, 1)`.
 
-    Pass it as `past_key_values` to a forward whose rows start with `last_token`.
+    Pass it as `cache` to a forward whose rows start with `last_token`.
     """
 
     def __init__(self, layers: list[PrefixLayer], last_token: torch.Tensor):
@@ -152,7 +153,7 @@ def check_checkpointing(model) -> None:
                 raise ValueError(
                     "the shared prompt needs non-reentrant activation checkpointing: reentrant checkpointing "
                     "drops the gradient that flows through the prompt's keys/values. Use "
-                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+                    "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})."
                 )
 
 
@@ -168,7 +169,7 @@ def _check_full_attention(model) -> None:
 
 @contextlib.contextmanager
 def _cache_survives_checkpointing(model):
-    """Let checkpointed decoder layers keep `past_key_values` (transformers drops it, modeling_layers.py).
+    """Let checkpointed decoder layers keep `cache` (transformers drops it, modeling_layers.py).
 
     Safe here because our caches never grow: the recompute reads the same prefix. The flag is only read when the
     layer is called, so restoring it afterwards does not affect the later recompute.
@@ -197,11 +198,48 @@ def _one_prompt(prompt_ids: torch.Tensor) -> torch.Tensor:
 def token_logprobs(scores: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(scores / temperature) at `ids`: (B, C, V), (B, C) -> (B, C); at least float32.
 
+    One float32 copy of bf16 scores, none of float32 ones, and no division at T = 1 (a (B, C, V) copy each).
+
     >>> token_logprobs(torch.zeros(1, 2, 4), torch.tensor([[0, 3]])).exp()
     tensor([[0.2500, 0.2500]])
     """
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / temperature  # (B, C, V)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # (B, C, V); a no-op for float32
+    if temperature != 1.0:
+        scores = scores / temperature
     return scores.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - scores.logsumexp(-1)  # (B, C)
+
+
+def _head_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    return token_logprobs(head(hidden), ids, temperature)  # (B, c, H) -> (B, c, V) -> (B, c)
+
+
+def head_logprobs(model, hidden: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                  chunk: int = 0) -> torch.Tensor:
+    """lm_head and the log-probs at `ids` from the last hidden states, `chunk` positions at a time: (B, C, H) -> (B, C).
+
+    The full-vocabulary logits of a micro-batch are its largest tensor ((8, 513, 152064) fp32 is 2.5 GB a copy, and
+    log-softmax and its backward make ~4 copies). Each chunk runs under non-reentrant checkpointing, so its logits are
+    freed at once and recomputed in the backward one chunk at a time: only one chunk's logits ever live. Exact: the
+    same ops on the same rows (tests/test_prefix.py). chunk 0: all positions at once.
+    """
+    head = model.get_output_embeddings()
+    if not chunk or chunk >= ids.shape[1]:
+        return _head_logprobs(head, hidden, ids, temperature)
+    parts = []
+    for s in range(0, ids.shape[1], chunk):
+        h, t = hidden[:, s : s + chunk], ids[:, s : s + chunk]  # (B, c, H), (B, c)
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_head_logprobs, head, h, t, temperature, use_reentrant=False))
+        else:
+            parts.append(_head_logprobs(head, h, t, temperature))
+    return torch.cat(parts, dim=1)  # (B, C)
+
+
+def _decoder(model):
+    """The decoder stack under the LM head: it returns hidden states, so the head can run in chunks."""
+    config = model.config.get_text_config(decoder=True)
+    assert getattr(config, "final_logit_softcapping", None) is None, "logits softcapping is not applied here"
+    return model.get_decoder()
 
 
 # --- the prompt once, then the completions
@@ -216,13 +254,14 @@ def prompt_forward(model, prompt_ids: torch.Tensor) -> PrefixCache:
     record = Cache(layers=[_RecordLayer() for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)])
     with _cache_survives_checkpointing(model):
         # logits_to_keep=1: the prefix's logits are never used, so skip the (P, V) lm_head product
-        model(input_ids=prompt_ids[:, :-1], past_key_values=record, use_cache=False, logits_to_keep=1)
+        model(input_ids=prompt_ids[:, :-1], cache=record, use_cache=False, logits_to_keep=1)
     return PrefixCache([PrefixLayer(lay.keys, lay.values) for lay in record.layers], prompt_ids[:, -1:])
 
 
 def prefix_logprobs(model, prefix: PrefixCache, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs `(B, C)` of a batch of completions continuing the prompt held by `prefix`."""
+                    temperature: float = 1.0, logits_chunk: int = 0) -> torch.Tensor:
+    """Log-probs `(B, C)` of a batch of completions continuing the prompt held by `prefix`; the logits are made
+    `logits_chunk` positions at a time (`head_logprobs`)."""
     check_checkpointing(model)
     batch, _ = completion_ids.shape
     input_ids = torch.cat([prefix.last_token.expand(batch, 1), completion_ids], dim=1)  # (B, 1+C)
@@ -230,23 +269,23 @@ def prefix_logprobs(model, prefix: PrefixCache, completion_ids: torch.Tensor, co
     attention_mask = torch.cat([ones, completion_mask], dim=1)  # (B, P+C)
     with _cache_survives_checkpointing(model):
         # positions start at P-1 because they are derived from prefix.get_seq_length() (LlamaModel.forward)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=prefix,
-                       use_cache=False).logits  # (B, 1+C, V)
-    # logits at t score token t+1: the last prompt token's score completion token 0
-    return token_logprobs(logits[:, :-1], completion_ids, temperature)
+        hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, cache=prefix,
+                                 use_cache=False).last_hidden_state  # (B, 1+C, H)
+    # position t scores token t+1: the last prompt token's scores completion token 0
+    return head_logprobs(model, hidden[:, :-1], completion_ids, temperature, logits_chunk)
 
 
 def plain_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, logits_chunk: int = 0) -> torch.Tensor:
     """The usual way, for comparison: the prompt repeated per row, one forward over `cat(prompt, completion)`."""
     prompt_ids = _one_prompt(prompt_ids)  # (1, P)
     batch, length = completion_ids.shape
     input_ids = torch.cat([prompt_ids.expand(batch, -1), completion_ids], dim=1)  # (B, P+C)
     attention_mask = torch.cat([completion_mask.new_ones(batch, prompt_ids.shape[1]), completion_mask], dim=1)
-    # keep the logits of the last prompt position and the completion: positions P-1 .. P+C-1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=length + 1).logits  # (B, C+1, V)
-    return token_logprobs(logits[:, :-1], completion_ids, temperature)
+    hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=False).last_hidden_state  # (B, P+C, H)
+    # score with the last prompt position and the completion's: positions P-1 .. P+C-2
+    return head_logprobs(model, hidden[:, -length - 1 : -1], completion_ids, temperature, logits_chunk)
 
 
 def micro_batches(n: int, micro_batch: int | None) -> list[slice]:
@@ -256,7 +295,7 @@ def micro_batches(n: int, micro_batch: int | None) -> list[slice]:
 
 def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, temperature: float = 1.0, shared: bool = True,
-                        micro_batch: int | None = None) -> torch.Tensor:
+                        micro_batch: int | None = None, logits_chunk: int = 0) -> torch.Tensor:
     """Log-probs `(G, C)` of a group's completions; `shared=False` repeats the prompt per row (the usual way).
 
     Micro-batches bound the completions' activation memory under no_grad (reference and old-policy passes). With
@@ -264,16 +303,16 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.T
     """
     chunks = micro_batches(completion_ids.shape[0], micro_batch)
     if not shared:
-        return torch.cat([plain_logprobs(model, prompt_ids, completion_ids[rows], completion_mask[rows], temperature)
-                          for rows in chunks])
+        return torch.cat([plain_logprobs(model, prompt_ids, completion_ids[rows], completion_mask[rows], temperature,
+                                         logits_chunk) for rows in chunks])
     prefix = prompt_forward(model, prompt_ids)
-    return torch.cat([prefix_logprobs(model, prefix, completion_ids[rows], completion_mask[rows], temperature)
-                      for rows in chunks])  # (G, C)
+    return torch.cat([prefix_logprobs(model, prefix, completion_ids[rows], completion_mask[rows], temperature,
+                                      logits_chunk) for rows in chunks])  # (G, C)
 
 
 def group_backward(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                    loss_fn: Callable[[torch.Tensor, slice], torch.Tensor], temperature: float = 1.0,
-                   micro_batch: int | None = None, shared: bool = True) -> float:
+                   micro_batch: int | None = None, shared: bool = True, logits_chunk: int = 0) -> float:
     """Backward of `sum over micro-batches of loss_fn(logp_rows (b, C), rows)` for one group; returns the total loss.
 
     `loss_fn` must return this micro-batch's share of the total (e.g. divide by the whole batch's token count, not the
@@ -293,7 +332,8 @@ def group_backward(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor
         logprobs = functools.partial(plain_logprobs, model, prompt_ids)
     total = 0.0
     for rows in micro_batches(completion_ids.shape[0], micro_batch):
-        loss = loss_fn(logprobs(completion_ids[rows], completion_mask[rows], temperature), rows)  # logp: (b, C)
+        logp = logprobs(completion_ids[rows], completion_mask[rows], temperature, logits_chunk)  # (b, C)
+        loss = loss_fn(logp, rows)
         loss.backward()  # parameter grads of these completions; shared: prompt-side grads pile up in the leaves
         total += loss.item()
     if shared:  # the prompt's share of the gradient, once for the whole group
@@ -314,6 +354,29 @@ def unpadded(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[torch.
     return [prompt_ids[b, P - n:] for b, n in enumerate(lengths)]
 
 
+class _StoredAs(DynamicLayer):
+    """A DynamicLayer that stores what it is given in one dtype: autocast's compute dtype (bf16) for fp32 weights.
+
+    Under autocast with fp32 weights the rotary embedding makes the keys fp32 (its cos/sin follow the fp32 hidden
+    stream) while the values come out of v_proj in bf16, and `cat` promotes: a plain cache grows in fp32, twice the
+    memory, and SDPA casts all of it back to bf16 at every decoding step. Storing bf16 is lossless for what the
+    attention sees (autocast's SDPA casts keys and values to bf16 anyway).
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.stored_dtype = dtype
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return super().update(key_states.to(self.stored_dtype), value_states.to(self.stored_dtype), *args, **kwargs)
+
+
+def cache_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in: autocast's when it is on for this device, else the tensor's own."""
+    device = like.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else like.dtype
+
+
 def prefilled_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int = 1) -> DynamicCache:
     """A cache for `generate` holding all but the last token of each left-padded prompt, each row repeated `repeats`
     times (the G samples of a group): (B, P) -> per layer (B*repeats, H, P-1, D).
@@ -321,17 +384,20 @@ def prefilled_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     Each prompt runs once, alone and unpadded. That is what makes batched generation fast on CPU: a padded batch
     needs an attention mask, which sends SDPA to a slower kernel (8 DL19 windows, 12% padding: 69.4 s as one padded
     batch, 39.8 s one at a time; `bench_rerank.py --padded-prefill --batch-sizes 8,1`). The padding slots hold
-    zeros; the attention mask hides them from every decoding step.
+    zeros; the attention mask hides them from every decoding step. Keys and values are stored in the dtype attention
+    computes in (`_StoredAs`): bf16 under autocast, even with fp32 weights.
     """
     prompts = unpadded(prompt_ids, prompt_mask)
     prefixes = [prompt_forward(model, p) for p in prompts]  # each (1, H, P_b - 1, D) per layer
     P, N = prompt_ids.shape[1], len(prompts) * repeats
     cache = DynamicCache(config=model.config)
     assert len(cache.layers) == len(prefixes[0].layers)
+    dtype = cache_dtype(prefixes[0].layers[0].values)
     for i, layer in enumerate(cache.layers):
-        assert isinstance(layer, DynamicLayer)
+        assert type(layer) is DynamicLayer
+        layer = cache.layers[i] = _StoredAs(dtype)
         first = prefixes[0].layers[i].keys
-        keys = first.new_zeros(N, first.shape[1], P - 1, first.shape[3])  # (N, H, P-1, D), left-padded
+        keys = first.new_zeros(N, first.shape[1], P - 1, first.shape[3], dtype=dtype)  # (N, H, P-1, D), left-padded
         values = torch.zeros_like(keys)
         for b, pre in enumerate(prefixes):
             n = pre.layers[i].keys.shape[-2]
@@ -358,7 +424,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats
     model.eval()  # checkpointed layers in train mode would drop the cache (modeling_layers.py)
     try:
         if shared and full_attention(model):  # else plain generate: sliding-window layers need their own cache
-            generate_kwargs["past_key_values"] = prefilled_cache(model, prompt_ids, prompt_mask, repeats)
+            generate_kwargs["cache"] = prefilled_cache(model, prompt_ids, prompt_mask, repeats)
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
     finally:
         model.train(was_training)

@@ -17,7 +17,7 @@ Where the paper is silent, this module chooses (and tests/test_reward.py checks)
    negative by the nDCG it loses otherwise. It never rewards an improvement that cannot exist.
 
 r_rank has no lower bound: when r* - r_init is small, spoiling the order costs a lot. That is the paper's formula;
-the augmentation filter (data.py augment) keeps such sets rare.
+the augmentation filter (augment.py) keeps such sets rare.
 
     >>> r = rerank_reward("<think>b is best</think> <answer>[2] > [1]</answer>", ["a", "b"], {"b": 3})
     >>> (round(r.rank, 4), r.format1, r.format2, round(r.total, 4))

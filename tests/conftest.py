@@ -27,7 +27,7 @@ def _rms_norm_in_input_dtype(self, hidden_states):
 
 @pytest.fixture
 def true_float64(monkeypatch):
-    """A float64 Llama in transformers 5.23 is not all float64: LlamaRMSNorm computes in float32 (so does the eager
+    """A float64 Llama in transformers 5.24 is not all float64: LlamaRMSNorm computes in float32 (so does the eager
     attention softmax, and HF's loss), which caps float64 agreement near 1e-8. This runs the norm in the input dtype;
     the default sdpa attention stays float64."""
     from transformers.models.llama import modeling_llama

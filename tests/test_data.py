@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import bm25
 import data
 from data import Candidate, DataError, Query, Ranking
 
@@ -103,18 +104,17 @@ def test_write_run_scores_fall_with_rank_and_refuses_duplicates(tmp_path):
 
 
 def test_analyzer_is_lucene_like():
-    assert data.analyze("The Cats' owner's dogs are running") == ["cat", "owner", "dog", "run"]
-    assert data.analyze("to be or not to be") == []
+    assert bm25.analyze("The Cats' owner's dogs are running") == ["cat", "owner", "dog", "run"]
+    assert bm25.analyze("to be or not to be") == []
 
 
-def test_bm25_ranks_and_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("REARANK_CACHE", str(tmp_path))
+def test_bm25_ranks_and_caches(tmp_path):
     corpus = {"d1": "cats chase mice", "d2": "dogs chase cats and cats", "d3": "the weather today"}
     logs = []
-    first = data.bm25_retrieve(corpus, {"q": "cat"}, "toy", k=3, log=logs.append)
-    assert [c.docid for c in first[0].candidates][:2] == ["d2", "d1"]  # tf 2 beats tf 1
-    assert first[0].candidates[2].score == 0.0
+    first = bm25.bm25_retrieve(corpus, {"q": "cat"}, "toy", tmp_path, k=3, log=logs.append)
+    assert [d for d, _ in first["q"]][:2] == ["d2", "d1"]  # tf 2 beats tf 1
+    assert first["q"][2][1] == 0.0
     assert any("indexed 3 docs" in m for m in logs)
     logs.clear()
-    again = data.bm25_retrieve(corpus, {"q": "cat"}, "toy", k=3, log=logs.append)
+    again = bm25.bm25_retrieve(corpus, {"q": "cat"}, "toy", tmp_path, k=3, log=logs.append)
     assert again == first and any("loaded cached index" in m for m in logs)

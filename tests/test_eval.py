@@ -9,7 +9,7 @@ pytrec_eval = pytest.importorskip("pytrec_eval")
 
 import data
 import eval as ev
-from data import DataError, load_qrels, load_run
+from data import load_qrels, load_run
 
 MEASURES = {"ndcg_cut.1", "ndcg_cut.5", "ndcg_cut.10"}
 

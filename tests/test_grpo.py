@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import augment
 import data
 import grpo
 from data import Candidate
@@ -76,7 +77,7 @@ def toy_batch(n: int = 2):
     """Training instances whose prompts differ in length, so the rollout batch is left-padded."""
     cands = [Candidate(f"d{i}", "flea " * (1 + 9 * i)) for i in range(6)]
     ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1}})
-    return [data.make_instance(ds.rankings[0].query, cands[i : i + 3], ds.qrels["q1"]) for i in range(n)]
+    return [augment.make_instance(ds.rankings[0].query, cands[i : i + 3], ds.qrels["q1"]) for i in range(n)]
 
 
 def test_greedy_rollout_of_a_padded_batch_is_what_the_training_pass_scores(tokenizer, true_float64):
@@ -115,7 +116,7 @@ def test_prompt_once_per_group_gives_the_usual_loss_and_gradients_in_float64(tru
     # prompt run once per group equals the prompt repeated per completion (TRL's way) to 1e-10 relative
     model = tiny_model(100).double().train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = tiny_model(100, seed=1).double().eval()
     ro = hand_rollout(100)
     adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5], dtype=torch.float64)
@@ -158,6 +159,13 @@ def test_advantages_zero_mean_per_group_and_zero_for_a_constant_group():
     assert a.std().item() == pytest.approx(1.0, abs=1e-3)  # unit std (up to eps)
 
 
+def test_advantages_of_a_group_whose_std_is_near_eps():
+    # std of [0, 2e-4] is sqrt(2) 1e-4, eps 1e-4: (+-1e-4) / (sqrt(2) 1e-4 + 1e-4) = +-(sqrt(2) - 1); eps inside the
+    # square root (sqrt(var + eps) = 0.01) would give +-0.01
+    a = group_advantages(torch.tensor([0.0, 2e-4], dtype=torch.float64), 2)
+    torch.testing.assert_close(a, torch.tensor([1 - math.sqrt(2), math.sqrt(2) - 1], dtype=torch.float64))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the loss
 
@@ -194,6 +202,16 @@ def test_kl_is_nonnegative_and_zero_when_policy_is_reference():
     assert (kl >= 0).all()
 
 
+def test_k3_kl_of_a_single_token():
+    # pi = 0.2, pi_ref = 0.1: KL_k3 = pi_ref/pi - ln(pi_ref/pi) - 1 = 0.5 - ln 0.5 - 1 = 0.19315 (swapping the two
+    # log-probs gives 2 - ln 2 - 1 = 0.30685); with A = 0 the loss is beta * KL
+    logp, ref = torch.log(torch.tensor([[0.2]])), torch.log(torch.tensor([[0.1]]))
+    loss, stats = grpo_loss(logp, None, ref, torch.tensor([0.0]), torch.ones(1, 1), beta=0.5)
+    assert stats["kl"] == pytest.approx(0.5 - math.log(0.5) - 1, abs=1e-6) and stats["kl"] == pytest.approx(0.19315,
+                                                                                                             abs=1e-5)
+    assert loss.item() == pytest.approx(0.5 * 0.19315, abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "ratio, adv, clipped",
     [(1.1, 1.0, False), (1.5, 1.0, True), (1.5, -1.0, False), (0.9, -1.0, False), (0.5, -1.0, True), (0.5, 1.0, False)],
@@ -215,6 +233,14 @@ def test_one_update_per_batch_gives_the_policy_gradient():
     loss.backward()
     assert stats["ratio"] == 1.0 and loss.item() == pytest.approx(-2.0)
     torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, -1.0]]))
+
+
+def test_batch_indices_draw_a_fresh_permutation_every_epoch():
+    n = 10
+    epochs = [grpo.batch_indices(e, n, n, seed=0) for e in range(4)]  # one step = one epoch
+    assert all(sorted(e) == list(range(n)) for e in epochs)  # each epoch visits every instance once
+    assert len({tuple(e) for e in epochs}) == 4  # and in a different order each time
+    assert grpo.batch_indices(1, n, n, seed=1) != epochs[1]  # the seed matters too
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -246,8 +272,8 @@ def test_one_step_at_lr_1e_6_moves_fp32_weights_but_not_bf16_ones():
 def toy_instances(path):
     cands = [Candidate(f"d{i}", f"passage number {i} about fleas" if i % 2 else f"cats {i}") for i in range(12)]
     ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1, "d5": 3}})
-    instances, _ = data.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)
-    data.write_instances(path, instances)
+    instances, _ = augment.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)
+    augment.write_instances(path, instances)
     return path
 
 
@@ -301,9 +327,9 @@ def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatc
 
     cands = [Candidate(f"d{i}", f"passage number {i}") for i in range(12)]
     ds = data.Dataset("toy", [Ranking(Query("q", "which passage"), cands)], {"q": {"d3": 2}})
-    insts, _ = data.augment_setwise(ds, samples=4, size=4, seed=0)
+    insts, _ = augment.augment_setwise(ds, samples=4, size=4, seed=0)
     path = tmp_path / "sw.jsonl"
-    data.write_instances(path, insts)
+    augment.write_instances(path, insts)
     task, prompts, scored = grpo.TASKS["setwise"], [], []
 
     def prompt(inst):
@@ -321,3 +347,32 @@ def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatc
     assert len(scored) == 2 * 3  # B prompts x G completions, each scored by Rank-R1's reward
     with pytest.raises(SystemExit):
         grpo.parse_args(["--method", "pointwise"])
+
+
+def test_bf16_adamw_second_moment_tracks_a_constant_gradient_over_thousands_of_steps():
+    # beta2 = 0.999: v's decay of 0.1 % a step is below half a bf16 spacing; rounded to nearest it stalls and v / c2
+    # falls to ~0.25 g^2 after 3,000 steps (updates ~2x too large); rounded stochastically it stays near g^2
+    torch.manual_seed(0)
+    g = torch.linspace(0.5, 2.0, 4096)
+    w = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
+    opt = grpo.BF16AdamW([w], lr=1e-6)
+    for _ in range(3000):
+        w.grad = g.to(torch.bfloat16)
+        opt.step()
+    state = opt.state[w]
+    v_hat = state["v"].float() / (1 - 0.999 ** state["step"])
+    ratio = v_hat / g.to(torch.bfloat16).float() ** 2
+    assert ratio.mean().item() == pytest.approx(1.0, abs=0.02)  # unbiased on average
+    assert (ratio - 1).abs().max().item() < 0.25  # and no element far off
+
+
+def test_weight_sample_is_small_and_on_the_cpu_and_sees_a_move():
+    model = tiny_model(100)
+    params = list(model.parameters())
+    before = grpo.weight_sample(params, per_tensor=64)
+    assert all(t.device.type == "cpu" and t.numel() <= 64 for t in before)
+    assert all(t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() for t, p in zip(before, params))
+    assert grpo.moved_fraction(before, grpo.weight_sample(params, per_tensor=64)) == 0.0
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert 0 < grpo.moved_fraction(before, grpo.weight_sample(params, per_tensor=64)) < 1

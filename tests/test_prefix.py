@@ -78,7 +78,7 @@ def test_prompt_forward_holds_the_keys_a_dynamic_cache_would(true_float64):
     cache = prefix.prompt_forward(model, prompt)
     assert cache.get_seq_length() == P - 1 and len(cache.layers) == 2 and cache.last_token.tolist() == [[prompt[-1]]]
     assert cache.layers[0].keys.shape == (1, 2, P - 1, 8)  # (1, kv heads, P-1, head dim)
-    dynamic = model(prompt[None, :-1], use_cache=True).past_key_values
+    dynamic = model(prompt[None, :-1], use_cache=True).cache
     for ours, theirs in zip(cache.layers, dynamic.layers):
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
 
@@ -103,7 +103,7 @@ def test_plain_logprobs_match_hf_cross_entropy():
 def test_float64_loss_and_every_gradient_equal_plain(true_float64, checkpointing, micro_batch):
     model = tiny_model()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     prompt, completions, mask, advantages = group()
     loss0, grads0, logp0 = plain_loss_and_grads(model, prompt, completions, mask, advantages, 0.7)
 
@@ -140,7 +140,7 @@ def test_reference_pass_without_grad_matches(true_float64):
 def test_reentrant_checkpointing_is_refused():
     # it runs layers under no_grad and tracks only positional inputs: the prefix's gradient would be lost (issue 6)
     model = tiny_model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     prompt, completions, mask, _ = group()
     with pytest.raises(ValueError, match="non-reentrant"):
         prefix.completion_logprobs(model, prompt, completions, mask)
@@ -148,7 +148,7 @@ def test_reentrant_checkpointing_is_refused():
 
 def test_checkpointing_flag_is_restored():
     model = tiny_model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     prompt, completions, mask, _ = group()
     prefix.completion_logprobs(model, prompt, completions, mask).sum().backward()
     assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())
@@ -232,7 +232,7 @@ def test_sampled_rollout_identical_under_the_same_seed(true_float64):
 def test_rollout_from_a_checkpointed_training_model(true_float64):
     # checkpointed layers drop the cache whenever model.training, so rollout generates in eval mode and restores it
     model = tiny_model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     prompt, *_ = group()
     shared, _ = prefix.rollout(model, prompt, 2, 6, do_sample=False)
     assert model.training
@@ -246,7 +246,7 @@ def test_checkpointed_layers_read_the_prefix_on_forward_and_recompute(monkeypatc
     update = prefix.PrefixLayer.update
     monkeypatch.setattr(prefix.PrefixLayer, "update", lambda self, *a, **k: calls.append(1) or update(self, *a, **k))
     model = tiny_model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     prompt, completions, mask, _ = group()
     logp = prefix.completion_logprobs(model, prompt, completions, mask)
     assert len(calls) == 2  # forward: one per layer
@@ -291,3 +291,40 @@ def test_generate_falls_back_to_plain_for_sliding_window_layers():
     handle.remove()
     assert shapes[0] == (2, P)  # no prefix pass: plain generate prefilled the repeated prompt
     assert torch.equal(out, prefix.generate(model, ids, torch.ones_like(ids), repeats=2, shared=False, **kwargs))
+
+
+# --- logits in chunks of positions (issue 10)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunked_logits_give_the_same_logprobs_and_gradients_float64(true_float64, shared):
+    model = tiny_model(torch.float64)
+    g = torch.Generator().manual_seed(2)
+    prompt, ids = torch.randint(4, 97, (7,), generator=g), torch.randint(4, 97, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    results = []
+    for chunk in (0, 4):  # 9 positions: chunks of 4, 4 and 1
+        model.zero_grad()
+        logp = prefix.completion_logprobs(model, prompt, ids, mask, temperature=0.7, shared=shared, logits_chunk=chunk)
+        (logp * mask).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp0, g0), (lp1, g1) = results
+    assert (lp1 - lp0).abs().max() <= 1e-12
+    for name, grad in g0.items():
+        assert (g1[name] - grad).norm() <= 1e-10 * grad.norm(), name
+
+
+def test_prefilled_cache_is_bf16_under_autocast_with_fp32_weights():
+    # fp32 weights under bf16 autocast: the rotary embedding makes fp32 keys; the cache stores what SDPA computes in
+    model = tiny_model(torch.float32).eval()
+    prompt = torch.randint(4, 97, (1, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = prefix.prefilled_cache(model, prompt, torch.ones_like(prompt), repeats=2)
+        assert {lay.keys.dtype for lay in cache.layers} == {lay.values.dtype for lay in cache.layers} == \
+            {torch.bfloat16}
+        model.generate(input_ids=prompt.repeat(2, 1), attention_mask=torch.ones(2, 8, dtype=torch.long),
+                       cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert {lay.keys.dtype for lay in cache.layers} == {torch.bfloat16}  # decoding steps do not promote it
+    assert cache.layers[0].keys.shape[-2] == 8 + 4 - 1  # the prompt and the tokens fed back (not the last)
+    assert prefix.prefilled_cache(model, prompt, torch.ones_like(prompt)).layers[0].keys.dtype == torch.float32

@@ -1,0 +1,182 @@
+"""Training sets for GRPO: REARANK's "initial state expansion" (METHOD §4) and Rank-R1's one-relevant sets (§6).
+
+REARANK trains on only 179 labelled queries. From each, it samples many candidate sets P of 20 passages from the
+query's BM25 top-100, each in the random order it was drawn in: every set is a new starting point whose order the
+model must improve, scored against the same judgments. `TrainInstance` holds one set with what the reward needs
+(r_init, r*, the query's positive judgments).
+
+Reading order: `TrainInstance` and `make_instance`, the JSONL round trip, `augment` (listwise sets, with the nDCG
+filter), `augment_setwise` (one relevant + size-1 non-relevant, shuffled), the command line.
+
+    python augment.py --dataset dl21 --samples 50 --size 20 --out train.jsonl           # --seed 0 --min-ndcg 0.1
+    python augment.py --dataset dl21 --method setwise --samples 50 --out setwise.jsonl  # Rank-R1's sets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from data import Candidate, DataError, Dataset, Query, _jsonl, load_dataset, ndcg_bounds
+
+@dataclass
+class TrainInstance:
+    """One candidate set P of one query, in its initial order, with what the reward needs to score a reordering.
+
+    `judged` holds the query's positive judgments (all of them, not only P's): the ideal DCG is computed from them.
+    """
+
+    qid: str
+    query: str
+    candidates: list[Candidate]  # P in its initial order
+    grades: list[int]  # grade of each candidate (0 when unjudged)
+    r_init: float  # nDCG@10 of P as given
+    r_star: float  # nDCG@10 of P sorted by grade: the best any reordering can reach
+    judged: dict[str, int] = field(default_factory=dict)
+
+
+def make_instance(query: Query, candidates: list[Candidate], grades: dict[str, int]) -> TrainInstance:
+    judged = {d: g for d, g in grades.items() if g > 0}
+    r_init, r_star = ndcg_bounds([c.docid for c in candidates], judged)
+    return TrainInstance(
+        query.qid, query.text, candidates, [grades.get(c.docid, 0) for c in candidates], r_init, r_star, judged
+    )
+
+
+def write_instances(path: str | Path, instances: Iterable[TrainInstance]) -> None:
+    """JSONL, one instance a line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for inst in instances:
+            rec = {**inst.__dict__, "candidates": [c.__dict__ for c in inst.candidates]}
+            f.write(json.dumps(rec) + "\n")
+
+
+def read_instances(path: str | Path) -> list[TrainInstance]:
+    """Read what write_instances wrote; a malformed line is an error naming the file and line."""
+    instances = []
+    for lineno, rec in _jsonl(Path(path)):
+        try:
+            rec["candidates"] = [Candidate(**c) for c in rec["candidates"]]
+            inst = TrainInstance(**rec)
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: not a training instance ({e}); `augment.py` writes them") from None
+        if len(inst.grades) != len(inst.candidates):
+            raise DataError(f"{path}:{lineno}: {len(inst.grades)} grades for {len(inst.candidates)} candidates")
+        instances.append(inst)
+    if not instances:
+        raise DataError(f"{path}: no training instances")
+    return instances
+
+
+@dataclass
+class AugmentStats:
+    kept: int = 0
+    no_relevant: int = 0  # P holds no relevant passage
+    below: int = 0  # the filtered nDCG is under the threshold
+
+
+def augment(
+    ds: Dataset, samples: int = 50, size: int = 20, seed: int = 0, min_ndcg: float = 0.1, filter_on: str = "best"
+) -> tuple[list[TrainInstance], AugmentStats]:
+    """Sample `samples` candidate sets of `size` passages from each judged query's first-stage list (METHOD §4).
+
+    Each set keeps the order it was drawn in (a random initial state, as the method's "initial state expansion"
+    asks). Sets with no relevant passage are dropped, then sets whose nDCG@10 is below `min_ndcg`: the paper states
+    that filter both on the initial nDCG and on the best reachable one; `filter_on="best"` (the default) filters on
+    r*, which keeps badly ordered sets, the ones with the most to learn from; `"init"` filters on r_init.
+    Reproducible: one random.Random(seed), queries in file order.
+    """
+    if filter_on not in ("best", "init"):
+        raise ValueError(f"filter_on must be 'best' or 'init', not {filter_on!r}")
+    rng, stats, instances = random.Random(seed), AugmentStats(), []
+    for ranking in ds.rankings:
+        grades = ds.qrels.get(ranking.query.qid)
+        if not grades:
+            continue  # an unjudged query cannot be scored
+        for _ in range(samples):
+            sample = rng.sample(ranking.candidates, min(size, len(ranking.candidates)))
+            inst = make_instance(ranking.query, sample, grades)
+            if not any(g > 0 for g in inst.grades):
+                stats.no_relevant += 1
+            elif (inst.r_star if filter_on == "best" else inst.r_init) < min_ndcg:
+                stats.below += 1
+            else:
+                stats.kept += 1
+                instances.append(inst)
+    return instances, stats
+
+
+def augment_setwise(
+    ds: Dataset, samples: int = 50, size: int = 20, seed: int = 0, min_grade: int = 2
+) -> tuple[list[TrainInstance], AugmentStats]:
+    """Rank-R1's training sets (METHOD §6): one relevant passage (grade >= `min_grade`) and `size - 1` non-relevant
+    ones from the same query's first-stage candidates, shuffled; up to `samples` sets per judged query.
+
+    Non-relevant means judged 0 or unjudged (MS MARCO's convention: an unjudged passage counts as not relevant);
+    passages with 0 < grade < min_grade are never used, so the label is unambiguous. A query with no relevant
+    candidate, or too few non-relevant ones, gives no sets (counted as `no_relevant` / `below`).
+    """
+    rng, stats, instances = random.Random(seed), AugmentStats(), []
+    for ranking in ds.rankings:
+        grades = ds.qrels.get(ranking.query.qid)
+        if not grades:
+            continue
+        relevant = [c for c in ranking.candidates if grades.get(c.docid, 0) >= min_grade]
+        negatives = [c for c in ranking.candidates if grades.get(c.docid, 0) <= 0]
+        if not relevant:
+            stats.no_relevant += samples
+            continue
+        if len(negatives) < size - 1:
+            stats.below += samples
+            continue
+        for _ in range(samples):
+            chosen = [rng.choice(relevant)] + rng.sample(negatives, size - 1)
+            rng.shuffle(chosen)
+            instances.append(make_instance(ranking.query, chosen, grades))
+            stats.kept += 1
+    return instances, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="dl21", help="dataset whose judged queries seed the sets (dl21, scifact-train)")
+    p.add_argument("--method", choices=("listwise", "setwise"), default="listwise",
+                   help="listwise: REARANK's sampled sets; setwise: Rank-R1's one relevant + size-1 non-relevant")
+    p.add_argument("--min-grade", type=int, default=2, help="setwise: the grade that makes a passage the relevant one")
+    p.add_argument("--samples", type=int, default=50, help="candidate sets drawn per query")
+    p.add_argument("--size", type=int, default=20, help="passages per candidate set")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same file")
+    p.add_argument("--min-ndcg", type=float, default=0.1, help="drop sets whose nDCG@10 is below this")
+    p.add_argument("--filter-on", choices=("best", "init"), default="best", help="filter on r* (best) or r_init")
+    p.add_argument("--out", default="train.jsonl", help="output JSONL")
+    p.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
+    args = p.parse_args(argv)
+    try:
+        ds = load_dataset(args.dataset, args.data_dir)
+        if args.method == "setwise":
+            instances, st = augment_setwise(ds, args.samples, args.size, args.seed, args.min_grade)
+            why = (f"{st.no_relevant} for queries with no passage of grade >= {args.min_grade}, "
+                   f"{st.below} for too few non-relevant ones")
+        else:
+            instances, st = augment(ds, args.samples, args.size, args.seed, args.min_ndcg, args.filter_on)
+            why = f"{st.no_relevant} with no relevant passage, {st.below} with nDCG@10 ({args.filter_on}) < {args.min_ndcg}"
+        write_instances(args.out, instances)
+        kind = " setwise sets" if args.method == "setwise" else ""
+        print(f"{ds.name}: kept {st.kept}{kind}, dropped {st.no_relevant + st.below} ({why}); wrote {args.out}")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""A memory plan for a GRPO run, made from the model's config before any weight is loaded (issue 10).
+
+    python memory.py --config qwen2.5-7b --gpu-gb 80 --beta 0.001     # the published 7B config, no Hub needed
+    python memory.py --config qwen2.5-7b --gpu-gb 141 --beta 0.001
+    python memory.py --config path/to/model --gpu-gb 24 --size 5      # any local HF checkpoint's config.json
+
+grpo.py calls `plan_run` first thing: it prints the table below and, with `--memory auto` (the default), fills in the
+settings the user did not give: fp32 master weights if they fit, else bf16 weights (BF16AdamW, stochastic rounding);
+no activation checkpointing and all G completions per micro-batch if that fits, else the cheapest mix of a smaller
+micro-batch and checkpointing; the reference resident if it fits, else offloaded to the CPU; the logits always in
+chunks of positions. Flags the user gave always win; `--memory off` takes them all as given.
+
+The arithmetic, per phase of a step (the peak is the largest):
+- rollout:   weights + optimizer state + autocast's bf16 casts of fp32 weights (its cache lives for the rollout's
+             context) + a resident reference + the KV cache of B*G rows of P + C positions.
+- reference: weights + optimizer state + the reference (offloaded: brought in for its no-grad pass).
+- training:  weights + gradients + optimizer state + a resident reference + activations + one chunk's logits, and
+             without checkpointing autocast's cast weights (the graphs save them: cached, one copy for all passes;
+             with checkpointing grpo.py turns the cache off, and each layer's casts live only while it runs).
+
+Activations are what autograd saves, counted per token per layer from the layers' own ops (Llama/Qwen2 layout,
+transformers 5.24, SDPA): two RMSNorms, the q/out/o_proj inputs, four MLP tensors of the intermediate width, and the
+keys/values SDPA saves. The training pass carries a 4-D mask, so SDPA gets keys/values repeated to every query head
+(`repeat_kv`; transformers only passes `enable_gqa` to SDPA without a mask, because with one CUDA falls back to the
+math kernel, which stores the whole attention matrix): each row saves 2 x heads x head_dim values per key position,
+and a completion row's keys include the prompt's P positions. The shared prompt runs once per group (prefix.py), so
+its graph (P positions) counts once, beside one micro-batch of completions (C + 1 positions each). With
+checkpointing only each layer's input survives, plus one layer's activations during its recompute.
+tests/test_memory.py checks the counts against what a tiny model really allocates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, replace
+
+from data import DataError
+
+GB = 1e9
+TEMPLATE_TOKENS = 300  # the REARANK prompt without passages (SmolLM2's tokenizer: ~280 on DL19/DL21)
+PASSAGE_TOKENS = 115  # per passage: DL19/DL21 top-20 prompts average ~100 tokens a passage, the longest ~115
+LOGITS_CHUNK_BYTES = 512 * 2**20  # one fp32 copy of a chunk's logits (micro-batch x positions x vocab) at most
+HEADROOM = 0.9  # plan within 90% of the free memory: allocator fragmentation, CUDA workspaces, small buffers
+
+# Qwen2.5-7B-Instruct's published config.json (the numbers that matter here), so the plan prints without the Hub
+PUBLISHED = {
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                       rope_theta=1e6, max_position_embeddings=32768),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the model's shape
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on in a decoder-only transformer."""
+
+    params: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def count_parameters(config) -> int:
+    """Parameters of a Llama-layout model (Llama, Qwen2, Mistral, SmolLM2) from its config, by arithmetic.
+
+    Per layer: q, k, v, o (and their biases), gate/up/down, two RMSNorm weights; then the embedding, the
+    final norm and an untied lm_head. Other architectures: `meta_parameters`.
+    """
+    h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    bias = q + 2 * kv if config.model_type == "qwen2" else 0  # Qwen2: biases on q, k, v
+    if getattr(config, "attention_bias", False):
+        bias = q + 2 * kv + h  # Llama's attention_bias: on q, k, v and o
+    attention = h * (q + 2 * kv) + q * h + bias
+    mlp = 3 * h * i + (2 * i + h if getattr(config, "mlp_bias", False) else 0)
+    per_layer = attention + mlp + 2 * h
+    return L * per_layer + V * h + h + (0 if config.tie_word_embeddings else V * h)
+
+
+def meta_parameters(config) -> int:
+    """Parameters of any HF causal LM, counted exactly by building it on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+LLAMA_LAYOUT = {"llama", "qwen2", "mistral"}
+
+
+def shape_of(config) -> Shape:
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    params = count_parameters(config) if config.model_type in LLAMA_LAYOUT else meta_parameters(config)
+    return Shape(params, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                 config.num_attention_heads, config.num_key_value_heads, head_dim, config.vocab_size)
+
+
+def published_config(name: str):
+    """A transformers config object from PUBLISHED (or a local directory / hub id's config.json)."""
+    from transformers import AutoConfig
+
+    if name in PUBLISHED:
+        fields = dict(PUBLISHED[name])
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return AutoConfig.from_pretrained(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the arithmetic
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the run does each step (grpo.Config's fields that move memory)."""
+
+    batch_size: int  # B prompts
+    group_size: int  # G completions each
+    prompt_tokens: int  # P
+    max_new_tokens: int  # C
+    beta: float  # > 0: a reference model
+    cuda: bool  # bf16 autocast, 8-bit Adam; CPU: no autocast, torch AdamW
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The choices the planner makes (each also a grpo.py flag)."""
+
+    bf16_weights: bool = False
+    checkpointing: bool = False
+    micro_batch: int = 0  # 0 = all G
+    logits_chunk: int = 0  # positions per lm_head chunk; 0 = all at once
+    reference: str = "none"  # none (beta 0), resident, offload
+
+    def describe(self, group_size: int) -> str:
+        mb = self.micro_batch or group_size
+        return (f"{'bf16 weights (BF16AdamW)' if self.bf16_weights else 'fp32 master weights'}, "
+                f"checkpointing {'on' if self.checkpointing else 'off'}, micro-batch {mb}, "
+                f"logits in chunks of {self.logits_chunk or 'all'} positions, reference {self.reference}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Bytes per item and per phase; `peak` is the largest phase."""
+
+    shape: Shape
+    work: Workload
+    settings: Settings
+    weights: int
+    grads: int
+    optimizer: int
+    casts: int  # autocast's cached bf16 copies of fp32 weights: rollout; training too unless checkpointing
+    reference: int  # on the device during the training phase (resident) / the reference pass (either)
+    kv_cache: int
+    activations: int
+    logits: int  # one chunk's logits, all their copies
+    budget: int
+
+    @property
+    def rollout(self) -> int:
+        resident = self.reference if self.settings.reference == "resident" else 0
+        return self.weights + self.optimizer + self.casts + resident + self.kv_cache
+
+    @property
+    def reference_pass(self) -> int:
+        return self.weights + self.optimizer + self.reference + self.logits
+
+    @property
+    def training(self) -> int:
+        resident = self.reference if self.settings.reference == "resident" else 0
+        casts = 0 if self.settings.checkpointing else self.casts
+        return self.weights + self.grads + self.optimizer + resident + casts + self.activations + self.logits
+
+    @property
+    def peak(self) -> int:
+        return max(self.rollout, self.reference_pass, self.training)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget * HEADROOM
+
+    def table(self) -> str:
+        s, w = self.shape, self.work
+        rows = [
+            ("parameters", f"{s.params / 1e9:.2f} B", f"{s.layers} layers, hidden {s.hidden}, vocab {s.vocab}"),
+            ("weights", gb(self.weights), "bf16" if self.settings.bf16_weights else "fp32 master"),
+            ("gradients", gb(self.grads), "same dtype as the weights"),
+            ("optimizer", gb(self.optimizer), optimizer_name(self.settings, w.cuda)),
+            ("autocast casts", gb(self.casts), ("bf16 copies of fp32 weights" + (", rollout only" if self.settings.checkpointing else ""))
+                                                if self.casts else "-"),
+            ("reference", gb(self.reference), self.settings.reference),
+            ("KV cache", gb(self.kv_cache), f"{w.batch_size * w.group_size} rows x {w.prompt_tokens + w.max_new_tokens}"
+                                            f" positions"),
+            ("activations", gb(self.activations), f"prompt {w.prompt_tokens} once + {self.settings.micro_batch or w.group_size}"
+                                                  f" x {w.max_new_tokens + 1}, checkpointing "
+                                                  f"{'on' if self.settings.checkpointing else 'off'}"),
+            ("logits", gb(self.logits), f"chunks of {self.settings.logits_chunk or 'all'} positions"),
+            ("peak: rollout", gb(self.rollout), ""),
+            ("peak: reference", gb(self.reference_pass), "" if w.beta > 0 else "no reference (beta 0)"),
+            ("peak: training", gb(self.training), ""),
+            ("peak", gb(self.peak), f"of {gb(self.budget)} free ({HEADROOM:.0%} usable): "
+                                    f"{'fits' if self.fits else 'does NOT fit'}"),
+        ]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"  {name:<{width}}  {size:>9}  {note}".rstrip() for name, size, note in rows)
+
+
+def gb(n: int) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def optimizer_name(s: Settings, cuda: bool) -> str:
+    if s.bf16_weights:
+        return "BF16AdamW: bf16 moments, stochastic rounding"
+    return "bitsandbytes AdamW8bit" if cuda else "torch AdamW, fp32 moments"
+
+
+def prompt_tokens(size: int) -> int:
+    """P for a REARANK prompt of `size` passages, from the measured per-passage length (an upper estimate).
+
+    >>> prompt_tokens(20)
+    2600
+    """
+    return TEMPLATE_TOKENS + PASSAGE_TOKENS * size
+
+
+def optimizer_bytes(params: int, s: Settings, cuda: bool) -> int:
+    if s.bf16_weights:
+        return 4 * params  # m and v in bf16 (grpo.BF16AdamW)
+    if cuda:
+        return params * 2 + params // 256 * 8  # 8-bit m and v, an fp32 absmax per 256-block each (bitsandbytes)
+    return 8 * params  # fp32 m and v (torch.optim.AdamW)
+
+
+def token_activation_bytes(shape: Shape, residual: int, compute: int) -> int:
+    """Bytes autograd saves per query token per layer, keys/values aside (Llama layout under SDPA).
+
+    residual: bytes of the hidden stream (the weights' dtype); compute: of the matmuls (bf16 under autocast).
+    RMSNorm saves its float32 input and its normalised output; the linears after it save their input, and under
+    autocast each of them its own bf16 cast of it (q, k, v: three; gate, up: two).
+    """
+    h, i = shape.hidden, shape.intermediate
+    norms = 2 * (4 * h + residual * h)  # x.float() (x itself in fp32), normalised
+    if compute == residual:
+        inputs = 2 * residual * h  # the weighted output, shared by the linears it feeds
+    else:
+        inputs = 5 * compute * h  # autocast: one cast per linear; the fp32 output is not saved
+    attention = 2 * compute * h + compute * h + 4 * shape.heads  # q and out (SDPA), o_proj's contiguous input, lse
+    mlp = 4 * compute * i  # gate out (silu's input), silu out, up out, their product (down_proj's input)
+    return norms + inputs + attention + mlp
+
+
+def key_activation_bytes(shape: Shape, compute: int) -> int:
+    """Bytes SDPA saves per row per key position per layer: keys and values repeated to every head (repeat_kv)."""
+    return 2 * compute * shape.heads * shape.head_dim
+
+
+def auto_logits_chunk(shape: Shape, rows: int) -> int:
+    """The largest power-of-two number of positions whose fp32 logits for `rows` rows stay within the chunk bytes."""
+    chunk = LOGITS_CHUNK_BYTES // (4 * rows * shape.vocab)
+    return max(1, 2 ** int(math.log2(max(1, chunk))))
+
+
+def estimate(shape: Shape, work: Workload, s: Settings, budget: int) -> Plan:
+    N, L = shape.params, shape.layers
+    wbytes = 2 if s.bf16_weights else 4
+    compute = 2 if (work.cuda or s.bf16_weights) else 4
+    P, C = work.prompt_tokens, work.max_new_tokens
+    rows = s.micro_batch or work.group_size
+    reference = 0 if s.reference == "none" else (2 if work.cuda else 4) * N  # grpo.py: bf16 on CUDA, fp32 on CPU
+    casts = 2 * N if work.cuda and not s.bf16_weights else 0
+    kv_cache = work.batch_size * work.group_size * (P + C) * L * 2 * shape.kv_dim * compute
+    tok = token_activation_bytes(shape, wbytes, compute)
+    key = key_activation_bytes(shape, compute)
+    prompt_layer = P * (tok + key)  # one layer of the prompt pass: one row, P positions
+    completion_layer = rows * (C + 1) * (tok + key)  # the completions' own positions as queries and as keys
+    completion_layer += rows * P * key  # each row's SDPA keys include the prompt's P positions
+    prefix_kv = 3 * P * shape.kv_dim * (wbytes + compute) * L  # the prompt's keys/values, their leaves, their grads
+    if s.checkpointing:  # each layer keeps its input; one layer's activations live during its recompute
+        activations = (P + rows * (C + 1)) * wbytes * shape.hidden * L + max(prompt_layer, completion_layer)
+    else:
+        activations = (prompt_layer + completion_layer) * L
+    activations += prefix_kv
+    positions = s.logits_chunk or (C + 1)
+    logits = rows * min(positions, C + 1) * shape.vocab * (compute + 12)  # bf16 out, fp32 copy, exp temp, grad
+    return Plan(shape, work, s, N * wbytes, N * wbytes, optimizer_bytes(N, s, work.cuda), casts, reference,
+                kv_cache, activations, logits, budget)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the choice
+
+
+def micro_batches(group_size: int) -> list[int]:
+    """G, G/2, ... , 1 (the micro-batch sizes worth trying)."""
+    out, m = [], group_size
+    while m >= 1:
+        out.append(m)
+        m //= 2
+    return out if out[-1] == 1 else out + [1]
+
+
+def preference(s: Settings, group_size: int) -> tuple:
+    """Lower is better: checkpointing off (it recomputes the whole forward, ~1.33x), then the reference resident
+    (an offloaded one crosses PCIe once a step), then the largest micro-batch (the least loss of matmul efficiency)."""
+    return s.checkpointing, s.reference == "offload", -(s.micro_batch or group_size)
+
+
+def choose(shape: Shape, work: Workload, budget: int, given: dict) -> tuple[Plan, list[str]]:
+    """The cheapest plan that fits, keeping the settings in `given` (Settings field -> value) as they are.
+
+    fp32 master weights before bf16 ones (bf16 weights need stochastic rounding to move at lr 1e-6: noisier), then
+    by `preference`. Returns the plan and why; a plan that does not fit means nothing fits.
+    """
+    def options(name, values):
+        return [given[name]] if name in given else values
+
+    refs = ["none"] if work.beta <= 0 else options("reference", ["resident", "offload"])
+    mbs = options("micro_batch", micro_batches(work.group_size))
+    tried = []
+    for bf16 in options("bf16_weights", [False, True]):
+        fitting = []
+        for ckpt in options("checkpointing", [False, True]):
+            for mb in mbs:
+                for ref in refs:
+                    rows = mb or work.group_size
+                    chunk = given.get("logits_chunk") or auto_logits_chunk(shape, rows)
+                    s = Settings(bf16, ckpt, 0 if rows == work.group_size else rows, chunk, ref)
+                    plan = estimate(shape, work, s, budget)
+                    tried.append(plan)
+                    if plan.fits:
+                        fitting.append(plan)
+        if fitting:
+            best = min(fitting, key=lambda p: preference(p.settings, work.group_size))
+            return best, reasons(best, given, work)
+    return min(tried, key=lambda p: p.peak), []
+
+
+def reasons(plan: Plan, given: dict, work: Workload) -> list[str]:
+    s, out = plan.settings, []
+    weights = plan.weights + plan.grads + plan.optimizer
+    if "bf16_weights" not in given:
+        out.append("bf16 weights: fp32 master weights do not fit" if s.bf16_weights else
+                   f"fp32 master weights fit ({gb(weights)} with gradients and optimizer state)")
+    if "checkpointing" not in given and s.checkpointing:
+        out.append("activation checkpointing: the activations do not fit otherwise")
+    if "micro_batch" not in given and s.micro_batch:
+        out.append(f"micro-batch {s.micro_batch}: all {work.group_size} completions at once do not fit")
+    if "reference" not in given and s.reference != "none":
+        out.append(f"reference {s.reference}: " + ("it fits beside the policy" if s.reference == "resident" else
+                                                   "a resident bf16 copy does not fit without checkpointing"))
+    if "logits_chunk" not in given:
+        out.append(f"logits in chunks of {s.logits_chunk} positions: one fp32 chunk <= "
+                   f"{LOGITS_CHUNK_BYTES / 2**20:.0f} MiB")
+    return out
+
+
+def what_would_fit(shape: Shape, work: Workload, budget: int, given: dict) -> str:
+    """For the error message: the device size the leanest plan needs, and the longest completions that fit."""
+    lean = {"bf16_weights": True, "checkpointing": True, "micro_batch": 1, **given}
+    if work.beta > 0:
+        lean.setdefault("reference", "offload")
+    need = estimate(shape, work, Settings(lean["bf16_weights"], lean["checkpointing"], lean["micro_batch"],
+                                          lean.get("logits_chunk") or auto_logits_chunk(shape, 1),
+                                          lean.get("reference", "none")), budget).peak
+    parts = [f"the leanest settings need {gb(need)}: a device with >= {gb(int(need / HEADROOM))} free"]
+    if not {"micro_batch", "checkpointing", "bf16_weights"} <= set(given):
+        parts.append("or drop --micro-batch/--gradient-checkpointing/--bf16-weights choices so the planner may "
+                     "use them")
+    for c in (work.max_new_tokens // 2, work.max_new_tokens // 4, 128, 64):
+        w = replace(work, max_new_tokens=c)
+        if c >= 16 and choose(shape, w, budget, given)[0].fits:
+            parts.append(f"or --max-new-tokens {c}")
+            break
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the device and the grpo.py hook
+
+
+def free_bytes(cuda: bool) -> int:
+    """Free memory of the device the run will use: CUDA's free memory, else the RAM the kernel calls available."""
+    if cuda:
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError):
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class PlanError(DataError):
+    """Nothing fits: the message says what would."""
+
+
+PLANNED = ("bf16_weights", "gradient_checkpointing", "micro_batch", "logits_chunk", "reference")
+
+
+def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = None) -> Plan:
+    """Print the plan for grpo.Config `cfg` and, with cfg.memory == "auto", fill in the planned fields the user did
+    not give (`explicit`: the Config field names set on the command line). Raises PlanError if nothing fits."""
+    shape = shape_of(config)
+    budget = budget or int(cfg.memory_gb * GB) or free_bytes(cuda)
+    work = Workload(cfg.batch_size, cfg.group_size, prompt_tokens(cfg.size), cfg.max_new_tokens, cfg.beta, cuda)
+    ref = getattr(cfg, "reference", "auto")
+    as_given = dict(bf16_weights=cfg.bf16_weights, checkpointing=cfg.gradient_checkpointing,
+                    micro_batch=cfg.micro_batch if cfg.micro_batch < cfg.group_size else 0,
+                    logits_chunk=cfg.logits_chunk, reference=ref if ref != "auto" else "resident")
+    names = {"gradient_checkpointing": "checkpointing"}
+    if cfg.memory == "off":
+        s = Settings(**{**as_given, "reference": as_given["reference"] if cfg.beta > 0 else "none"})
+        plan = estimate(shape, work, s, budget)
+        print(f"memory plan (--memory off: the flags as given): {s.describe(cfg.group_size)}\n{plan.table()}")
+        if not plan.fits:
+            print("memory: this plan does not fit; --memory auto would choose settings that do")
+        return plan
+    given = {names.get(k, k): as_given[names.get(k, k)] for k in explicit if k in PLANNED}
+    if given.get("reference") == "auto":
+        del given["reference"]
+    if not given.get("logits_chunk", 1):
+        del given["logits_chunk"]  # 0 = let the planner pick
+    plan, why = choose(shape, work, budget, given)
+    print(f"memory plan (--memory auto): {plan.settings.describe(cfg.group_size)}\n{plan.table()}")
+    if not plan.fits:
+        raise PlanError(f"memory: no settings fit in {gb(budget)} ({gb(int(budget * HEADROOM))} usable); "
+                           + what_would_fit(shape, work, budget, given))
+    for line in why:
+        print(f"  chose {line}")
+    s = plan.settings
+    cfg.bf16_weights, cfg.gradient_checkpointing = s.bf16_weights, s.checkpointing
+    cfg.micro_batch, cfg.logits_chunk = s.micro_batch, s.logits_chunk
+    if hasattr(cfg, "reference") and s.reference != "none":
+        cfg.reference = s.reference
+    return plan
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="qwen2.5-7b", help=f"{', '.join(PUBLISHED)}, or a model directory / hub id")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="free device memory in GB")
+    p.add_argument("--cpu", action="store_true", help="plan for a CPU run (no autocast, torch AdamW)")
+    p.add_argument("--beta", type=float, default=0.001)
+    p.add_argument("--size", type=int, default=20, help="passages per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=8)
+    args = p.parse_args(argv)
+    shape = shape_of(published_config(args.config))
+    work = Workload(args.batch_size, args.group_size, prompt_tokens(args.size), args.max_new_tokens, args.beta,
+                    not args.cpu)
+    budget = int(args.gpu_gb * GB)
+    plan, why = choose(shape, work, budget, {})
+    print(f"{args.config} on {args.gpu_gb:g} GB, beta {args.beta:g}, B {args.batch_size} x G {args.group_size}, "
+          f"P {work.prompt_tokens} (--size {args.size}), C {args.max_new_tokens}")
+    print(f"plan: {plan.settings.describe(args.group_size)}\n{plan.table()}")
+    if not plan.fits:
+        print("nothing fits: " + what_would_fit(shape, work, budget, {}))
+    for line in why:
+        print(f"  chose {line}")
+
+
+if __name__ == "__main__":
+    main()
