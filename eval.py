@@ -5,6 +5,7 @@
     python eval.py --dataset dl19 --model le723z/Rearank-7B    # the paper's model (the default on a GPU)
     python eval.py --run RUN.trec --qrels QRELS            # score any TREC run
     python eval.py --candidates FILE.json --qrels QRELS    # a user's RankGPT-format candidates
+    torchrun --nproc_per_node 2 eval.py --dataset dl19 --model smollm2   # the queries split over 2 processes
 
 Every evaluation writes, under --out, `run.trec` (scores fall with rank), `metrics.json` (per-query values, the
 config, and the command line). Reranking with a model also writes `traces.jsonl`, one line per window (qid, span,

@@ -4,6 +4,7 @@
     python grpo.py --model smollm2 --dataset dl21 --steps 40 --size 5       # the embedded model on CPU
     python grpo.py --out runs/grpo --resume                                 # continue from the last checkpoint
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
+    accelerate launch --config_file launch/ddp.yaml grpo.py ...             # data parallel on several GPUs
 
 One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
 prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
@@ -673,6 +674,10 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     if world > 1 and cfg.batch_size % world:
         raise DataError(f"--batch-size {cfg.batch_size} does not split over {world} processes: use a multiple of "
                         f"{world} (each process rolls out whole groups)")
+    if is_fsdp(accelerator):  # launch/fsdp-7b.yaml: see README "More than one GPU"
+        raise ModelError("FSDP training is not finished: a step's parts are written (gathered_params, grad_sync) but "
+                         "sharded checkpoints are not, and it has never run on GPUs; use launch/ddp.yaml "
+                         "(with --bf16-weights a 7B model fits 80 GB per GPU)")
     quiet_unless_main(main)
     if main:  # with several processes only the main one writes files (and prints)
         out.mkdir(parents=True, exist_ok=True)

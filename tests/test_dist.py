@@ -124,7 +124,8 @@ def test_two_process_eval_writes_what_one_process_writes(data_root, tmp_path, mo
     same_outputs(tmp_path / "one", tmp_path / "two")
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["processes"] == 2
-    assert metrics["generated_tokens"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["generated_tokens"]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert metrics["generated_tokens"] == one["generated_tokens"]
 
 
 @pytest.mark.parametrize("method,resume_with", [("listwise", 2), ("setwise", 1)])
@@ -186,7 +187,8 @@ def test_two_processes_with_one_prompt_each_take_the_steps_of_one_process_with_b
     assert any(s["exp_avg"].abs().max() > 0 for s in one["optimizer"]["state"].values())  # the steps did learn
     for k in one["model"]:
         torch.testing.assert_close(two["model"][k], one["model"][k], rtol=0, atol=1e-6)
-    m1, m2 = ([json.loads(x) for x in (tmp_path / p / "metrics.jsonl").read_text().splitlines()] for p in ("one", "two"))
+    m1, m2 = ([json.loads(x) for x in (tmp_path / p / "metrics.jsonl").read_text().splitlines()]
+              for p in ("one", "two"))
     assert [m["step"] for m in m2] == [1, 2] and m1[0]["frac_zero_std"] < 1
     for a, b in zip(m1, m2):
         assert b["reward"] == a["reward"] and b["reward_std"] == a["reward_std"]  # the same completions, gathered
