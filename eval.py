@@ -6,6 +6,7 @@
     python eval.py --run RUN.trec --qrels QRELS            # score any TREC run
     python eval.py --candidates FILE.json --qrels QRELS    # a user's RankGPT-format candidates
     python eval.py --report OUT [--against OUT_B]          # redraw OUT/report.html (report.py), or compare two runs
+    torchrun --nproc_per_node 2 eval.py --dataset dl19 --model smollm2   # the queries split over 2 processes
 
 Every evaluation writes, under --out, `run.trec` (scores fall with rank), `metrics.json` (per-query values, the
 config, and the command line). Reranking with a model also writes `traces.jsonl`, one line per window (qid, span,
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shlex
 import sys
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import dist
 from data import (
     DataError, Dataset, Qrels, Ranking,
     load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, trec_order, write_run,
@@ -279,9 +282,9 @@ RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "w
                "num_child", "k", "seed")
 
 
-def read_traces(path: Path, record: type = WindowTrace) -> list:
+def read_traces(path: Path, record: type = WindowTrace, rewrite: bool = True) -> list:
     """traces.jsonl back into records (WindowTrace or SetwiseTrace). A half-written last line (the run was killed
-    mid-write) is dropped."""
+    mid-write) is dropped (and, with `rewrite`, cut from the file: only the process that appends to it may)."""
     if not path.exists():
         return []
     try:
@@ -301,7 +304,8 @@ def read_traces(path: Path, record: type = WindowTrace) -> list:
             raise DataError(f"{path}:{lineno}: {problem}; use another --out, or --overwrite to start afresh")
         traces.append(trace)
     # rewrite what survived, so new lines never land on the tail of a half-written one
-    write_text(path, "".join(json.dumps(asdict(t)) + "\n" for t in traces))
+    if rewrite:
+        write_text(path, "".join(json.dumps(asdict(t)) + "\n" for t in traces))
     return traces
 
 
@@ -328,7 +332,7 @@ def check_resumable(out: Path, cfg: EvalConfig) -> None:
     """Refuse to mix windows made under other settings into this run's traces."""
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
     path = out / "rerank_config.json"
-    if path.exists() and (out / "traces.jsonl").exists():
+    if path.exists() and ((out / "traces.jsonl").exists() or any(out.glob("traces.rank*.jsonl"))):
         before = read_json(path)
         if not isinstance(before, dict):
             raise DataError(f"{path}: not a settings object; use another --out, or --overwrite to start afresh")
@@ -364,89 +368,193 @@ def append_traces(f, bar):
 
 
 def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tuple[list[Ranking], dict]:
-    """Rerank with cfg.model, appending each finished batch of windows to out/traces.jsonl; returns run statistics."""
+    """Rerank with cfg.model, appending each finished batch of windows to the traces; returns run statistics.
+
+    Under torchrun / accelerate launch each process takes one block of the queries (dist.shard) and appends to its
+    own traces.rank{r}.jsonl; the results are gathered on every rank and the main process writes traces.jsonl in the
+    order one process writes it (`one_process_order`)."""
     from tqdm import tqdm
 
     from rearank import rerank
 
-    check_resumable(out, cfg)
-    trace_path = out / "traces.jsonl"
+    record = trace_record(cfg)
+    start_traces(out, cfg, record)
+    rank, world = dist.rank(), dist.world_size()
+    mine = dist.shard(rankings, rank, world)
+    trace_path = out / ("traces.jsonl" if world == 1 else f"traces.rank{rank}.jsonl")
+    qids = {r.query.qid for r in mine}
+    done = [t for t in read_traces(out / "traces.jsonl", record, rewrite=False) if t.qid in qids]
     if cfg.method == "setwise":
-        return setwise_with_model(cfg, rankings, trace_path)
-    done = read_traces(trace_path)
-    all_windows = {(r.query.qid, *s) for r in rankings for s in window_spans(len(r.candidates), cfg.window, cfg.step)}
+        return setwise_with_model(cfg, rankings, mine, done, out, trace_path)
+    all_windows = {(r.query.qid, *s) for r in mine for s in window_spans(len(r.candidates), cfg.window, cfg.step)}
     resumed = sum((t.qid, t.start, t.end) in all_windows for t in done)
     if resumed:
-        print(f"resuming: {resumed} of {len(all_windows)} windows already in {trace_path}")
+        print(f"resuming: {resumed} of {len(all_windows)} windows already in {out / 'traces.jsonl'}")
     generate = load_generator(cfg)
-    bar = tqdm(total=len(all_windows), initial=resumed, desc="windows", unit="win")
+    bar = tqdm(total=len(all_windows), initial=resumed, desc="windows", unit="win", disable=not dist.is_main())
     with open(trace_path, "a") as f:
         reranked, traces = rerank(
-            rankings, generate, window=cfg.window, step=cfg.step, style=cfg.prompt, batch_size=cfg.batch_size,
+            mine, generate, window=cfg.window, step=cfg.step, style=cfg.prompt, batch_size=cfg.batch_size,
             traces=done, on_window=append_traces(f, bar),
         )
     bar.close()
+    reranked, traces, counts = gather_results(reranked, traces, generate, resumed)
+    finish_traces(out, one_process_order(traces, rankings, cfg))
     formats = [answer_format(w.completion) for w in traces]
     stats = {
         "windows": len(traces),
-        "resumed_windows": resumed,
+        "resumed_windows": counts["resumed"],
         "think_and_answer": sum(f1 for f1, _ in formats) / max(len(formats), 1),
         "answer_is_ranking_list": sum(f2 for _, f2 in formats) / max(len(formats), 1),
-        "prompt_tokens": generate.prompt_tokens,
-        "generated_tokens": generate.generated_tokens,
-        "generate_seconds": round(generate.seconds, 1),
+        **counts["generation"],
+        **({"processes": world} if world > 1 else {}),
     }
     print(
-        f"{stats['windows'] - resumed} windows generated in {generate.seconds:.0f}s "
-        f"({generate.generated_tokens} new tokens); answers: {stats['think_and_answer']:.0%} with <think> and "
+        f"{stats['windows'] - counts['resumed']} windows generated in {stats['generate_seconds']:.0f}s "
+        f"({stats['generated_tokens']} new tokens); answers: {stats['think_and_answer']:.0%} with <think> and "
         f"<answer>, {stats['answer_is_ranking_list']:.0%} a ranking list"
     )
     return reranked, stats
 
 
-def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], trace_path: Path) -> tuple[list[Ranking], dict]:
-    """Rank-R1's heap sort with cfg.model, one trace per LLM call appended to traces.jsonl (replayed on resume)."""
+def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], mine: list[Ranking], done: list, out: Path,
+                       trace_path: Path) -> tuple[list[Ranking], dict]:
+    """Rank-R1's heap sort with cfg.model over this process's queries (`mine`), one trace per LLM call appended to
+    `trace_path` (replayed on resume)."""
     from tqdm import tqdm
 
-    from setwise import SetwiseTrace, setwise_rerank
+    from setwise import setwise_rerank
 
-    done = read_traces(trace_path, SetwiseTrace)
     if done:
-        print(f"resuming: {len(done)} calls already in {trace_path}")
+        print(f"resuming: {len(done)} calls already in {out / 'traces.jsonl'}")
     generate = load_generator(cfg)
 
     def truncate(text: str) -> str:  # Rank-R1 cuts passages to 512 tokens on TREC DL (METHOD §6)
         ids = generate.tokenizer(text, add_special_tokens=False).input_ids
         return text if len(ids) <= 512 else generate.tokenizer.decode(ids[:512])
 
-    bar = tqdm(desc="setwise calls", unit="call", initial=len(done))  # the count per query depends on the answers
+    # the count per query depends on the answers
+    bar = tqdm(desc="setwise calls", unit="call", initial=len(done), disable=not dist.is_main())
     with open(trace_path, "a") as f:
-        reranked, calls, traces = setwise_rerank(
-            rankings, generate, k=cfg.k, num_child=cfg.num_child, seed=cfg.seed, batch_size=cfg.batch_size,
+        reranked, _, traces = setwise_rerank(
+            mine, generate, k=cfg.k, num_child=cfg.num_child, seed=cfg.seed, batch_size=cfg.batch_size,
             truncate=truncate, traces=done, on_calls=append_traces(f, bar),
         )
     bar.close()
+    reranked, traces, counts = gather_results(reranked, traces, generate, len(done))
+    finish_traces(out, one_process_order(traces, rankings, cfg))
     n = max(len(rankings), 1)
+    gen = counts["generation"]
     stats = {
         "llm_calls": len(traces),
         "calls_per_query": len(traces) / n,
-        "resumed_calls": len(done),
+        "resumed_calls": counts["resumed"],
         "unparseable_answers": sum(t.pick is None for t in traces) / max(len(traces), 1),
-        "prompt_tokens": generate.prompt_tokens,
-        "generated_tokens": generate.generated_tokens,
-        "generated_tokens_per_query": generate.generated_tokens / n,
-        "generate_seconds": round(generate.seconds, 1),
+        "prompt_tokens": gen["prompt_tokens"],
+        "generated_tokens": gen["generated_tokens"],
+        "generated_tokens_per_query": gen["generated_tokens"] / n,
+        "generate_seconds": gen["generate_seconds"],
+        **({"processes": dist.world_size()} if dist.world_size() > 1 else {}),
     }
     print(
-        f"LLM calls per query {stats['calls_per_query']:.1f} ({len(traces)} calls, {len(done)} replayed); "
-        f"{generate.generated_tokens} new tokens in {generate.seconds:.0f}s; "
+        f"LLM calls per query {stats['calls_per_query']:.1f} ({len(traces)} calls, {counts['resumed']} replayed); "
+        f"{gen['generated_tokens']} new tokens in {gen['generate_seconds']:.0f}s; "
         f"unparseable answers {stats['unparseable_answers']:.0%}"
     )
     return reranked, stats
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# several processes (torchrun / accelerate launch): each reranks a block of the queries, the main process merges
+
+
+def trace_record(cfg: EvalConfig) -> type:
+    if cfg.method == "setwise":
+        from setwise import SetwiseTrace
+
+        return SetwiseTrace
+    return WindowTrace
+
+
+def write_traces(path: Path, traces: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
+    tmp.replace(path)  # atomic: a kill leaves the old file or the new one, never half of one
+
+
+def start_traces(out: Path, cfg: EvalConfig, record: type) -> None:
+    """On the main process, before any rank reads: check the settings, and fold the per-rank files an interrupted
+    multi-process run left into traces.jsonl, so the run resumes whatever number of processes it is started with."""
+    if dist.is_main():
+        check_resumable(out, cfg)
+        traces = read_traces(out / "traces.jsonl", record)  # cuts a half-written last line
+        parts = sorted(out.glob("traces.rank*.jsonl"))
+        if parts:
+            seen = {json.dumps(asdict(t)) for t in traces}  # a kill between the merge and the unlinks repeats them
+            for part in parts:
+                traces += [t for t in read_traces(part, record, rewrite=False) if json.dumps(asdict(t)) not in seen]
+            write_traces(out / "traces.jsonl", traces)
+            for part in parts:
+                part.unlink()
+    dist.barrier()  # the others read traces.jsonl only once it is whole
+
+
+def gather_results(reranked: list[Ranking], traces: list, generate, resumed: int) -> tuple[list[Ranking], list, dict]:
+    """Every rank's reranked queries (in query order, as shard's blocks concatenate) and traces, and the summed
+    generation counts; the identity in one process. generate_seconds sums over processes (device-seconds)."""
+    mine = {"prompt_tokens": generate.prompt_tokens, "generated_tokens": generate.generated_tokens,
+            "generate_seconds": generate.seconds, "resumed": resumed}  # fmt: skip
+    parts = dist.gather((reranked, traces, mine))
+    generation = {k: sum(p[2][k] for p in parts) for k in ("prompt_tokens", "generated_tokens", "generate_seconds")}
+    generation["generate_seconds"] = round(generation["generate_seconds"], 1)
+    counts = {"resumed": sum(p[2]["resumed"] for p in parts), "generation": generation}
+    return [r for p in parts for r in p[0]], [t for p in parts for t in p[1]], counts
+
+
+def finish_traces(out: Path, traces: list) -> None:
+    """The main process writes all traces to traces.jsonl and drops the per-rank files they came from."""
+    if dist.is_main():
+        write_traces(out / "traces.jsonl", traces)
+        for part in out.glob("traces.rank*.jsonl"):
+            part.unlink()
+    dist.barrier()
+
+
+def one_process_order(traces: list, rankings: list[Ranking], cfg: EvalConfig) -> list:
+    """`traces` (each query's own in the order they were made) in the order one process appends them.
+
+    Listwise (rearank.rerank): window position k of every query, sorted by prompt length (a stable sort of the
+    queries in input order). Setwise (setwise.setwise_rerank): rounds in which the first `batch_size` queries with a
+    call left each make their next call.
+    """
+    index = {r.query.qid: i for i, r in enumerate(rankings)}
+    if cfg.method == "setwise":
+        queues = {i: [] for i in range(len(rankings))}
+        for t in traces:
+            queues[index[t.qid]].append(t)
+        order = []
+        while active := [q for q in queues.values() if q][: cfg.batch_size]:
+            order += [q.pop(0) for q in active]
+        return order
+    from rearank import build_prompt
+
+    texts = [{c.docid: c.text for c in r.candidates} for r in rankings]
+
+    def key(t: WindowTrace) -> tuple[int, int, int]:
+        i = index[t.qid]
+        k = window_spans(len(rankings[i].candidates), cfg.window, cfg.step).index((t.start, t.end))
+        prompt = build_prompt(rankings[i].query.text, [texts[i][d] for d in t.docids], cfg.prompt)
+        return k, sum(len(m["content"]) for m in prompt), i
+
+    return sorted(traces, key=key)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    if dist.world_size() > 1:  # torchrun / accelerate launch: only the main process prints and writes the outputs
+        dist.init()
+        if not dist.is_main():
+            sys.stdout = open(os.devnull, "w")
     try:
         if cfg.report:  # pages from a finished run's files: no model, nothing scored
             import report
@@ -454,6 +562,8 @@ def main(argv: list[str] | None = None) -> None:
             path = report.write_comparison(cfg.report, cfg.against) if cfg.against else report.write_report(cfg.report)
             print(f"wrote {path}")
             return
+        if not dist.is_main() and (cfg.run or cfg.model == "bm25"):
+            return  # nothing to split: the main process does it all
         if cfg.run:  # score a run file as it is: no reranking, no run written back
             out = Path(cfg.out) if cfg.out else default_out(cfg)
             prepare_out(out, cfg)
@@ -468,7 +578,8 @@ def main(argv: list[str] | None = None) -> None:
 
             cfg.model = default_model()
         out = Path(cfg.out) if cfg.out else default_out(cfg)
-        prepare_out(out, cfg)  # before the data and the model load: a refused --out fails at once
+        if dist.is_main() or not cfg.overwrite:  # only the main process deletes what --overwrite replaces
+            prepare_out(out, cfg)  # before the data and the model load: a refused --out fails at once
         t = time.time()
         ds = load_input(cfg)
         rankings = [type(r)(r.query, r.candidates[: cfg.top_k]) for r in ds.rankings[: cfg.limit]]
@@ -486,6 +597,8 @@ def main(argv: list[str] | None = None) -> None:
             print("config: " + json.dumps(asdict(cfg)))
             print_metrics(first, "first stage ")
             rankings, extra = rerank_with_model(cfg, rankings, out)
+            if not dist.is_main():
+                return
             print_metrics(ev := evaluate_rankings(rankings, ds.qrels), "reranked ")
         else:
             print_metrics(ev := first)

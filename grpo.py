@@ -5,6 +5,7 @@
     python grpo.py --out runs/grpo --resume                                 # continue from the last checkpoint
     python eval.py --dataset dl19 --model runs/grpo/model                   # evaluate what it trained
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
+    accelerate launch --config_file launch/ddp.yaml grpo.py ...             # data parallel on several GPUs
 
 One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
 prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
@@ -46,6 +47,7 @@ The loop is generic over a `Task` (training sets, prompt, reward): REARANK's lis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -62,6 +64,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
+import dist
 from augment import AugmentStats, TrainInstance, augment, augment_setwise, make_instance, read_instances
 from data import DATASETS, TEST_SETS, DataError, Dataset, load_dataset
 from files import check_file, check_out_dir, nonneg_float, nonneg_int, positive_float, positive_int
@@ -397,13 +400,15 @@ def group_logprobs(model, ro: Rollout, cfg: Config) -> list[torch.Tensor]:
 
 
 def policy_backward(model, ro: Rollout, adv: torch.Tensor, old_logp: list | None, ref_logp: list | None,
-                    cfg: Config) -> tuple[float, dict[str, float]]:
+                    cfg: Config, n_tokens: float | None = None) -> tuple[float, dict[str, float]]:
     """One backward of the GRPO loss over the whole rollout batch, group by group and micro-batch by micro-batch.
 
     Every micro-batch's loss is divided by the token count of the whole batch (DAPO), so the gradients add up to
     those of one loss over the batch. Returns the loss and the token means of grpo_loss's statistics.
+    With several processes `n_tokens` is the count over all of them: each returns its share of the global loss and
+    of the means, and the shares sum to them (`dist.all_reduce_sum`, `dist.all_reduce_grads`).
     """
-    n_tokens = int(ro.completion_mask.sum().clamp(min=1))
+    n_tokens = n_tokens or int(ro.completion_mask.sum().clamp(min=1))
     total, sums = 0.0, {"kl": 0.0, "ratio": 0.0, "clip_frac": 0.0}
     for b in range(len(ro.prompts)):
         prompt, ids, mask, rows = ro.group(b)
@@ -432,8 +437,11 @@ def held_out(cfg: Config) -> list[TrainInstance]:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: Config) -> dict[str, float]:
-    """Greedy completions for the held-out windows: mean reward (and parts) and nDCG@10 of the reordered windows."""
+def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: Config,
+             gather: Callable[[list], list] = lambda xs: xs) -> dict[str, float]:
+    """Greedy completions for the held-out windows: mean reward (and parts) and nDCG@10 of the reordered windows.
+
+    With several processes each passes its block of the windows and `gather` (dist.gather_lists) joins the blocks."""
     from tqdm import tqdm
 
     rewards, ndcg, base = [], [], []
@@ -443,6 +451,7 @@ def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: 
         rewards += ro.rewards
         ndcg += [r.ndcg for r in ro.rewards]
         base += [inst.r_init for inst in chunk]
+    rewards, ndcg, base = gather(rewards), gather(ndcg), gather(base)
     mean = lambda xs: float(np.mean(xs))  # noqa: E731
     return {
         "reward": mean([r.total for r in rewards]),
@@ -451,7 +460,7 @@ def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg: 
         "format2": mean([r.format2 for r in rewards]),
         "ndcg@10": mean(ndcg),
         "ndcg@10_first_stage": mean(base),
-        "queries": len(instances),
+        "queries": len(base),
     }
 
 
@@ -720,12 +729,13 @@ def rng_from_data(tensors: dict[str, torch.Tensor], data: dict) -> dict:
     return state
 
 
-def write_checkpoint(dest: Path, model, optimizer, step: int, rng: dict, cfg: Config) -> None:
+def write_checkpoint(dest: Path, model, optimizer, step: int, rngs: list[dict], cfg: Config) -> None:
     """Everything the next step depends on, as data only (safetensors and JSON; nothing that runs code when read):
 
         model.safetensors      the weights in their training dtype (tied weights once; state.json lists the aliases)
         optimizer.safetensors  the optimizer's tensors (moments, AdamW's step counts)
-        rng.safetensors        torch's (and CUDA's) generator states
+        rng.safetensors        torch's (and CUDA's) generator states (rng.rank{r}.safetensors: process r's, when
+                               several processes trained; `rngs` holds one state per process)
         state.json             the step (it fixes the data position, see batch_indices), python's and numpy's
                                generator states, the optimizer's numbers and param groups, the config
 
@@ -740,10 +750,15 @@ def write_checkpoint(dest: Path, model, optimizer, step: int, rng: dict, cfg: Co
     opt_tensors, opt_data = optimizer_to_data(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     del opt_tensors
-    rng_tensors, rng_data = rng_to_data(rng)
-    save_file(rng_tensors, tmp / "rng.safetensors")
+    rng_data = []
+    for r, rng in enumerate(rngs):
+        rng_tensors, data = rng_to_data(rng)
+        save_file(rng_tensors, tmp / ("rng.safetensors" if r == 0 else f"rng.rank{r}.safetensors"))
+        rng_data.append(data)
     state = {"format": CHECKPOINT_FORMAT, "step": step, "data_position": step * cfg.batch_size, "tied": tied,
-             "rng": rng_data, "optimizer": opt_data, "config": asdict(cfg)}
+             "rng": rng_data[0], "optimizer": opt_data, "config": asdict(cfg)}
+    if len(rng_data) > 1:
+        state["rng_ranks"] = rng_data[1:]
     (tmp / "state.json").write_text(json.dumps(state))
     replace_dir(tmp, dest)
 
@@ -774,8 +789,9 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, dict]:
-    """Restore weights and optimizer state from a folder written by write_checkpoint; returns (step, RNG state).
+def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, list[dict]]:
+    """Restore weights and optimizer state from a folder written by write_checkpoint; returns (step, the RNG state of
+    each process that wrote it).
 
     Reads data only. Every file is checked before the model is touched: a truncated file, another model's weights
     (other names, shapes or dtypes) or another optimizer's state is a DataError naming the file. The files are only
@@ -796,7 +812,8 @@ def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, dict]:
                         f"other shape or dtype {differ[:3]}): resume with the --model and dtype flags of that run")
     path = folder / "optimizer.safetensors"
     opt_state = optimizer_from_data(read_tensors(path), state["optimizer"])
-    rng_tensors = read_tensors(folder / "rng.safetensors")
+    rng_tensors = [read_tensors(folder / "rng.safetensors")]
+    rng_tensors += [read_tensors(folder / f"rng.rank{r}.safetensors") for r in range(1, 1 + len(state.get("rng_ranks", [])))]
     model.load_state_dict(weights)
     del weights, expected  # the loaded copy is freed at once, not held for the whole run
     try:
@@ -804,7 +821,8 @@ def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, dict]:
     except (ValueError, KeyError, RuntimeError) as e:
         raise DataError(f"{path}: not this run's optimizer state ({e}): resume with the flags of that run") from None
     del opt_state
-    return state["step"], rng_from_data(rng_tensors, state["rng"])
+    datas = [state["rng"]] + state.get("rng_ranks", [])
+    return state["step"], [rng_from_data(t, d) for t, d in zip(rng_tensors, datas)]
 
 
 def export_dtype(weights: torch.dtype, cuda: bool) -> torch.dtype:
@@ -892,9 +910,9 @@ def check_checkpoint(out: Path, ckpt: Path) -> None:
     raise DataError(f"--resume: {ckpt} not found; start without --resume")
 
 
-def save_checkpoint(out: Path, model, tokenizer, optimizer, step: int, rng: dict, cfg: Config) -> None:
+def save_checkpoint(out: Path, model, tokenizer, optimizer, step: int, rngs: list[dict], cfg: Config) -> None:
     """<out>/checkpoint/ (what --resume reads) and <out>/model/ (the trained reranker, for eval.py and HF tools)."""
-    write_checkpoint(out / "checkpoint", model, optimizer, step, rng, cfg)
+    write_checkpoint(out / "checkpoint", model, optimizer, step, rngs, cfg)
     held = read_jsonl(out / "eval.jsonl")
     export_model(out / "model", model, tokenizer, cfg, step, held[-1] if held else None)
 
@@ -972,6 +990,98 @@ def plot(out: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# several processes (torchrun / accelerate launch): data parallel over whole groups; in one process all of it is inert
+
+
+def quiet_unless_main(main: bool) -> None:
+    """One log on stdout, the main process's: the others' prints go nowhere (errors still reach stderr)."""
+    if not main:
+        sys.stdout = open(os.devnull, "w")
+
+
+def rank_rng(ranks: list[dict], rank: int, world: int) -> dict:
+    """This process's RNG state from a checkpoint's (one per process that wrote it): its own when as many wrote it."""
+    if len(ranks) != world:
+        print(f"resume: the checkpoint holds the RNG states of {len(ranks)} process(es), this run has {world}: the "
+              "data order is the same, the samples differ from an uninterrupted run")
+        return ranks[0] if rank >= len(ranks) else ranks[rank]
+    return ranks[rank]
+
+
+class Seen(NamedTuple):
+    """What the step's log reports, over every process's completions in global batch order."""
+
+    rewards: list[Reward]
+    lengths: list[int]
+    truncated: list[bool]
+
+
+def gather_rollouts(ro: Rollout) -> Seen:
+    parts = dist.gather((ro.rewards, ro.completion_mask.sum(dim=1).tolist(), ro.truncated))
+    return Seen(*([x for part in parts for x in part[i]] for i in range(3)))
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+@contextlib.contextmanager
+def gathered_params(accelerator, model):
+    """Generation under FSDP: every process holds only a shard of each weight, so the weights are gathered whole
+    for the rollout and sharded again after (FSDP2's unshard / reshard).
+
+    Left sharded, generation would still be right (FSDP gathers each layer for its forward and frees it after), but
+    then a 2,048-token completion gathers the whole model 2,048 times. Gathered once, it costs the memory of one
+    unsharded bf16 copy on every GPU (15 GB for 7B) for the length of the rollout, and one all-gather of the model.
+    Without FSDP this does nothing."""
+    if not is_fsdp(accelerator):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        raise ModelError("FSDP version 1 is not supported: set fsdp_version: 2 (see launch/fsdp-7b.yaml)")
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)  # or the first decoding step would shard them again
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+@contextlib.contextmanager
+def grad_sync(accelerator, model):
+    """One gradient exchange per update, however many backward passes it takes.
+
+    DDP all-reduces in the backward of every forward made through its wrapper, and `prefix.group_backward` makes
+    several a step (one per micro-batch, then the shared prompt's), whose sum is the gradient. So the loop runs the
+    bare module (which DDP's hooks ignore; `no_sync` says so outright) and the gradients are summed over the processes
+    once after (`dist.all_reduce_grads`). Each process's loss is its share of the global loss (divided by the global
+    token count), so the sum, not DDP's mean, is the gradient one process computes over the whole batch.
+    FSDP reduce-scatters in every backward itself (its no_sync would keep whole unsharded gradients on every GPU) and
+    averages over the processes: multiplying by their number makes that average the sum.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        with accelerator.no_sync(model):
+            yield
+        dist.all_reduce_grads(model.parameters())
+        return
+    yield
+    if is_fsdp(accelerator) and accelerator.num_processes > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(accelerator.num_processes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -981,14 +1091,26 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs
 
-    check_out(cfg)  # before anything is written: never replace a run by mistake
+    if dist.is_main() or not cfg.overwrite:  # only the main process deletes what --overwrite replaces
+        check_out(cfg)  # before anything is written: never replace a run by mistake
     plan_memory(cfg, explicit)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(asdict(cfg), indent=1))
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")  # bf16 autocast, weights keep their dtype
+    # bf16 autocast, weights keep their dtype; cpu=True on a machine without CUDA, else torchrun's ranks are ignored
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    if world > 1 and cfg.batch_size % world:
+        raise DataError(f"--batch-size {cfg.batch_size} does not split over {world} processes: use a multiple of "
+                        f"{world} (each process rolls out whole groups)")
+    if is_fsdp(accelerator):  # launch/fsdp-7b.yaml: see README "More than one GPU"
+        raise ModelError("FSDP training is not finished: a step's parts are written (gathered_params, grad_sync) but "
+                         "sharded checkpoints are not, and it has never run on GPUs; use launch/ddp.yaml "
+                         "(with --bf16-weights a 7B model fits 80 GB per GPU)")
+    quiet_unless_main(main)
+    if main:  # with several processes only the main one writes files (and prints)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    print(json.dumps(asdict(cfg), indent=1))
     # autocast caches a bf16 cast of every fp32 weight until its context ends (15 GB at 7B): worth it across the
     # rollout's decoding steps; in no-grad passes nothing needs the casts afterwards; in the backward without
     # checkpointing the graphs save the casts anyway (the cache makes the prompt's graph and each micro-batch's share
@@ -997,7 +1119,7 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     training_casts = AutocastKwargs(cache_enabled=not cfg.gradient_checkpointing)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own completions
     task = TASKS[cfg.method]
 
     # --- data
@@ -1017,28 +1139,33 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    policy = accelerator.unwrap_model(model)  # generate() lives on the bare model
+    # generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; under DDP,
+    # whose wrapper it bypasses, gradients are exchanged by `grad_sync` (the wrapper's part: equal initial weights)
+    policy = accelerator.unwrap_model(model)
 
     start, ckpt = 0, find_checkpoint(out)
     if cfg.resume:
         check_checkpoint(out, ckpt)
-        start, rng = load_checkpoint(ckpt, policy, optimizer)
-        set_rng_state(rng)
+        start, rngs = load_checkpoint(ckpt, policy, optimizer)
+        set_rng_state(rank_rng(rngs, accelerator.process_index, world))
         for name, keep in (("metrics.jsonl", start), ("episodes.jsonl", start), ("eval.jsonl", start - 1)):
             kept = [m for m in read_jsonl(out / name) if m["step"] <= keep]  # forget what came after the checkpoint
-            (out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
+            if main:
+                (out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
         print(f"resumed from {ckpt} at step {start}")
-    else:
+    elif main:
         for name in ("metrics.jsonl", "eval.jsonl", "episodes.jsonl"):
             (out / name).unlink(missing_ok=True)
 
     def held_out_eval(step: int) -> None:
-        with accelerator.autocast():
-            ev = {"step": step, **evaluate(policy, tokenizer, task, held, cfg)}
+        mine = dist.shard(held, accelerator.process_index, world)  # each process greedily scores its block
+        with accelerator.autocast(), gathered_params(accelerator, model):
+            ev = {"step": step, **evaluate(policy, tokenizer, task, mine, cfg, gather=dist.gather_lists)}
         print(f"eval step {step} | reward {ev['reward']:.3f} | nDCG@10 {ev['ndcg@10']:.4f} "
               f"(first stage {ev['ndcg@10_first_stage']:.4f}) | f1 {ev['format1']:.2f} f2 {ev['format2']:.2f}")
-        with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps(ev) + "\n")
+        if main:
+            with open(out / "eval.jsonl", "a") as f:
+                f.write(json.dumps(ev) + "\n")
 
     stop = {"requested": False}
 
@@ -1061,28 +1188,32 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 
             # --- rollout
             t0 = time.time()
-            batch = [instances[i] for i in batch_indices(step, cfg.batch_size, len(instances), cfg.seed)]
-            with accelerator.autocast():
+            # the global batch is a function of (step, seed); each process takes its block of whole groups
+            indices = batch_indices(step, cfg.batch_size, len(instances), cfg.seed)
+            batch = [instances[i] for i in dist.shard(indices, accelerator.process_index, world)]
+            with accelerator.autocast(), gathered_params(accelerator, model):
                 ro = rollout(policy, tokenizer, task, batch, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, shared_prompt=not cfg.repeat_prompt)
             gen_s = time.time() - t0
 
             # --- reward
-            r = torch.tensor([x.total for x in ro.rewards])  # (B*G,)
+            r = torch.tensor([x.total for x in ro.rewards])  # (B*G,) this process's groups
 
-            # --- advantages
+            # --- advantages (within each group, so they never need the other processes)
             adv = group_advantages(r, cfg.group_size, scale=not cfg.no_std).to(accelerator.device)  # (B*G,)
-            zero_std = (r.view(-1, cfg.group_size).std(dim=1) == 0).float().mean().item()
+            seen = gather_rollouts(ro)  # what the log reports: every process's completions, in global order
+            r_all = torch.tensor([x.total for x in seen.rewards])
+            zero_std = (r_all.view(-1, cfg.group_size).std(dim=1) == 0).float().mean().item()
 
             # --- log-probs of the old policy and the reference (no grad; only when they differ from the policy)
             t1 = time.time()
             model.train()
-            N = r.numel()
+            N = r_all.numel()
             old_logp = ref_logp = None
             ref_s = 0.0
             with torch.no_grad(), accelerator.autocast(uncached):
                 if cfg.updates > 1:
-                    old_logp = group_logprobs(model, ro, cfg)
+                    old_logp = group_logprobs(policy, ro, cfg)
                 if ref is not None:
                     t_ref = time.time()
                     ref_logp = ref.logprobs(ro, cfg)
@@ -1094,9 +1225,12 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
                 watched = [p for p in policy.parameters() if p.requires_grad]
                 before = weight_sample(watched)
             losses, stats, grad_norm = [], {}, 0.0  # stats: of the last update (the first one's ratio is 1)
+            n_tokens = max(dist.all_reduce_sum([float(ro.completion_mask.sum())])[0], 1.0)  # DAPO: the global count
             for _ in range(cfg.updates):
-                with accelerator.autocast(training_casts):
-                    loss, stats = policy_backward(model, ro, adv, old_logp, ref_logp, cfg)
+                with accelerator.autocast(training_casts), grad_sync(accelerator, model):
+                    loss, stats = policy_backward(policy, ro, adv, old_logp, ref_logp, cfg, n_tokens)
+                loss, *parts = dist.all_reduce_sum([loss, *stats.values()])  # the shares sum to the global values
+                stats = dict(zip(stats, parts))
                 losses.append(loss)
                 # the norm before clipping; an infinite bound measures without clipping
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
@@ -1109,19 +1243,19 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
                 print(f"weights: {moved:.1%} of the watched parameters changed in the first step at lr {cfg.lr:g}")
 
             # --- log / checkpoint
-            lengths = ro.completion_mask.sum(dim=1).float()
+            lengths = torch.tensor(seen.lengths, dtype=torch.float32)
             metrics = {
                 "step": step + 1,
                 "steps": cfg.steps,
-                "reward": r.mean().item(),
-                "reward_std": r.std().item() if N > 1 else 0.0,
-                "rank": float(np.mean([x.rank for x in ro.rewards])),
-                "format1": float(np.mean([x.format1 for x in ro.rewards])),
-                "format2": float(np.mean([x.format2 for x in ro.rewards])),
-                "ndcg@10": float(np.mean([x.ndcg for x in ro.rewards])),
+                "reward": r_all.mean().item(),
+                "reward_std": r_all.std().item() if N > 1 else 0.0,
+                "rank": float(np.mean([x.rank for x in seen.rewards])),
+                "format1": float(np.mean([x.format1 for x in seen.rewards])),
+                "format2": float(np.mean([x.format2 for x in seen.rewards])),
+                "ndcg@10": float(np.mean([x.ndcg for x in seen.rewards])),
                 "frac_zero_std": zero_std,
                 "completion_len": lengths.mean().item(),
-                "frac_truncated": float(np.mean(ro.truncated)),
+                "frac_truncated": float(np.mean(seen.truncated)),
                 "loss": float(np.mean(losses)),
                 **stats,
                 "grad_norm": grad_norm,
@@ -1131,17 +1265,21 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
                 "ref_s": ref_s,
             }
             print(log_line(metrics), flush=True)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if cfg.dump_every and (step + 1) % cfg.dump_every == 0:
+            if main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if main and cfg.dump_every and (step + 1) % cfg.dump_every == 0:
                 with open(out / "episodes.jsonl", "a") as f:
                     for g in range(cfg.group_size):  # the first group of the batch, in full
                         f.write(json.dumps({"step": step + 1, "qid": batch[0].qid, "query": batch[0].query,
                                             "completion": ro.texts[g], "reward": ro.rewards[g].asdict(),
                                             "advantage": adv[g].item()}) + "\n")
             last = step + 1 == cfg.steps
+            stop["requested"] = dist.any_rank(stop["requested"])  # stop together, or the others wait forever
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or stop["requested"]:
-                save_checkpoint(out, policy, tokenizer, optimizer, step + 1, rng_state(), cfg)
+                rngs = dist.gather(rng_state())  # each process's sampling continues where it stopped
+                if main:
+                    save_checkpoint(out, policy, tokenizer, optimizer, step + 1, rngs, cfg)
             if stop["requested"] and not last:
                 print(f"stopped after step {step + 1}; continue with --resume")
                 break
@@ -1151,7 +1289,9 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
                 update_model_card(out / "model", cfg, cfg.steps)  # the card quotes the final evaluation
     finally:
         signal.signal(signal.SIGINT, previous)
-    plot(out)
+    if main:
+        plot(out)
+    accelerator.wait_for_everyone()  # nobody leaves (and tears the group down) before the files are written
     return metrics
 
 
