@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from data import Candidate, DataError, Dataset, Query, _jsonl, load_dataset, ndcg_bounds
+from data import DATASETS, TEST_SETS, Candidate, DataError, Dataset, Query, load_dataset, ndcg_bounds
+from files import atomic_write, jsonl, nonneg_float, nonneg_int, positive_int
 
 @dataclass
 class TrainInstance:
@@ -49,10 +51,8 @@ def make_instance(query: Query, candidates: list[Candidate], grades: dict[str, i
 
 
 def write_instances(path: str | Path, instances: Iterable[TrainInstance]) -> None:
-    """JSONL, one instance a line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    """JSONL, one instance a line, written atomically."""
+    with atomic_write(path) as f:
         for inst in instances:
             rec = {**inst.__dict__, "candidates": [c.__dict__ for c in inst.candidates]}
             f.write(json.dumps(rec) + "\n")
@@ -61,18 +61,62 @@ def write_instances(path: str | Path, instances: Iterable[TrainInstance]) -> Non
 def read_instances(path: str | Path) -> list[TrainInstance]:
     """Read what write_instances wrote; a malformed line is an error naming the file and line."""
     instances = []
-    for lineno, rec in _jsonl(Path(path)):
-        try:
-            rec["candidates"] = [Candidate(**c) for c in rec["candidates"]]
-            inst = TrainInstance(**rec)
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{path}:{lineno}: not a training instance ({e}); `augment.py` writes them") from None
-        if len(inst.grades) != len(inst.candidates):
-            raise DataError(f"{path}:{lineno}: {len(inst.grades)} grades for {len(inst.candidates)} candidates")
-        instances.append(inst)
+    for lineno, rec in jsonl(path):
+        problem = _instance_problem(rec)
+        if problem:
+            raise DataError(f"{path}:{lineno}: not a training instance ({problem}); `augment.py` writes them")
+        cands = [Candidate(c["docid"], c["text"], float(c.get("score", 0.0))) for c in rec["candidates"]]
+        instances.append(TrainInstance(**{**rec, "candidates": cands}))
     if not instances:
         raise DataError(f"{path}: no training instances")
     return instances
+
+
+def _instance_problem(rec: dict) -> str:
+    """What is wrong with one JSON training instance, or "" when nothing is.
+
+    >>> _instance_problem({"qid": "q", "query": "x", "candidates": [{"docid": "d", "text": None}], "grades": [0],
+    ...                    "r_init": 0.0, "r_star": 0.0})
+    "candidate 0: 'text' must be a string"
+    """
+    names = {f.name for f in TrainInstance.__dataclass_fields__.values()}
+    if missing := sorted(names - {"judged"} - rec.keys()):
+        return f"missing {', '.join(missing)}"
+    if extra := sorted(rec.keys() - names):
+        return f"unknown field {', '.join(extra)}"
+    if not all(isinstance(rec[k], str) for k in ("qid", "query")):
+        return "'qid' and 'query' must be strings"
+    cands, grades = rec["candidates"], rec["grades"]
+    if not isinstance(cands, list) or not cands:
+        return "'candidates' must be a non-empty list"
+    for i, c in enumerate(cands):
+        if not isinstance(c, dict):
+            return f"candidate {i} must be an object"
+        for key in ("docid", "text"):
+            if not isinstance(c.get(key), str):
+                return f"candidate {i}: {key!r} must be a string"
+        if not _finite(c.get("score", 0.0)):
+            return f"candidate {i}: 'score' must be a finite number"
+    if len({c["docid"] for c in cands}) != len(cands):
+        return "a docid appears twice among the candidates"
+    if not isinstance(grades, list) or not all(_integer(g) for g in grades):
+        return "'grades' must be a list of integers"
+    if len(grades) != len(cands):
+        return f"{len(grades)} grades for {len(cands)} candidates"
+    if not (_finite(rec["r_init"]) and _finite(rec["r_star"])):
+        return "'r_init' and 'r_star' must be finite numbers"
+    judged = rec.get("judged", {})
+    if not isinstance(judged, dict) or not all(_integer(g) for g in judged.values()):
+        return "'judged' must map docids to integer grades"
+    return ""
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -148,20 +192,49 @@ def augment_setwise(
 # command line
 
 
+def check_augment_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse types cannot check alone; exits with argparse's usage error, before any data loads."""
+    if args.dataset not in DATASETS:
+        p.error(f"--dataset {args.dataset!r}: choose one of {', '.join(DATASETS)}")
+    if args.dataset in TEST_SETS and not args.allow_test_set:
+        p.error(f"--dataset {args.dataset} is a test set: training on it makes its evaluation meaningless; use dl21 or "
+                "scifact-train (or --allow-test-set, for an experiment that knows it)")
+    if args.size < 2:
+        p.error(f"--size {args.size}: a candidate set needs at least 2 passages to have an order")
+    if args.min_ndcg > 1:
+        p.error(f"--min-ndcg {args.min_ndcg}: nDCG@10 is at most 1, so every set would be dropped")
+    out = Path(args.out)
+    if out.is_dir():
+        p.error(f"--out {out} is a directory; give a file name, e.g. {out / 'train.jsonl'}")
+    if out.exists() and not args.overwrite:
+        p.error(f"--out {out} exists; give a new file name, or --overwrite to replace it")
+
+
+def check_kept(instances: list[TrainInstance], out: str, name: str) -> None:
+    if not instances:
+        raise DataError(f"{name}: no candidate set survived the filters; nothing written to {out} "
+                        "(lower --min-ndcg / --min-grade, or raise --samples)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="dl21", help="dataset whose judged queries seed the sets (dl21, scifact-train)")
     p.add_argument("--method", choices=("listwise", "setwise"), default="listwise",
                    help="listwise: REARANK's sampled sets; setwise: Rank-R1's one relevant + size-1 non-relevant")
-    p.add_argument("--min-grade", type=int, default=2, help="setwise: the grade that makes a passage the relevant one")
-    p.add_argument("--samples", type=int, default=50, help="candidate sets drawn per query")
-    p.add_argument("--size", type=int, default=20, help="passages per candidate set")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same file")
-    p.add_argument("--min-ndcg", type=float, default=0.1, help="drop sets whose nDCG@10 is below this")
+    p.add_argument("--min-grade", type=positive_int, default=2,
+                   help="setwise: the grade that makes a passage the relevant one")
+    p.add_argument("--samples", type=positive_int, default=50, help="candidate sets drawn per query")
+    p.add_argument("--size", type=positive_int, default=20, help="passages per candidate set (>= 2)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed: the same seed writes the same file")
+    p.add_argument("--min-ndcg", type=nonneg_float, default=0.1, help="drop sets whose nDCG@10 is below this (<= 1)")
     p.add_argument("--filter-on", choices=("best", "init"), default="best", help="filter on r* (best) or r_init")
-    p.add_argument("--out", default="train.jsonl", help="output JSONL")
+    p.add_argument("--out", default="train.jsonl", help="output JSONL (an existing file is kept unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--allow-test-set", action="store_true",
+                   help=f"build training sets from a test set ({', '.join(TEST_SETS)}): refused without this")
     p.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
     args = p.parse_args(argv)
+    check_augment_args(p, args)
     try:
         ds = load_dataset(args.dataset, args.data_dir)
         if args.method == "setwise":
@@ -171,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             instances, st = augment(ds, args.samples, args.size, args.seed, args.min_ndcg, args.filter_on)
             why = f"{st.no_relevant} with no relevant passage, {st.below} with nDCG@10 ({args.filter_on}) < {args.min_ndcg}"
+        check_kept(instances, args.out, ds.name)
         write_instances(args.out, instances)
         kind = " setwise sets" if args.method == "setwise" else ""
         print(f"{ds.name}: kept {st.kept}{kind}, dropped {st.no_relevant + st.below} ({why}); wrote {args.out}")

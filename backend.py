@@ -126,8 +126,22 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def load_kwargs(cuda: bool) -> dict:
+    """from_pretrained's arguments: bf16 on CUDA, loaded straight onto the GPU (`device_map`: no stop in CPU memory,
+    which for a 7B model is 15 GB and half a minute); fp32 on CPU, where bf16 matmuls are slow.
+
+    >>> load_kwargs(cuda=False)
+    {'dtype': torch.float32, 'attn_implementation': 'sdpa'}
+    """
+    import torch
+
+    kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa"}
+    return kwargs | ({"device_map": "cuda"} if cuda else {})
+
+
 def load_model(name: str):
-    """(model, tokenizer) for "smollm2", a local directory or a hub id; bf16 + SDPA on CUDA, fp32 on CPU."""
+    """(model, tokenizer) for "smollm2", a local directory (e.g. grpo.py's <out>/model) or a hub id; bf16 + SDPA on
+    CUDA, fp32 on CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,15 +155,13 @@ def load_model(name: str):
         keep_freed_memory()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa"
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(cuda))
     except (OSError, ValueError) as e:  # e.g. a directory without a checkpoint in it
         raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0][:300]}") from None
     tokenizer.padding_side = "left"  # decoder-only batching: every prompt ends where generation starts
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to("cuda" if cuda else "cpu").eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 @dataclass

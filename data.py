@@ -24,7 +24,6 @@ when the machine is online; offline, the error lists what is missing and where i
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -33,9 +32,10 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from bm25 import bm25_retrieve
+from files import DataError, atomic_write, jsonl, lines, read_json
 
 # ----------------------------------------------------------------------------------------------------------------------
 # records
@@ -74,10 +74,6 @@ class Dataset:
     rankings: list[Ranking]
     qrels: Qrels
     note: str = ""  # e.g. "never a test set"
-
-
-class DataError(ValueError):
-    """Bad or missing input. The message names the file (and line) and says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -126,29 +122,15 @@ def ndcg_bounds(docids: Sequence[str], judged: Mapping[str, int], k: int = 10) -
 # small readers
 
 
-def _open_text(path: Path):
-    """Open a text file, transparently gunzipping `.gz`."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, stripped line) for every non-blank line."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if line:
-                yield lineno, line
-
-
 def load_qrels(path: str | Path) -> Qrels:
-    """TREC qrels (`qid 0 docid grade`) or BEIR qrels TSV (`query-id corpus-id score` with a header line)."""
+    """TREC qrels (`qid 0 docid grade`) or BEIR qrels TSV (`query-id corpus-id score` with a header line).
+
+    A judgment listed twice with the same grade is harmless; with two grades it is an error (which one is meant?).
+    A file with no judgments is an error too: every evaluation against it would score nothing.
+    """
     qrels: Qrels = {}
-    for lineno, line in _lines(Path(path)):
+    where: dict[tuple[str, str], int] = {}  # (qid, docid) -> the line that judged it first
+    for lineno, line in lines(path):
         parts = line.split()
         if lineno == 1 and parts[:1] == ["query-id"]:
             continue  # BEIR header
@@ -159,19 +141,29 @@ def load_qrels(path: str | Path) -> Qrels:
         else:
             raise DataError(f"{path}:{lineno}: expected 'qid 0 docid grade' (or BEIR 'qid docid score'), got {line!r}")
         try:
-            qrels.setdefault(qid, {})[docid] = int(grade)
+            value = int(grade)
         except ValueError:
             raise DataError(f"{path}:{lineno}: grade {grade!r} is not an integer") from None
+        before = qrels.setdefault(qid, {}).get(docid)
+        if before is not None and before != value:
+            raise DataError(f"{path}:{lineno}: query {qid} judges {docid} {value}, but line {where[qid, docid]} "
+                            f"judged it {before}; keep one judgment")
+        qrels[qid][docid] = value
+        where.setdefault((qid, docid), lineno)
+    if not qrels:
+        raise DataError(f"{path}: no judgments in the file")
     return qrels
 
 
 def load_topics(path: str | Path) -> dict[str, str]:
-    """Topics TSV: `qid<TAB>query text` per line."""
+    """Topics TSV: `qid<TAB>query text` per line; a query id listed twice is an error."""
     topics = {}
-    for lineno, line in _lines(Path(path)):
+    for lineno, line in lines(path):
         qid, sep, text = line.partition("\t")
         if not sep or not text.strip():
             raise DataError(f"{path}:{lineno}: expected 'qid<TAB>query', got {line!r}")
+        if qid in topics:
+            raise DataError(f"{path}:{lineno}: query {qid} is listed twice")
         topics[qid] = text.strip()
     return topics
 
@@ -179,7 +171,7 @@ def load_topics(path: str | Path) -> dict[str, str]:
 def load_run(path: str | Path) -> dict[str, dict[str, float]]:
     """TREC run (`qid Q0 docid rank score tag`) -> {qid: {docid: score}}. Duplicate docids are an error (trec_eval)."""
     run: dict[str, dict[str, float]] = {}
-    for lineno, line in _lines(Path(path)):
+    for lineno, line in lines(path):
         parts = line.split()
         if len(parts) != 6:
             raise DataError(f"{path}:{lineno}: expected 'qid Q0 docid rank score tag', got {line!r}")
@@ -188,38 +180,59 @@ def load_run(path: str | Path) -> dict[str, dict[str, float]]:
             value = float(score)
         except ValueError:
             raise DataError(f"{path}:{lineno}: score {score!r} is not a number") from None
+        if not math.isfinite(value):  # trec_eval would sort a NaN anywhere: the ranking would be undefined
+            raise DataError(f"{path}:{lineno}: score {score!r} is not a finite number")
         if docid in run.setdefault(qid, {}):
             raise DataError(f"{path}:{lineno}: docid {docid} appears twice for query {qid}")
         run[qid][docid] = value
+    if not run:
+        raise DataError(f"{path}: no run lines in the file")
     return run
 
 
 def load_rankgpt(path: str | Path) -> list[Ranking]:
     """RankGPT-format JSON (`.json` or `.json.gz`): [{"query": str, "hits": [{"qid", "docid", "content", ...}]}]."""
-    path = Path(path)
-    with _open_text(path) as f:
-        try:
-            items = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON list of {{'query', 'hits'}} objects")
-    rankings = []
+    items = read_json(path)
+    if not isinstance(items, list) or not items:
+        raise DataError(f"{path}: expected a non-empty JSON list of {{'query', 'hits'}} objects")
+    rankings, seen = [], {}  # seen: qid -> the entry that listed it first
     for i, item in enumerate(items):
         where = f"{path}: entry {i}"
         if not isinstance(item, dict) or "query" not in item or "hits" not in item:
             raise DataError(f"{where}: expected an object with 'query' and 'hits'")
+        if not isinstance(item["query"], str) or not item["query"].strip():
+            raise DataError(f"{where}: 'query' must be a non-empty string, got {item['query']!r}")
         hits = item["hits"]
+        if not isinstance(hits, list):
+            raise DataError(f"{where} (query {item['query']!r}): 'hits' must be a list, got {hits!r:.80}")
         if not hits:
             raise DataError(f"{where} (query {item['query']!r}): empty candidate list")
-        try:
-            qid = str(hits[0]["qid"])
-            candidates = [Candidate(str(h["docid"]), h["content"], float(h.get("score", 0.0))) for h in hits]
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{where}: a hit lacks or mangles a field ({e!r}); hits need qid, docid, content") from None
+        candidates = [_hit(h, f"{where}, hit {j}") for j, h in enumerate(hits)]
+        qids = {str(h["qid"]) for h in hits}
+        if len(qids) != 1:
+            raise DataError(f"{where}: the hits name several query ids {sorted(qids)[:5]}; one entry is one query")
+        qid = qids.pop()
+        if qid in seen:  # a second copy would silently replace the first one's candidates downstream
+            raise DataError(f"{where}: query {qid} is listed twice (first in entry {seen[qid]})")
+        seen[qid] = i
         rankings.append(Ranking(Query(qid, item["query"]), candidates))
         check_unique(rankings[-1], where)
     return rankings
+
+
+def _hit(h, where: str) -> Candidate:
+    """One RankGPT hit as a Candidate; a missing field, a null or a wrong type is an error naming the hit."""
+    if not isinstance(h, dict):
+        raise DataError(f"{where}: expected an object with qid, docid, content, got {h!r:.80}")
+    for key, kinds in (("qid", (str, int)), ("docid", (str, int)), ("content", (str,))):
+        if key not in h:
+            raise DataError(f"{where}: missing {key!r}; hits need qid, docid, content")
+        if isinstance(h[key], bool) or not isinstance(h[key], kinds):  # a null content must not become "None"
+            raise DataError(f"{where}: {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {h[key]!r:.80}")
+    score = h.get("score", 0.0)
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise DataError(f"{where}: 'score' must be a finite number, got {score!r:.80}")
+    return Candidate(str(h["docid"]), h["content"], float(score))
 
 
 def check_unique(ranking: Ranking, where: str = "") -> None:
@@ -231,40 +244,59 @@ def check_unique(ranking: Ranking, where: str = "") -> None:
         seen.add(c.docid)
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    for lineno, line in _lines(path):
+def _beir_record(path, lineno: int, rec: dict, what: str) -> tuple[str, str, str]:
+    """(_id, text, title) of one BEIR line: `_id` a string or integer, `text` (and `title`, if any) strings."""
+    _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
+    if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not isinstance(text, str):
+        raise DataError(f"{path}:{lineno}: a {what} line needs '_id' (string) and 'text' (string)")
+    if not isinstance(title, str):
+        raise DataError(f"{path}:{lineno}: 'title' must be a string, got {title!r:.80}")
+    return str(_id), text, title
+
+
+def read_records(path: Path, record: type) -> list:
+    """A JSONL file of dataclass records, one a line (traces.jsonl). A half-written last line (the run was killed, or
+    is still writing) is left out; any other bad line is an error naming it."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
         try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from None
+            records.append(record(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as e:
+            if lineno < len(lines):
+                raise DataError(f"{path}:{lineno}: not a {record.__name__} ({e!r})") from None
+    return records
 
 
 def load_beir_corpus(path: str | Path) -> dict[str, str]:
     """BEIR corpus.jsonl -> {docid: 'Title: {title} Content: {text}'} (METHOD §2; the prompt strips the labels)."""
-    corpus = {}
-    for lineno, doc in _jsonl(Path(path)):
-        try:
-            title, text = doc.get("title", "").strip(), doc["text"].strip()
-            corpus[str(doc["_id"])] = f"Title: {title} Content: {text}" if title else text
-        except (KeyError, AttributeError):
-            raise DataError(f"{path}:{lineno}: a corpus line needs '_id' and 'text'") from None
+    corpus: dict[str, str] = {}
+    for lineno, doc in jsonl(path):
+        docid, text, title = _beir_record(path, lineno, doc, "corpus")
+        if docid in corpus:
+            raise DataError(f"{path}:{lineno}: document {docid} is listed twice")
+        title, text = title.strip(), text.strip()
+        corpus[docid] = f"Title: {title} Content: {text}" if title else text
+    if not corpus:
+        raise DataError(f"{path}: no documents in the file")
     return corpus
 
 
 def load_beir_queries(path: str | Path) -> dict[str, str]:
-    queries = {}
-    for lineno, q in _jsonl(Path(path)):
-        if "_id" not in q or "text" not in q:
-            raise DataError(f"{path}:{lineno}: a query line needs '_id' and 'text'")
-        queries[str(q["_id"])] = q["text"]
+    queries: dict[str, str] = {}
+    for lineno, q in jsonl(path):
+        qid, text, _ = _beir_record(path, lineno, q, "query")
+        if qid in queries:
+            raise DataError(f"{path}:{lineno}: query {qid} is listed twice")
+        queries[qid] = text
     return queries
 
 
 def write_run(path: str | Path, rankings: Iterable[Ranking], tag: str = "rearank") -> None:
     """TREC run file. Scores fall strictly with rank (n, n-1, ..., 1): trec_eval orders by score, not by rank."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         for r in rankings:
             check_unique(r, str(path))
             n = len(r.candidates)
@@ -284,8 +316,8 @@ def write_rankgpt(path: str | Path, rankings: Iterable[Ranking]) -> None:
         }
         for r in rankings
     ]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(items))
+    with atomic_write(path) as f:
+        f.write(json.dumps(items))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -400,6 +432,9 @@ DATASETS: dict[str, Callable[[Path], Dataset]] = {
     "scifact": _scifact("test"),
     "scifact-train": _scifact("train"),
 }
+
+# the datasets whose figures the project reports: training on them would make those figures meaningless
+TEST_SETS = ("dl19", "dl20", "scifact")
 
 
 def load_dataset(name: str, root: str | Path | None = None) -> Dataset:

@@ -5,11 +5,14 @@
     python eval.py --dataset dl19 --model le723z/Rearank-7B    # the paper's model (the default on a GPU)
     python eval.py --run RUN.trec --qrels QRELS            # score any TREC run
     python eval.py --candidates FILE.json --qrels QRELS    # a user's RankGPT-format candidates
+    python eval.py --report OUT [--against OUT_B]          # redraw OUT/report.html (report.py), or compare two runs
+    torchrun --nproc_per_node 2 eval.py --dataset dl19 --model smollm2   # the queries split over 2 processes
 
 Every evaluation writes, under --out, `run.trec` (scores fall with rank), `metrics.json` (per-query values, the
 config, and the command line). Reranking with a model also writes `traces.jsonl`, one line per window (qid, span,
 docids shown, completion, parsed order), appended as each batch of windows finishes: run the same command again after
-an interruption and the finished windows are replayed from it instead of recomputed.
+an interruption and the finished windows are replayed from it instead of recomputed. Last, `report.html` (report.py)
+shows it all in a browser: per-query nDCG before and after, each window's reasoning, each passage's move.
 
 The metric is `data.ndcg_at_k`; the reward (reward.py) imports the same function, so training and evaluation can never
 disagree about what nDCG means. trec_eval semantics (METHOD §8): gain = the qrels grade (linear), discount
@@ -20,9 +23,11 @@ by docid descending, queries without judgments skipped (and counted), duplicate 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
+import os
 import re
 import shlex
 import sys
@@ -31,10 +36,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import dist
 from data import (
     DataError, Dataset, Qrels, Ranking,
     load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, trec_order, write_run,
 )
+from files import check_out_dir, nonneg_int, positive_int, read_json, write_text
 from rearank import MAX_CHARS, WindowTrace, answer_format, window_spans
 
 KS = (1, 5, 10)
@@ -212,7 +219,7 @@ class EvalConfig:
     top_k: int = 100
     window: int = 20
     step: int = 10
-    batch_size: int = 8
+    batch_size: int | None = None  # None: default_batch_size (8 on CPU, one window position of every query on CUDA)
     limit: int | None = None
     max_new_tokens: int = 2048
     num_child: int = 19
@@ -220,6 +227,9 @@ class EvalConfig:
     seed: int = 0
     out: str | None = None
     compare: list[str] | None = None  # two runs (files or --out directories) to compare query by query
+    report: str | None = None  # redraw this folder's report.html (report.py), nothing evaluated
+    against: str | None = None  # with report: a comparison page of the two runs
+    overwrite: bool = False
     command: str = ""  # the command line, saved with the metrics so every number says how it was made
 
 
@@ -229,7 +239,10 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     src.add_argument("--dataset", help="a registered dataset: dl19, dl20, dl21, scifact, scifact-train")
     src.add_argument("--candidates", help="RankGPT-format JSON (.json or .json.gz) of first-stage candidates")
     src.add_argument("--run", help="a TREC run file to score as it is")
-    p.add_argument("--qrels", help="TREC qrels (required with --candidates and --run)")
+    src.add_argument("--report", metavar="OUT", help="redraw OUT/report.html from the files an evaluation left in OUT")
+    p.add_argument("--against", metavar="OUT_B", help="with --report OUT: OUT/compare-OUT_B.html, runs side by side")
+    p.add_argument("--qrels", help="TREC qrels (required with --candidates and --run; with --dataset, they replace "
+                                   "the dataset's own judgments)")
     p.add_argument("--data-dir", help="data directory (default: $REARANK_DATA, else ./data)")
     p.add_argument(
         "--model",
@@ -240,16 +253,22 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p.add_argument("--method", default="listwise", choices=["listwise", "setwise"],
                    help="listwise: REARANK sliding windows; setwise: Rank-R1 heap sort (best of a set, reasons first)")
     p.add_argument("--prompt", default="rearank", choices=sorted(MAX_CHARS), help="REARANK (reasoning) or RankGPT")
-    p.add_argument("--top-k", type=int, default=100, help="candidates per query to consider")
-    p.add_argument("--window", type=int, default=20, help="passages per window")
-    p.add_argument("--step", type=int, default=10, help="how far the window moves up each time")
-    p.add_argument("--batch-size", type=int, default=8, help="windows (of different queries) generated together")
-    p.add_argument("--limit", type=int, default=None, help="only the first N queries")
-    p.add_argument("--max-new-tokens", type=int, default=2048, help="generation budget per window (paper: 2048)")
-    p.add_argument("--num-child", type=int, default=19, help="setwise: children per heap node (a call shows 1 + this)")
-    p.add_argument("--k", type=int, default=10, help="setwise: how many top documents the heap sort extracts")
-    p.add_argument("--seed", type=int, default=0, help="setwise: seed of the per-call document shuffles")
-    p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>[-setwise])")
+    p.add_argument("--top-k", type=positive_int, default=100, help="candidates per query to consider")
+    p.add_argument("--window", type=positive_int, default=20, help="passages per window")
+    p.add_argument("--step", type=positive_int, default=10, help="how far the window moves up each time (<= --window)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="windows (of different queries) generated together (default: 8 on CPU; on CUDA the window of "
+                   "every query at one position, at most 64)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N queries")
+    p.add_argument("--max-new-tokens", type=positive_int, default=2048, help="generation budget per window (paper: 2048)")
+    p.add_argument("--num-child", type=positive_int, default=19,
+                   help="setwise: children per heap node (a call shows 1 + this)")
+    p.add_argument("--k", type=positive_int, default=10, help="setwise: how many top documents the heap sort extracts")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="setwise: seed of the per-call document shuffles")
+    p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>, then the settings that differ "
+                                 "from the defaults, e.g. runs/dl19-smollm2-top20-limit2-tok256)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished (or interrupted) run in --out made with other settings")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                    help="compare two runs (TREC files or eval.py --out directories) query by query: mean nDCG@10 "
                    "delta B - A, 95%% paired bootstrap interval, sign-flip p-value, wins/ties/losses; judged by "
@@ -257,16 +276,93 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     args = p.parse_args(argv)
     if args.compare and (args.candidates or args.run or not (args.qrels or args.dataset)):
         p.error("--compare takes --qrels or --dataset (for its qrels), not --candidates or --run")
-    if not (args.compare or args.dataset or args.candidates or args.run):
-        p.error("one of --dataset, --candidates, --run or --compare is required")
+    if not (args.compare or args.dataset or args.candidates or args.run or args.report):
+        p.error("one of --dataset, --candidates, --run, --report or --compare is required")
     if (args.candidates or args.run) and not args.qrels:
         p.error("--candidates and --run need --qrels")
+    if args.against and not args.report:
+        p.error("--against needs --report")
+    if args.step > args.window:
+        p.error(f"--step {args.step} is larger than --window {args.window}: the windows would skip passages")
     command = shlex.join(["python", "eval.py", *(sys.argv[1:] if argv is None else argv)])
     return EvalConfig(**vars(args), command=command)
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text).name if Path(text).exists() else text).strip("_")
+
+
+def path_tag(*paths: str | None) -> str:
+    """A short digest of where the input files are, so two files with one basename get different default folders."""
+    where = "\n".join(str(Path(p).resolve()) for p in paths if p)
+    return hashlib.sha1(where.encode()).hexdigest()[:6]
+
+
+# how each setting shows in a default --out name when it differs from its default
+NAME_PARTS = {"prompt": "{}", "top_k": "top{}", "window": "win{}", "step": "step{}", "limit": "limit{}",
+              "max_new_tokens": "tok{}", "num_child": "child{}", "k": "k{}", "seed": "seed{}"}
+
+
+def output_keys(cfg: EvalConfig) -> tuple[str, ...]:
+    """The settings that change what this evaluation writes: inputs, model, and the knobs its method reads."""
+    if cfg.run:
+        return ("run", "qrels")
+    keys = ("dataset", "candidates", "qrels", "model", "top_k", "limit")
+    if cfg.model == "bm25":
+        return keys
+    keys += ("method", "prompt", "max_new_tokens")
+    return keys + (("window", "step") if cfg.method == "listwise" else ("num_child", "k", "seed"))
+
+
+def default_out(cfg: EvalConfig) -> Path:
+    """runs/<input>-<model>[-setwise], then each setting that differs from its default (--model resolved first).
+
+    >>> str(default_out(EvalConfig(dataset="dl19", model="smollm2", top_k=20, limit=2, max_new_tokens=256)))
+    'runs/dl19-smollm2-top20-limit2-tok256'
+    """
+    if cfg.run:
+        return Path("runs") / f"{slug(cfg.run)}-{path_tag(cfg.run, cfg.qrels)}"
+    if cfg.dataset:
+        name = cfg.dataset + (f"-qrels{path_tag(cfg.qrels)}" if cfg.qrels else "")
+    else:
+        name = f"{slug(cfg.candidates)}-{path_tag(cfg.candidates, cfg.qrels)}"
+    parts = [name, slug(cfg.model)] + (["setwise"] if cfg.method == "setwise" else [])
+    defaults = EvalConfig()
+    parts += [fmt.format(getattr(cfg, k)) for k, fmt in NAME_PARTS.items()
+              if k in output_keys(cfg) and getattr(cfg, k) != getattr(defaults, k)]
+    return Path("runs") / "-".join(parts)
+
+
+OUTPUTS = ("run.trec", "metrics.json", "traces.jsonl", "rerank_config.json", "report.html")
+
+
+def prepare_out(out: Path, cfg: EvalConfig) -> None:
+    """Make --out ready, never replacing finished work: a run there made with other settings (or of another kind) is
+    refused unless --overwrite, which deletes it first. The same settings continue it (traces are replayed)."""
+    check_out_dir(out, create=False)  # created when the first output is written
+    if cfg.overwrite:
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        return
+    if not (out / "metrics.json").exists():
+        return  # nothing finished here; an interrupted model run is checked against rerank_config.json later
+    record = read_json(out / "metrics.json")
+    before = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(before, dict):
+        raise DataError(f"{out / 'metrics.json'}: not an eval.py metrics file; use another --out, or --overwrite")
+    changed = {k: (before.get(k), getattr(cfg, k)) for k in output_keys(cfg) if before.get(k) != getattr(cfg, k)}
+    if changed:
+        raise DataError(
+            f"{out} holds a finished evaluation made with other settings {changed} (before, now): use a new --out "
+            "(or drop --out: the default names the settings), or pass --overwrite to replace it"
+        )
+
+
+def check_judged(ev: Evaluation, what: str) -> None:
+    """An evaluation that scores no query is an error, not a mean of 0.0000 (the run and the qrels do not match)."""
+    if not ev.per_query:
+        some = ", ".join(ev.skipped[:3])
+        raise DataError(f"{what}: no query of the run is judged (run queries {some}...): are these the right qrels?")
 
 
 def print_metrics(ev: Evaluation, label: str = "") -> None:
@@ -285,12 +381,28 @@ def save_metrics(path: Path, cfg: EvalConfig, ev: Evaluation, **extra) -> None:
         "per_query": ev.per_query,
         **extra,
     }
-    path.write_text(json.dumps(record, indent=1))
+    write_text(path, json.dumps(record, indent=1))
+
+
+def default_batch_size(queries: int, cuda: bool, cap: int = 64) -> int:
+    """--batch-size when none is given. On CPU 8 (a bigger batch only adds padding there). On CUDA the k-th window of
+    every query at once: DL19's 43 queries at top-100 take 9 generate calls instead of 54, and a GPU decoding 8 rows
+    is mostly idle. At most 64, so a 7B model's KV cache (57 KB a token in bf16 for Qwen2.5-7B: 64 windows of
+    2,300 + 2,048 tokens = 16 GB) stays well beside its 15 GB of weights on an 80 GB GPU.
+
+    >>> default_batch_size(43, cuda=True), default_batch_size(43, cuda=False), default_batch_size(300, cuda=True)
+    (43, 8, 64)
+    """
+    return max(1, min(queries, cap)) if cuda else 8
 
 
 def load_input(cfg: EvalConfig) -> Dataset:
     if cfg.dataset:
-        return load_dataset(cfg.dataset, cfg.data_dir)
+        ds = load_dataset(cfg.dataset, cfg.data_dir)
+        if cfg.qrels:  # said out loud: the numbers are then not the dataset's published ones
+            ds.qrels = load_qrels(cfg.qrels)
+            print(f"qrels: {cfg.qrels} (given with --qrels) instead of {ds.name}'s own judgments")
+        return ds
     return Dataset(slug(cfg.candidates), load_rankgpt(cfg.candidates), load_qrels(cfg.qrels))
 
 
@@ -302,39 +414,67 @@ RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "w
                "num_child", "k", "seed")
 
 
-def read_traces(path: Path, record: type = WindowTrace) -> list:
+def read_traces(path: Path, record: type = WindowTrace, rewrite: bool = True) -> list:
     """traces.jsonl back into records (WindowTrace or SetwiseTrace). A half-written last line (the run was killed
-    mid-write) is dropped."""
+    mid-write) is dropped (and, with `rewrite`, cut from the file: only the process that appends to it may)."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; use another --out, or --overwrite to start afresh") from None
     traces = []
     for lineno, line in enumerate(lines, 1):
         try:
-            traces.append(record(**json.loads(line)))
+            trace = record(**json.loads(line))
+            problem = trace_problem(trace)
         except (json.JSONDecodeError, TypeError) as e:
             if lineno == len(lines):
                 break
-            what = f"not a {record.__name__} ({e!r})"
-            raise DataError(f"{path}:{lineno}: {what}; delete the file to start afresh") from None
+            problem = f"not a {record.__name__} ({e!r})"
+        if problem:
+            raise DataError(f"{path}:{lineno}: {problem}; use another --out, or --overwrite to start afresh")
+        traces.append(trace)
     # rewrite what survived, so new lines never land on the tail of a half-written one
-    path.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
+    if rewrite:
+        write_text(path, "".join(json.dumps(asdict(t)) + "\n" for t in traces))
     return traces
+
+
+def trace_problem(t) -> str:
+    """What is wrong with a trace read back from disk ("" when nothing): replaying a damaged one would crash later."""
+    if not isinstance(t.qid, str) or not isinstance(t.completion, str):
+        return "'qid' and 'completion' must be strings"
+    if isinstance(t, WindowTrace):
+        ints = (t.start, t.end, *t.order) if isinstance(t.order, list) else ()
+        if not ints or not all(isinstance(i, int) and not isinstance(i, bool) for i in ints):
+            return "'start', 'end' and 'order' must be integers"
+        if sorted(t.order) != list(range(t.end - t.start)):
+            return f"'order' is not a permutation of the window ({t.start}, {t.end})"
+        return ""
+    if not isinstance(t.shown, list) or not all(isinstance(d, str) for d in t.shown):
+        return "'shown' must be a list of docids"
+    if t.pick is not None and (not isinstance(t.pick, int) or isinstance(t.pick, bool) or
+                               not 0 <= t.pick < len(t.shown)):
+        return f"'pick' must be null or an index into the {len(t.shown)} documents shown"
+    return ""
 
 
 def check_resumable(out: Path, cfg: EvalConfig) -> None:
     """Refuse to mix windows made under other settings into this run's traces."""
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
     path = out / "rerank_config.json"
-    if path.exists() and (out / "traces.jsonl").exists():
-        before = json.loads(path.read_text())
+    if path.exists() and ((out / "traces.jsonl").exists() or any(out.glob("traces.rank*.jsonl"))):
+        before = read_json(path)
+        if not isinstance(before, dict):
+            raise DataError(f"{path}: not a settings object; use another --out, or --overwrite to start afresh")
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
             raise DataError(
-                f"{out}/traces.jsonl was made with other settings {changed} (before, now): "
-                "use another --out, or delete traces.jsonl to start afresh"
+                f"{out}/traces.jsonl was made with other settings {changed} (before, now): rerun with those "
+                "settings to continue it, use another --out, or pass --overwrite to start afresh"
             )
-    path.write_text(json.dumps(settings, indent=1))
+    write_text(path, json.dumps(settings, indent=1))
 
 
 def load_generator(cfg: EvalConfig):
@@ -360,126 +500,252 @@ def append_traces(f, bar):
 
 
 def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tuple[list[Ranking], dict]:
-    """Rerank with cfg.model, appending each finished batch of windows to out/traces.jsonl; returns run statistics."""
+    """Rerank with cfg.model, appending each finished batch of windows to the traces; returns run statistics.
+
+    Under torchrun / accelerate launch each process takes one block of the queries (dist.shard) and appends to its
+    own traces.rank{r}.jsonl; the results are gathered on every rank and the main process writes traces.jsonl in the
+    order one process writes it (`one_process_order`)."""
     from tqdm import tqdm
 
     from rearank import rerank
 
-    check_resumable(out, cfg)
-    trace_path = out / "traces.jsonl"
+    record = trace_record(cfg)
+    start_traces(out, cfg, record)
+    rank, world = dist.rank(), dist.world_size()
+    mine = dist.shard(rankings, rank, world)
+    trace_path = out / ("traces.jsonl" if world == 1 else f"traces.rank{rank}.jsonl")
+    qids = {r.query.qid for r in mine}
+    done = [t for t in read_traces(out / "traces.jsonl", record, rewrite=False) if t.qid in qids]
     if cfg.method == "setwise":
-        return setwise_with_model(cfg, rankings, trace_path)
-    done = read_traces(trace_path)
-    all_windows = {(r.query.qid, *s) for r in rankings for s in window_spans(len(r.candidates), cfg.window, cfg.step)}
+        return setwise_with_model(cfg, rankings, mine, done, out, trace_path)
+    all_windows = {(r.query.qid, *s) for r in mine for s in window_spans(len(r.candidates), cfg.window, cfg.step)}
     resumed = sum((t.qid, t.start, t.end) in all_windows for t in done)
     if resumed:
-        print(f"resuming: {resumed} of {len(all_windows)} windows already in {trace_path}")
+        print(f"resuming: {resumed} of {len(all_windows)} windows already in {out / 'traces.jsonl'}")
     generate = load_generator(cfg)
-    bar = tqdm(total=len(all_windows), initial=resumed, desc="windows", unit="win")
+    bar = tqdm(total=len(all_windows), initial=resumed, desc="windows", unit="win", disable=not dist.is_main())
     with open(trace_path, "a") as f:
         reranked, traces = rerank(
-            rankings, generate, window=cfg.window, step=cfg.step, style=cfg.prompt, batch_size=cfg.batch_size,
+            mine, generate, window=cfg.window, step=cfg.step, style=cfg.prompt, batch_size=cfg.batch_size,
             traces=done, on_window=append_traces(f, bar),
         )
     bar.close()
+    reranked, traces, counts = gather_results(reranked, traces, generate, resumed)
+    finish_traces(out, one_process_order(traces, rankings, cfg))
     formats = [answer_format(w.completion) for w in traces]
     stats = {
         "windows": len(traces),
-        "resumed_windows": resumed,
+        "resumed_windows": counts["resumed"],
         "think_and_answer": sum(f1 for f1, _ in formats) / max(len(formats), 1),
         "answer_is_ranking_list": sum(f2 for _, f2 in formats) / max(len(formats), 1),
-        "prompt_tokens": generate.prompt_tokens,
-        "generated_tokens": generate.generated_tokens,
-        "generate_seconds": round(generate.seconds, 1),
+        **counts["generation"],
+        **({"processes": world} if world > 1 else {}),
     }
     print(
-        f"{stats['windows'] - resumed} windows generated in {generate.seconds:.0f}s "
-        f"({generate.generated_tokens} new tokens); answers: {stats['think_and_answer']:.0%} with <think> and "
+        f"{stats['windows'] - counts['resumed']} windows generated in {stats['generate_seconds']:.0f}s "
+        f"({stats['generated_tokens']} new tokens); answers: {stats['think_and_answer']:.0%} with <think> and "
         f"<answer>, {stats['answer_is_ranking_list']:.0%} a ranking list"
     )
     return reranked, stats
 
 
-def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], trace_path: Path) -> tuple[list[Ranking], dict]:
-    """Rank-R1's heap sort with cfg.model, one trace per LLM call appended to traces.jsonl (replayed on resume)."""
+def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], mine: list[Ranking], done: list, out: Path,
+                       trace_path: Path) -> tuple[list[Ranking], dict]:
+    """Rank-R1's heap sort with cfg.model over this process's queries (`mine`), one trace per LLM call appended to
+    `trace_path` (replayed on resume)."""
     from tqdm import tqdm
 
-    from setwise import SetwiseTrace, setwise_rerank
+    from setwise import setwise_rerank
 
-    done = read_traces(trace_path, SetwiseTrace)
     if done:
-        print(f"resuming: {len(done)} calls already in {trace_path}")
+        print(f"resuming: {len(done)} calls already in {out / 'traces.jsonl'}")
     generate = load_generator(cfg)
 
     def truncate(text: str) -> str:  # Rank-R1 cuts passages to 512 tokens on TREC DL (METHOD §6)
         ids = generate.tokenizer(text, add_special_tokens=False).input_ids
         return text if len(ids) <= 512 else generate.tokenizer.decode(ids[:512])
 
-    bar = tqdm(desc="setwise calls", unit="call", initial=len(done))  # the count per query depends on the answers
+    # the count per query depends on the answers
+    bar = tqdm(desc="setwise calls", unit="call", initial=len(done), disable=not dist.is_main())
     with open(trace_path, "a") as f:
-        reranked, calls, traces = setwise_rerank(
-            rankings, generate, k=cfg.k, num_child=cfg.num_child, seed=cfg.seed, batch_size=cfg.batch_size,
+        reranked, _, traces = setwise_rerank(
+            mine, generate, k=cfg.k, num_child=cfg.num_child, seed=cfg.seed, batch_size=cfg.batch_size,
             truncate=truncate, traces=done, on_calls=append_traces(f, bar),
         )
     bar.close()
+    reranked, traces, counts = gather_results(reranked, traces, generate, len(done))
+    finish_traces(out, one_process_order(traces, rankings, cfg))
     n = max(len(rankings), 1)
+    gen = counts["generation"]
     stats = {
         "llm_calls": len(traces),
         "calls_per_query": len(traces) / n,
-        "resumed_calls": len(done),
+        "resumed_calls": counts["resumed"],
         "unparseable_answers": sum(t.pick is None for t in traces) / max(len(traces), 1),
-        "prompt_tokens": generate.prompt_tokens,
-        "generated_tokens": generate.generated_tokens,
-        "generated_tokens_per_query": generate.generated_tokens / n,
-        "generate_seconds": round(generate.seconds, 1),
+        "prompt_tokens": gen["prompt_tokens"],
+        "generated_tokens": gen["generated_tokens"],
+        "generated_tokens_per_query": gen["generated_tokens"] / n,
+        "generate_seconds": gen["generate_seconds"],
+        **({"processes": dist.world_size()} if dist.world_size() > 1 else {}),
     }
     print(
-        f"LLM calls per query {stats['calls_per_query']:.1f} ({len(traces)} calls, {len(done)} replayed); "
-        f"{generate.generated_tokens} new tokens in {generate.seconds:.0f}s; "
+        f"LLM calls per query {stats['calls_per_query']:.1f} ({len(traces)} calls, {counts['resumed']} replayed); "
+        f"{gen['generated_tokens']} new tokens in {gen['generate_seconds']:.0f}s; "
         f"unparseable answers {stats['unparseable_answers']:.0%}"
     )
     return reranked, stats
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# several processes (torchrun / accelerate launch): each reranks a block of the queries, the main process merges
+
+
+def trace_record(cfg: EvalConfig) -> type:
+    if cfg.method == "setwise":
+        from setwise import SetwiseTrace
+
+        return SetwiseTrace
+    return WindowTrace
+
+
+def write_traces(path: Path, traces: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
+    tmp.replace(path)  # atomic: a kill leaves the old file or the new one, never half of one
+
+
+def start_traces(out: Path, cfg: EvalConfig, record: type) -> None:
+    """On the main process, before any rank reads: check the settings, and fold the per-rank files an interrupted
+    multi-process run left into traces.jsonl, so the run resumes whatever number of processes it is started with."""
+    if dist.is_main():
+        check_resumable(out, cfg)
+        traces = read_traces(out / "traces.jsonl", record)  # cuts a half-written last line
+        parts = sorted(out.glob("traces.rank*.jsonl"))
+        if parts:
+            seen = {json.dumps(asdict(t)) for t in traces}  # a kill between the merge and the unlinks repeats them
+            for part in parts:
+                traces += [t for t in read_traces(part, record, rewrite=False) if json.dumps(asdict(t)) not in seen]
+            write_traces(out / "traces.jsonl", traces)
+            for part in parts:
+                part.unlink()
+    dist.barrier()  # the others read traces.jsonl only once it is whole
+
+
+def gather_results(reranked: list[Ranking], traces: list, generate, resumed: int) -> tuple[list[Ranking], list, dict]:
+    """Every rank's reranked queries (in query order, as shard's blocks concatenate) and traces, and the summed
+    generation counts; the identity in one process. generate_seconds sums over processes (device-seconds)."""
+    mine = {"prompt_tokens": generate.prompt_tokens, "generated_tokens": generate.generated_tokens,
+            "generate_seconds": generate.seconds, "resumed": resumed}  # fmt: skip
+    parts = dist.gather((reranked, traces, mine))
+    generation = {k: sum(p[2][k] for p in parts) for k in ("prompt_tokens", "generated_tokens", "generate_seconds")}
+    generation["generate_seconds"] = round(generation["generate_seconds"], 1)
+    counts = {"resumed": sum(p[2]["resumed"] for p in parts), "generation": generation}
+    return [r for p in parts for r in p[0]], [t for p in parts for t in p[1]], counts
+
+
+def finish_traces(out: Path, traces: list) -> None:
+    """The main process writes all traces to traces.jsonl and drops the per-rank files they came from."""
+    if dist.is_main():
+        write_traces(out / "traces.jsonl", traces)
+        for part in out.glob("traces.rank*.jsonl"):
+            part.unlink()
+    dist.barrier()
+
+
+def one_process_order(traces: list, rankings: list[Ranking], cfg: EvalConfig) -> list:
+    """`traces` (each query's own in the order they were made) in the order one process appends them.
+
+    Listwise (rearank.rerank): window position k of every query, sorted by prompt length (a stable sort of the
+    queries in input order). Setwise (setwise.setwise_rerank): rounds in which the first `batch_size` queries with a
+    call left each make their next call.
+    """
+    index = {r.query.qid: i for i, r in enumerate(rankings)}
+    if cfg.method == "setwise":
+        queues = {i: [] for i in range(len(rankings))}
+        for t in traces:
+            queues[index[t.qid]].append(t)
+        order = []
+        while active := [q for q in queues.values() if q][: cfg.batch_size]:
+            order += [q.pop(0) for q in active]
+        return order
+    from rearank import build_prompt
+
+    texts = [{c.docid: c.text for c in r.candidates} for r in rankings]
+
+    def key(t: WindowTrace) -> tuple[int, int, int]:
+        i = index[t.qid]
+        k = window_spans(len(rankings[i].candidates), cfg.window, cfg.step).index((t.start, t.end))
+        prompt = build_prompt(rankings[i].query.text, [texts[i][d] for d in t.docids], cfg.prompt)
+        return k, sum(len(m["content"]) for m in prompt), i
+
+    return sorted(traces, key=key)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    if dist.world_size() > 1:  # torchrun / accelerate launch: only the main process prints and writes the outputs
+        dist.init()
+        if not dist.is_main():
+            sys.stdout = open(os.devnull, "w")
     try:
         if cfg.compare:
             qrels = load_qrels(cfg.qrels) if cfg.qrels else load_dataset(cfg.dataset, cfg.data_dir).qrels
             a, b = (evaluate_run_file(run_path(r), qrels) for r in cfg.compare)
             print(format_comparison(compare(a, b, seed=cfg.seed), *cfg.compare))
             return
+        if cfg.report:  # pages from a finished run's files: no model, nothing scored
+            import report
+
+            path = report.write_comparison(cfg.report, cfg.against) if cfg.against else report.write_report(cfg.report)
+            print(f"wrote {path}")
+            return
+        if not dist.is_main() and (cfg.run or cfg.model == "bm25"):
+            return  # nothing to split: the main process does it all
         if cfg.run:  # score a run file as it is: no reranking, no run written back
+            out = Path(cfg.out) if cfg.out else default_out(cfg)
+            prepare_out(out, cfg)
             ev = evaluate_run_file(cfg.run, load_qrels(cfg.qrels))
-            out = Path(cfg.out or f"runs/{slug(cfg.run)}")
-            out.mkdir(parents=True, exist_ok=True)
+            check_judged(ev, f"{cfg.run} against {cfg.qrels}")
             print_metrics(ev)
             save_metrics(out / "metrics.json", cfg, ev)
             print(f"wrote {out / 'metrics.json'}")
             return
+        if cfg.model is None:
+            from backend import default_model
+
+            cfg.model = default_model()
+        out = Path(cfg.out) if cfg.out else default_out(cfg)
+        if dist.is_main() or not cfg.overwrite:  # only the main process deletes what --overwrite replaces
+            prepare_out(out, cfg)  # before the data and the model load: a refused --out fails at once
         t = time.time()
         ds = load_input(cfg)
         rankings = [type(r)(r.query, r.candidates[: cfg.top_k]) for r in ds.rankings[: cfg.limit]]
         print(f"{ds.name}: {len(rankings)} queries, top-{cfg.top_k} candidates (loaded in {time.time() - t:.1f}s)")
         if ds.note:
             print(f"note: {ds.name} is {ds.note}")
-        if cfg.model is None:
-            from backend import default_model
-
-            cfg.model = default_model()
-        out = Path(cfg.out or f"runs/{ds.name}-{slug(cfg.model)}" + ("-setwise" if cfg.method == "setwise" else ""))
-        out.mkdir(parents=True, exist_ok=True)
+        first = evaluate_rankings(rankings, ds.qrels)
+        check_judged(first, f"{cfg.candidates} against {cfg.qrels}" if cfg.candidates else cfg.dataset)
         extra = {}
         if cfg.model != "bm25":
+            if cfg.batch_size is None:
+                import torch
+
+                cfg.batch_size = default_batch_size(len(rankings), torch.cuda.is_available())
             print("config: " + json.dumps(asdict(cfg)))
-            print_metrics(evaluate_rankings(rankings, ds.qrels), "first stage ")
+            print_metrics(first, "first stage ")
             rankings, extra = rerank_with_model(cfg, rankings, out)
+            if not dist.is_main():
+                return
             print_metrics(ev := evaluate_rankings(rankings, ds.qrels), "reranked ")
         else:
-            print_metrics(ev := evaluate_rankings(rankings, ds.qrels))
+            print_metrics(ev := first)
         write_run(out / "run.trec", rankings, tag=slug(cfg.model))
         save_metrics(out / "metrics.json", cfg, ev, seconds=round(time.time() - t, 1), **extra)
         print(f"wrote {out / 'run.trec'} and {out / 'metrics.json'}" + (f" ({time.time() - t:.0f}s)" if extra else ""))
+        if extra:  # a model ran: draw what it thought
+            import report
+
+            print(f"wrote {report.write_report(out)}")
     except DataError as e:
         sys.exit(f"error: {e}")
 

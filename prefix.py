@@ -269,6 +269,10 @@ def prefix_logprobs(model, prefix: PrefixCache, completion_ids: torch.Tensor, co
     attention_mask = torch.cat([ones, completion_mask], dim=1)  # (B, P+C)
     with _cache_survives_checkpointing(model):
         # positions start at P-1 because they are derived from prefix.get_seq_length() (LlamaModel.forward)
+        if not logits_chunk:  # the whole head at once, as the model's own forward does it
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=prefix,
+                           use_cache=False).logits  # (B, 1+C, V)
+            return token_logprobs(logits[:, :-1], completion_ids, temperature)
         hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, cache=prefix,
                                  use_cache=False).last_hidden_state  # (B, 1+C, H)
     # position t scores token t+1: the last prompt token's scores completion token 0

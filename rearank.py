@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from data import Ranking
+from data import DataError, Ranking
 
 # ----------------------------------------------------------------------------------------------------------------------
 # prompts (METHOD §2). The released REARANK-7B was trained on this exact text, oddities included: no space after
@@ -264,9 +264,10 @@ def rerank(
                 continue
             shown = [c.docid for c in current[i][start:end]]
             if (old.docids and old.docids != shown) or sorted(old.order) != list(range(end - start)):
-                raise ValueError(
+                raise DataError(  # a DataError: eval.py reports it as a one-line error, not a traceback
                     f"trace for query {r.query.qid} window ({start}, {end}) was made on other candidates "
-                    f"({old.docids[:3]}... vs {shown[:3]}...) or is damaged: resume only with the same run settings"
+                    f"({old.docids[:3]}... vs {shown[:3]}...) or is damaged: resume only with the same run settings "
+                    "(or use a new --out, or --overwrite to start afresh)"
                 )
             current[i][start:end] = [current[i][start + j] for j in old.order]
             all_traces.append(old)

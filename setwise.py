@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Generator, Iterable, Sequence
 
-from data import Ranking
+from data import DataError, Ranking
 from rearank import Generate, answer_text
 
 SETWISE_SYSTEM = (
@@ -65,6 +65,8 @@ def parse_setwise(text: str, n: int) -> int | None:
     True
     """
     for match in _LABEL.finditer(answer_text(text)):
+        if len(match.group(1)) > 9:  # cannot be a label; int() refuses runs over 4,300 digits (Python >= 3.11)
+            continue
         k = int(match.group(1))
         if 1 <= k <= n:
             return k - 1
@@ -171,9 +173,9 @@ def setwise_rerank(
                 old = replay[rankings[qi].query.qid].pop(0)
                 shown = [rankings[qi].candidates[i].docid for i in pending[qi]]
                 if old.shown != shown:
-                    raise ValueError(
+                    raise DataError(
                         f"trace for query {old.qid} showed {old.shown[:3]}..., this run shows {shown[:3]}...: "
-                        "resume only with the same settings and seed"
+                        "resume only with the same settings and seed (or use a new --out, or --overwrite)"
                     )
                 record(qi, old)
         if not pending:

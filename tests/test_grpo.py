@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import augment
 import data
@@ -291,8 +292,8 @@ def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
     resumed = run(tiny_dir, tmp_path / "part", 3, train_file=train_file, updates=2, resume=True)
     for key in ("reward", "loss", "grad_norm", "completion_len", "ratio"):
         assert resumed[key] == full[key], key
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
+    a = load_file(tmp_path / "full" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "checkpoint" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
@@ -302,7 +303,7 @@ def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
 
 
 def test_resume_without_a_checkpoint_says_so(tiny_dir, tmp_path):
-    with pytest.raises(data.DataError, match="checkpoint.pt not found"):
+    with pytest.raises(data.DataError, match="checkpoint not found"):
         run(tiny_dir, tmp_path / "none", 1, train_file=toy_instances(tmp_path / "t.jsonl"), resume=True)
 
 

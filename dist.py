@@ -1,0 +1,149 @@
+"""Several processes (torchrun / accelerate launch): who am I, wait for the others, gather small Python objects.
+
+    torchrun --nproc_per_node 2 eval.py --dataset dl19 --model smollm2      # CPU: two ranks over gloo
+    accelerate launch --num_processes 8 eval.py --dataset dl19              # 8 GPUs, one rank each (NCCL)
+    accelerate launch --config_file launch/ddp.yaml grpo.py ...             # data-parallel GRPO
+
+The launchers start N copies of the script and tell each its place in the environment (RANK, WORLD_SIZE,
+LOCAL_RANK); `init` joins the process group they describe, through accelerate's PartialState, so eval.py and grpo.py
+(whose Accelerator shares that state) see the same group. In one process every function here is the identity or a
+no-op, and nothing is imported that a single run does not need.
+
+Measured here: `accelerate launch --cpu --num_processes 2` starts *one* process; `torchrun --nproc_per_node 2` gives
+two CPU ranks, provided accelerate is told `cpu=True` (without it, a machine with no GPU gets DistributedType.NO).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Sequence, TypeVar
+
+T = TypeVar("T")
+
+# an eval rank that finishes first waits at the gather for the slowest one: with a 7B model that can be hours, far
+# beyond the collectives' default timeout (10 min NCCL, 30 min gloo), after which the waiting rank would be killed
+WAIT = timedelta(hours=12)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes the outputs."""
+    return rank() == 0
+
+
+def init(timeout: timedelta = WAIT):
+    """Join the process group of a multi-process launch (a no-op in one process); returns accelerate's PartialState
+    or None. On CUDA each rank takes the GPU of its LOCAL_RANK, so `model.to("cuda")` lands on its own device."""
+    if world_size() == 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(state.local_process_index)
+    return state
+
+
+def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """Rank `rank`'s share of `items`: one contiguous block, sizes differing by at most one, earlier ranks larger.
+    Concatenating the shards in rank order gives `items` back, so gathered results come back in the global order.
+
+    >>> [shard(range(5), r, 2) for r in range(2)]
+    [[0, 1, 2], [3, 4]]
+    >>> [shard("abc", r, 4) for r in range(4)]
+    [['a'], ['b'], ['c'], []]
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    base, extra = divmod(len(items), world)
+    start = rank * base + min(rank, extra)
+    return list(items[start : start + base + (rank < extra)])
+
+
+def gather(obj: T) -> list[T]:
+    """Every rank's `obj` (small picklable Python objects), in rank order, on every rank; [obj] in one process."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as td
+
+    out: list = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def gather_lists(items: list[T]) -> list[T]:
+    """The concatenation, in rank order, of every rank's list: with `shard`'s blocks, the global list back."""
+    return [x for part in gather(items) for x in part]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as td
+
+        td.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on one (e.g. a Ctrl-C that reached only some: all must stop together)."""
+    return any(gather(bool(flag)))
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Elementwise sums over ranks of a few numbers (token counts, loss parts), in float64."""
+    if world_size() == 1:
+        return list(values)
+    import torch
+    import torch.distributed as td
+
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    td.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_grads(params, bucket_bytes: int = 25 << 20) -> None:
+    """Sum the gradients of `params` over ranks, in place, a bucket of ~25 MB at a time (as DDP's buckets: few
+    collectives, and never a second copy of all the gradients at once).
+
+    Each rank's loss is its share of one global loss (divided by the global token count), so the sum, not DDP's mean,
+    is the gradient one process would compute over the whole batch. A parameter without a gradient on this rank gets
+    zeros, so every rank sends the same buffers."""
+    if world_size() == 1:
+        return
+    import torch
+    import torch.distributed as td
+
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets: list[list] = []
+    for p in params:
+        last = buckets[-1] if buckets else None
+        if last and last[0].grad.dtype == p.grad.dtype and sum(q.grad.nbytes for q in last) < bucket_bytes:
+            last.append(p)
+        else:
+            buckets.append([p])
+    for bucket in buckets:
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        td.all_reduce(flat)
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+
+def _device():
+    import torch
+    import torch.distributed as td
+
+    # NCCL only moves CUDA tensors; gloo only CPU ones
+    return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")

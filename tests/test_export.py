@@ -1,0 +1,209 @@
+"""The trained reranker as a Hugging Face checkpoint, checkpoints that are data only (refused when damaged or foreign,
+never destroyed by a crash), and the KL's reference resident or offloaded (CPU, tiny random models)."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import grpo
+from backend import generate_tokens, load_model
+from data import DataError
+from rearank import build_prompt
+from test_grpo import hand_rollout, one_step, run, tiny_dir, tiny_model, tokenizer, toy_instances  # noqa: F401
+
+# ----------------------------------------------------------------------------------------------------------------------
+# <out>/model/: the export
+
+
+def test_exported_model_reloads_to_the_same_weights_and_greedy_completions(tokenizer, tmp_path):
+    policy = tiny_model(len(tokenizer))
+    assert one_step(policy, lr=1e-3) > 0.5  # trained one step: the export must be of the moved weights
+    dest = tmp_path / "model"
+    grpo.export_model(dest, policy, tokenizer, grpo.Config(model="tiny", steps=7), step=1)
+    assert not (tmp_path / "model.tmp").exists()
+
+    model, tok = load_model(str(dest))  # what eval.py --model <out>/model does
+    theirs = model.state_dict()
+    assert set(theirs) == set(policy.state_dict())
+    assert all(torch.equal(theirs[k], v) for k, v in policy.state_dict().items())
+    assert tok.padding_side == "left" and tok.pad_token_id is not None
+    prompts = [build_prompt("flea life", ["fleas live on cats", "dogs bark"]), build_prompt("q", ["a"])]
+    assert tok.apply_chat_template(prompts[0], tokenize=False) == tokenizer.apply_chat_template(prompts[0],
+                                                                                                tokenize=False)
+    ours = generate_tokens(policy.eval(), tokenizer, prompts, max_new_tokens=8)
+    reloaded = generate_tokens(model, tok, prompts, max_new_tokens=8)
+    assert torch.equal(ours.completion_ids, reloaded.completion_ids) and ours.completion_mask.sum() > 0
+
+    # greedy, with no knob another HF tool could pick up and bend decoding with
+    gen = json.loads((dest / "generation_config.json").read_text())
+    assert gen["do_sample"] is False
+    assert not {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size"} & set(gen)
+    assert json.loads((dest / "config.json").read_text())["dtype"] == "float32"  # CPU: the training dtype
+    card = (dest / "README.md").read_text()
+    assert "`tiny`" in card and "step: 1 of 7" in card and "none yet" in card
+
+
+def test_export_replaces_the_previous_one_whole(tokenizer, tmp_path, monkeypatch):
+    dest = tmp_path / "model"
+    grpo.export_model(dest, tiny_model(len(tokenizer)), tokenizer, grpo.Config(), step=1)
+    before = (dest / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", crash)  # dies after the weights, before the tokenizer
+    with pytest.raises(OSError):
+        grpo.export_model(dest, tiny_model(len(tokenizer), seed=1), tokenizer, grpo.Config(), step=2)
+    assert (dest / "model.safetensors").read_bytes() == before and "step: 1 " in (dest / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints: data only, refused when damaged or foreign, never destroyed
+
+
+@pytest.fixture
+def trained(tiny_dir, tmp_path):
+    """A one-step run with its checkpoint, and how to resume it to two steps."""
+    train_file = toy_instances(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    run(tiny_dir, out, 1, train_file=train_file)
+    return out, lambda **kw: run(tiny_dir, out, 2, train_file=train_file, resume=True, **kw)
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_run_leaves_its_model_beside_its_checkpoint(trained):
+    out, _ = trained
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
+        "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1 and state["format"] == grpo.CHECKPOINT_FORMAT
+    trained_weights = load_file(out / "checkpoint" / "model.safetensors")
+    exported = load_file(out / "model" / "model.safetensors")
+    assert set(exported) == set(trained_weights)
+    assert all(torch.equal(exported[k], v) for k, v in trained_weights.items())
+    assert "step: 1 of 1" in (out / "model" / "README.md").read_text()
+
+
+def pickle_file(path):
+    path.write_bytes(pickle.dumps({"model": {"w": [1.0, 2.0]}}))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def other_model(path):
+    big = torch.nn.Linear(4, 4)
+    save_file({"weight": big.weight.detach(), "bias": big.bias.detach()}, path)
+
+
+@pytest.mark.parametrize("name, damage, says", [
+    ("model.safetensors", truncate, "not a readable safetensors file"),
+    ("model.safetensors", pickle_file, "not a readable safetensors file"),
+    ("model.safetensors", other_model, "the weights of another model"),
+    ("optimizer.safetensors", truncate, "not a readable safetensors file"),
+    ("state.json", truncate, "not JSON"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_refused_naming_the_file(trained, name, damage, says):
+    out, resume = trained
+    damage(out / "checkpoint" / name)
+    files, metrics = snapshot(out / "checkpoint"), (out / "metrics.jsonl").read_text()
+    with pytest.raises(DataError, match=f"{out / 'checkpoint' / name}: {says}"):
+        resume()
+    assert snapshot(out / "checkpoint") == files and (out / "metrics.jsonl").read_text() == metrics  # untouched
+
+
+def test_an_old_pickled_checkpoint_is_never_unpickled(tiny_dir, tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    pickle_file(out / "checkpoint.pt")
+    with pytest.raises(DataError, match="checkpoint.pt: a pickled checkpoint .* not loaded"):
+        run(tiny_dir, out, 1, train_file=toy_instances(tmp_path / "t.jsonl"), resume=True)
+
+
+def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(trained, monkeypatch):
+    out, resume = trained
+    files = snapshot(out / "checkpoint")
+    real_save = grpo.write_checkpoint.__globals__["json"].dumps
+
+    def crash(obj, *args, **kwargs):  # dies writing state.json, after the tensors of step 2 are on disk
+        if isinstance(obj, dict) and obj.get("format") == grpo.CHECKPOINT_FORMAT:
+            raise KeyboardInterrupt
+        return real_save(obj, *args, **kwargs)
+
+    monkeypatch.setattr(grpo.json, "dumps", crash)
+    with pytest.raises(KeyboardInterrupt):
+        resume()
+    monkeypatch.undo()
+    assert snapshot(out / "checkpoint") == files  # step 1's checkpoint, byte for byte
+    assert resume()["step"] == 2  # and it still resumes
+
+
+def test_a_crash_between_the_two_renames_leaves_the_old_folder_to_resume_from(tmp_path, monkeypatch):
+    dest, tmp = tmp_path / "checkpoint", tmp_path / "checkpoint.tmp"
+    for folder, text in ((dest, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / "state.json").write_text(text)
+    real_rename = type(dest).rename
+
+    def rename(self, target):
+        if self == tmp:
+            raise KeyboardInterrupt  # the previous checkpoint has moved aside; the new one is not in place
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(dest), "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.replace_dir(tmp, dest)
+    monkeypatch.undo()
+    assert not dest.exists() and (grpo.find_checkpoint(tmp_path) / "state.json").read_text() == "old"
+    grpo.replace_dir(tmp, dest)  # the next save completes and clears the old one
+    assert (dest / "state.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the reference of the KL term
+
+
+def test_offloaded_reference_gives_the_resident_log_probs_and_is_a_frozen_copy():
+    policy = tiny_model(100)
+    ro, cfg = hand_rollout(100), grpo.Config(temperature=0.8)
+    with torch.no_grad():
+        initial = grpo.group_logprobs(policy, ro, cfg)
+    resident = grpo.Reference(policy, "cpu", "resident")
+    offloaded = grpo.Reference(policy, "cpu", "offload")
+    moves = []
+    real_to = offloaded.model.to
+    offloaded.model.to = lambda *a, **k: (moves.append(str(a[0])), real_to(*a, **k))[1]
+    with torch.no_grad():
+        for p in policy.parameters():  # the policy trains on; the reference must keep the initial weights
+            p.add_(0.1)
+    a, b = resident.logprobs(ro, cfg), offloaded.logprobs(ro, cfg)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and all(torch.equal(x, y) for x, y in zip(a, initial))
+    assert moves == ["cpu", "cpu"]  # to the device for the pass, then home to the CPU
+    ref = offloaded.model
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight  # tied weights stay one tensor
+    assert not any(p.requires_grad for p in ref.parameters())
+
+
+def test_beta_0_builds_no_reference_and_the_default_beta_gives_a_kl(tiny_dir, tmp_path, monkeypatch):
+    train_file = toy_instances(tmp_path / "t.jsonl")
+    built = []
+    real = grpo.Reference
+    monkeypatch.setattr(grpo, "Reference", lambda *a, **k: (built.append(a[2]), real(*a, **k))[1])
+    # rewards that differ within each group (the toy's are all 0), so the policy moves away from the reference
+    task = grpo.TASKS["listwise"]
+    monkeypatch.setitem(grpo.TASKS, "listwise", task._replace(
+        reward=lambda text, inst: grpo.Reward(0.0, 0.0, 0.0, float(len(text) % 7), 0.0)))
+    off = run(tiny_dir, tmp_path / "off", 1, train_file=train_file, beta=0.0)
+    assert built == [] and off["kl"] == 0.0 and off["ref_s"] == 0.0
+    on = run(tiny_dir, tmp_path / "on", 2, train_file=train_file, reference="offload")
+    assert grpo.Config().beta == 0.001 and built == ["offload"]
+    assert on["kl"] > 0 and on["ref_s"] > 0  # step 2: the policy has moved away from the reference
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--reference", "gpu"])
