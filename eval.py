@@ -131,8 +131,8 @@ def sign_flip_p(deltas: Sequence[float], flips: int = 100000, seed: int = 0, exa
     """Two-sided paired randomization test of "mean delta = 0": under the null each query's delta is as likely to
     have either sign, so p = the share of sign assignments whose |mean| reaches the observed one.
 
-    Every one of the 2^n assignments when the n non-zero deltas are at most `exact_up_to` (the exact p-value); otherwise `flips` random ones,
-    counting the observed assignment among them ((hits + 1) / (flips + 1), never 0).
+    Every one of the 2^n assignments when the n non-zero deltas are at most `exact_up_to` (the exact p-value);
+    otherwise `flips` random ones, counting the observed assignment among them ((hits + 1) / (flips + 1), never 0).
 
     >>> sign_flip_p([1.0, 2.0, 3.0])  # only all-plus and all-minus reach |mean| 2: 2 of 8
     0.25

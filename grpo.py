@@ -93,9 +93,9 @@ class Config:
                                 "hub id")
     method: str = arg("listwise", "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant "
                                   "passage)")
-    prompt: str = arg("rearank", "listwise prompt, for training and held-out evaluation alike: rearank (reasoning in "
-                                 "<think>, the list in <answer>) or rankgpt (the list alone; the format terms then never "
-                                 "fire unless --list-format)")
+    prompt: str = arg("rearank", "listwise prompt, for training and held-out evaluation alike: rearank (reasoning "
+                                 "in <think>, the list in <answer>) or rankgpt (the list alone; the format terms then "
+                                 "never fire unless --list-format)")
     list_format: bool = arg(False, "a departure, off by default: format2 rewards a completion that opens with a "
                                    "ranking list '[a] > [b]' (no tags), so the RankGPT prompt gets a format term too")
     rank_reward: str = arg("normalised", "listwise rank term: normalised (r_rerank - r_init) / (r* - r_init), the "
@@ -172,7 +172,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
         p.error(f"--prompt: one of {', '.join(MAX_CHARS)}; --rank-reward: one of {', '.join(RANK_REWARDS)}")
     if args["method"] != "listwise" and (args["prompt"], args["rank_reward"], args["list_format"]) != (
             "rearank", "normalised", False):
-        p.error("--prompt, --rank-reward and --list-format are listwise settings; setwise has Rank-R1's prompt and reward")
+        p.error("--prompt, --rank-reward and --list-format are listwise settings; setwise has Rank-R1's prompt and "
+                "reward")
     cfg = Config(**args)
     if not plot and (problem := config_problem(cfg)):
         p.error(problem)
@@ -292,12 +293,17 @@ TASKS = {
 
 
 def configured_task(cfg: Config) -> Task:
-    """TASKS[cfg.method] with the listwise prompt style and rank reward of `cfg` bound in (setwise has one of each)."""
+    """TASKS[cfg.method] with the listwise prompt style and reward settings of `cfg` bound in (setwise has one of
+    each). Only settings that differ from the defaults are bound, so a task's functions with the plain (inst) and
+    (text, inst) signatures, as tests swap in, serve a default run unchanged."""
     task = TASKS[cfg.method]
     if cfg.method != "listwise":
         return task
-    return task._replace(prompt=functools.partial(task.prompt, style=cfg.prompt),
-                         reward=functools.partial(task.reward, variant=cfg.rank_reward, list_format=cfg.list_format))
+    style = {"style": cfg.prompt} if cfg.prompt != "rearank" else {}
+    scoring = {k: v for k, v in (("variant", cfg.rank_reward), ("list_format", cfg.list_format))
+               if v != {"variant": "normalised", "list_format": False}[k]}
+    return task._replace(prompt=functools.partial(task.prompt, **style),
+                         reward=functools.partial(task.reward, **scoring))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -460,7 +466,8 @@ def held_out(cfg: Config) -> list[TrainInstance]:
         wanted = read_qids(cfg.eval_qids)
         judged = [r for r in judged if r.query.qid in wanted]
         if missing := wanted - {r.query.qid for r in judged}:
-            raise DataError(f"--eval-qids: {len(missing)} not judged queries of {cfg.eval_dataset}: {sorted(missing)[:5]}")
+            raise DataError(f"--eval-qids: {len(missing)} not judged queries of {cfg.eval_dataset}: "
+                            f"{sorted(missing)[:5]}")
     if cfg.eval_queries:
         judged = judged[: cfg.eval_queries]
     return [make_instance(r.query, r.candidates[: cfg.eval_size], ds.qrels[r.query.qid]) for r in judged]

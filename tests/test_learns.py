@@ -17,7 +17,7 @@ from test_grpo import tiny_model, tokenizer, toy_instances  # noqa: F401 (tokeni
 STEPS, B, G, C = 36, 2, 16, 4
 
 
-def lone_newlines(text: str, inst, **_) -> grpo.Reward:
+def lone_newlines(text: str, inst) -> grpo.Reward:
     """The toy reward: 0.5 a newline, up to two, in a 4-token completion, and 0 if two newlines touch.
 
     Touching newlines score 0 so that "repeat the token you just wrote" cannot climb it: that is what log-probs
