@@ -254,19 +254,28 @@ def _beir_record(path, lineno: int, rec: dict, what: str) -> tuple[str, str, str
     return str(_id), text, title
 
 
-def read_records(path: Path, record: type) -> list:
+def read_records(path: Path, record: type, check: Callable[[object], str] | None = None, advice: str = "") -> list:
     """A JSONL file of dataclass records, one a line (traces.jsonl). A half-written last line (the run was killed, or
-    is still writing) is left out; any other bad line is an error naming it."""
+    is still writing) is left out; any other bad line, or a record `check` finds a problem with, is an error naming
+    it (`advice` ends the message: what to do instead)."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text{advice}") from None
     records = []
     for lineno, line in enumerate(lines, 1):
         try:
-            records.append(record(**json.loads(line)))
+            rec = record(**json.loads(line))
+            problem = check(rec) if check else ""
         except (json.JSONDecodeError, TypeError) as e:
-            if lineno < len(lines):
-                raise DataError(f"{path}:{lineno}: not a {record.__name__} ({e!r})") from None
+            if lineno == len(lines):
+                break
+            problem = f"not a {record.__name__} ({e!r})"
+        if problem:
+            raise DataError(f"{path}:{lineno}: {problem}{advice}")
+        records.append(rec)
     return records
 
 

@@ -39,7 +39,7 @@ from typing import Mapping, Sequence
 import dist
 from data import (
     DataError, Dataset, Qrels, Ranking,
-    load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, trec_order, write_run,
+    load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, read_records, trec_order, write_run,
 )
 from files import check_out_dir, nonneg_int, positive_int, read_json, write_text
 from rearank import MAX_CHARS, WindowTrace, answer_format, window_spans
@@ -417,26 +417,9 @@ RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "w
 def read_traces(path: Path, record: type = WindowTrace, rewrite: bool = True) -> list:
     """traces.jsonl back into records (WindowTrace or SetwiseTrace). A half-written last line (the run was killed
     mid-write) is dropped (and, with `rewrite`, cut from the file: only the process that appends to it may)."""
-    if not path.exists():
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; use another --out, or --overwrite to start afresh") from None
-    traces = []
-    for lineno, line in enumerate(lines, 1):
-        try:
-            trace = record(**json.loads(line))
-            problem = trace_problem(trace)
-        except (json.JSONDecodeError, TypeError) as e:
-            if lineno == len(lines):
-                break
-            problem = f"not a {record.__name__} ({e!r})"
-        if problem:
-            raise DataError(f"{path}:{lineno}: {problem}; use another --out, or --overwrite to start afresh")
-        traces.append(trace)
+    traces = read_records(path, record, trace_problem, "; use another --out, or --overwrite to start afresh")
     # rewrite what survived, so new lines never land on the tail of a half-written one
-    if rewrite:
+    if rewrite and path.exists():
         write_text(path, "".join(json.dumps(asdict(t)) + "\n" for t in traces))
     return traces
 
