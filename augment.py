@@ -6,7 +6,9 @@ model must improve, scored against the same judgments. `TrainInstance` holds one
 (r_init, r*, the query's positive judgments).
 
 Reading order: `TrainInstance` and `make_instance`, the JSONL round trip, `augment` (listwise sets, with the nDCG
-filter), `augment_setwise` (one relevant + size-1 non-relevant, shuffled), the command line.
+filter), `augment_setwise` (one relevant + size-1 non-relevant, shuffled), `batch_indices` (the order grpo.py reads
+them in: a function of the step and the seed, so a resumed run reads what an uninterrupted one would), the command
+line.
 
     python augment.py --dataset dl21 --samples 50 --size 20 --out train.jsonl           # --seed 0 --min-ndcg 0.1
     python augment.py --dataset dl21 --method setwise --samples 50 --out setwise.jsonl  # Rank-R1's sets
@@ -23,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from data import DATASETS, TEST_SETS, Candidate, DataError, Dataset, Query, load_dataset, ndcg_bounds
 from files import atomic_write, jsonl, nonneg_float, nonneg_int, positive_int
+
 
 @dataclass
 class TrainInstance:
@@ -188,6 +193,20 @@ def augment_setwise(
     return instances, stats
 
 
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The training instances of `step`: a fresh permutation every epoch, a function of (step, seed) only, so a
+    resumed run reads exactly the data an uninterrupted one would.
+
+    >>> batch_indices(0, 3, 4, seed=0) + batch_indices(1, 3, 4, seed=0) == batch_indices(0, 6, 4, seed=0)
+    True
+    """
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        out.append(np.random.default_rng([seed, epoch]).permutation(n)[pos])
+    return [int(i) for i in out]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # command line
 
@@ -243,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                    f"{st.below} for too few non-relevant ones")
         else:
             instances, st = augment(ds, args.samples, args.size, args.seed, args.min_ndcg, args.filter_on)
-            why = f"{st.no_relevant} with no relevant passage, {st.below} with nDCG@10 ({args.filter_on}) < {args.min_ndcg}"
+            why = (f"{st.no_relevant} with no relevant passage, {st.below} with nDCG@10 ({args.filter_on}) < "
+                   f"{args.min_ndcg}")
         check_kept(instances, args.out, ds.name)
         write_instances(args.out, instances)
         kind = " setwise sets" if args.method == "setwise" else ""

@@ -2,8 +2,8 @@
 
     python bench_reference.py --size 5 --batch-size 4 --group-size 8 --max-new-tokens 32 --threads 1
 
-One rollout batch is sampled once (DL21 training sets of `--size` passages, grpo.rollout, the embedded model), then
-grpo.Reference.logprobs (what one training step runs) is timed for each placement in turn, `--repeats` times, best
+One rollout batch is sampled once (DL21 training sets of `--size` passages, rollout.rollout, the embedded model), then
+rollout.Reference.logprobs (what one training step runs) is timed for each placement in turn, `--repeats` times, best
 wall-clock and CPU seconds printed. On CPU "offload" moves the model from the CPU to the CPU: the two must cost the
 same, and the figure is the pass itself. On CUDA the offloaded figure adds the two transfers.
 """
@@ -14,6 +14,7 @@ import time
 import torch
 
 import grpo
+import rollout
 from augment import augment
 from backend import load_model
 from data import load_dataset
@@ -40,7 +41,7 @@ def main() -> None:
     model.to(torch.float32)
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        ro = grpo.rollout(model, tokenizer, grpo.TASKS["listwise"], instances[: args.batch_size], args.group_size,
+        ro = rollout.rollout(model, tokenizer, rollout.TASKS["listwise"], instances[: args.batch_size], args.group_size,
                           max_new_tokens=args.max_new_tokens)
         tokens = int(ro.completion_mask.sum())
         print(f"{args.model} on {device}: {args.batch_size} prompts x {args.group_size} completions, "
@@ -48,7 +49,7 @@ def main() -> None:
         refs = {}
         for placement in ("resident", "offload"):
             t = time.time()
-            refs[placement] = grpo.Reference(model, device, placement)
+            refs[placement] = rollout.Reference(model, device, placement)
             print(f"{placement}: built in {time.time() - t:.2f}s")
         best = {k: (float("inf"), float("inf")) for k in refs}
         results = {}

@@ -43,10 +43,11 @@ def instance(args):
 
 def run_ours(args, repeat_prompt: bool) -> dict:
     import grpo
+    import rollout
     from augment import write_instances
 
     grpo.save_checkpoint = lambda *a, **k: None  # a benchmark step writes nothing (TRL's side saves nothing either)
-    grpo.generate_tokens = functools.partial(grpo.generate_tokens, min_new_tokens=args.max_new_tokens)  # C fixed
+    rollout.generate_tokens = functools.partial(rollout.generate_tokens, min_new_tokens=args.max_new_tokens)  # C fixed
     with tempfile.TemporaryDirectory() as tmp:
         write_instances(Path(tmp) / "train.jsonl", [instance(args)])
         cfg = grpo.Config(model=args.model, train_file=str(Path(tmp) / "train.jsonl"), steps=1, batch_size=1,

@@ -9,13 +9,20 @@ LOCAL_RANK); `init` joins the process group they describe, through accelerate's 
 (whose Accelerator shares that state) see the same group. In one process every function here is the identity or a
 no-op, and nothing is imported that a single run does not need.
 
+grpo.py's data parallelism lives at the end: generation under FSDP (`gathered_params`) and one gradient exchange per
+update however many backward passes make it (`grad_sync`).
+
+Reading order: the bottom layer, beside files.py (the only module of ours it imports, for one error).
+
 Measured here: `accelerate launch --cpu --num_processes 2` starts *one* process; `torchrun --nproc_per_node 2` gives
 two CPU ranks, provided accelerate is told `cpu=True` (without it, a machine with no GPU gets DistributedType.NO).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from datetime import timedelta
 from typing import Sequence, TypeVar
 
@@ -51,6 +58,12 @@ def init(timeout: timedelta = WAIT):
     if torch.cuda.is_available():
         torch.cuda.set_device(state.local_process_index)
     return state
+
+
+def quiet_unless_main() -> None:
+    """One log on stdout, the main process's: the others' prints go nowhere (errors still reach stderr)."""
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
 
 
 def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
@@ -147,3 +160,84 @@ def _device():
 
     # NCCL only moves CUDA tensors; gloo only CPU ones
     return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training under Accelerate (grpo.py): data parallel over whole groups; in one process all of it is inert
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_world(accelerator, batch_size: int) -> None:
+    """What grpo.py runs on several processes: whole groups on each process, under DDP (FSDP is not finished)."""
+    from files import DataError
+
+    world = accelerator.num_processes
+    if world > 1 and batch_size % world:
+        raise DataError(f"--batch-size {batch_size} does not split over {world} processes: use a multiple of "
+                        f"{world} (each process rolls out whole groups)")
+    if is_fsdp(accelerator):  # launch/fsdp-7b.yaml: see README "More than one GPU"
+        raise DataError("FSDP training is not finished: a step's parts are written (gathered_params, grad_sync) but "
+                        "sharded checkpoints are not, and it has never run on GPUs; use launch/ddp.yaml "
+                        "(with --bf16-weights a 7B model fits 80 GB per GPU)")
+
+
+@contextlib.contextmanager
+def gathered_params(accelerator, model):
+    """Generation under FSDP: every process holds only a shard of each weight, so the weights are gathered whole
+    for the rollout and sharded again after (FSDP2's unshard / reshard).
+
+    Left sharded, generation would still be right (FSDP gathers each layer for its forward and frees it after), but
+    then a 2,048-token completion gathers the whole model 2,048 times. Gathered once, it costs the memory of one
+    unsharded bf16 copy on every GPU (15 GB for 7B) for the length of the rollout, and one all-gather of the model.
+    Without FSDP this does nothing."""
+    if not is_fsdp(accelerator):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    from files import DataError
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        raise DataError("FSDP version 1 is not supported: set fsdp_version: 2 (see launch/fsdp-7b.yaml)")
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)  # or the first decoding step would shard them again
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+@contextlib.contextmanager
+def grad_sync(accelerator, model):
+    """One gradient exchange per update, however many backward passes it takes.
+
+    DDP all-reduces in the backward of every forward made through its wrapper, and `prefix.group_backward` makes
+    several a step (one per micro-batch, then the shared prompt's), whose sum is the gradient. So the loop runs the
+    bare module (which DDP's hooks ignore; `no_sync` says so outright) and the gradients are summed over the processes
+    once after (`all_reduce_grads`). Each process's loss is its share of the global loss (divided by the global
+    token count), so the sum, not DDP's mean, is the gradient one process computes over the whole batch.
+    FSDP reduce-scatters in every backward itself (its no_sync would keep whole unsharded gradients on every GPU) and
+    averages over the processes: multiplying by their number makes that average the sum.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        with accelerator.no_sync(model):
+            yield
+        all_reduce_grads(model.parameters())
+        return
+    yield
+    if is_fsdp(accelerator) and accelerator.num_processes > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(accelerator.num_processes)
+

@@ -34,7 +34,7 @@ def crc(text: str) -> int:
 def per_prompt_rollout(real):
     import torch
 
-    import grpo
+    from rollout import Rollout
 
     def rollout(model, tokenizer, task, batch, group_size, **kw):
         parts = []
@@ -43,7 +43,7 @@ def per_prompt_rollout(real):
             parts.append(real(model, tokenizer, task, [inst], group_size, **kw))
         width = max(p.completion_ids.shape[1] for p in parts)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        return grpo.Rollout(
+        return Rollout(
             [p.prompts[0] for p in parts],
             torch.cat([pad(p.completion_ids) for p in parts]),
             torch.cat([pad(p.completion_mask) for p in parts]),
@@ -64,9 +64,10 @@ def text_reward(text, inst):
 
 def run_grpo(config_path: str) -> None:
     import grpo
+    from rollout import TASKS
 
-    grpo.rollout = per_prompt_rollout(grpo.rollout)
-    grpo.TASKS["listwise"] = grpo.TASKS["listwise"]._replace(reward=text_reward)
+    grpo.rollout = per_prompt_rollout(grpo.rollout)  # the name the loop calls
+    TASKS["listwise"] = TASKS["listwise"]._replace(reward=text_reward)
     grpo.train(grpo.Config(**json.loads(Path(config_path).read_text())))
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 import augment
+import checkpoint
 import data
 import eval as ev
 import grpo
+import runlog
 from data import Candidate, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -421,7 +423,7 @@ def test_grpo_overwrite_deletes_the_old_run_first(tmp_path, monkeypatch, capsys)
     fake_run(out)
     cfg, _ = grpo.parse_args(["--train-file", str(write(tmp_path / "t.jsonl", "x")), "--out", str(out),
                               "--overwrite"])  # fmt: skip
-    grpo.check_out(cfg)
+    checkpoint.check_out(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert "--overwrite: deleted checkpoint.pt, metrics.jsonl" in capsys.readouterr().out
 
@@ -429,10 +431,10 @@ def test_grpo_overwrite_deletes_the_old_run_first(tmp_path, monkeypatch, capsys)
 def test_grpo_logs_killed_mid_line(tmp_path):
     # a kill -9 during an append leaves half a line at the end: dropped on resume; damage before it is an error
     log = write(tmp_path / "run" / "metrics.jsonl", '{"step": 1}\n{"step": 2}\n{"st')
-    assert grpo.read_jsonl(log) == [{"step": 1}, {"step": 2}]
+    assert runlog.read_jsonl(log) == [{"step": 1}, {"step": 2}]
     write(log, '{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(DataError, match=f"{log}:2: invalid JSON line"):
-        grpo.read_jsonl(log)
+        runlog.read_jsonl(log)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import grpo
+import rollout
 from backend import generate_tokens, load_model
 from data import DataError
 from rearank import build_prompt
+from reward import Reward
 from test_grpo import hand_rollout, one_step, run, tiny_dir, tiny_model, tokenizer, toy_instances  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -22,7 +25,7 @@ def test_exported_model_reloads_to_the_same_weights_and_greedy_completions(token
     policy = tiny_model(len(tokenizer))
     assert one_step(policy, lr=1e-3) > 0.5  # trained one step: the export must be of the moved weights
     dest = tmp_path / "model"
-    grpo.export_model(dest, policy, tokenizer, grpo.Config(model="tiny", steps=7), step=1)
+    checkpoint.export_model(dest, policy, tokenizer, grpo.Config(model="tiny", steps=7), step=1)
     assert not (tmp_path / "model.tmp").exists()
 
     model, tok = load_model(str(dest))  # what eval.py --model <out>/model does
@@ -48,7 +51,7 @@ def test_exported_model_reloads_to_the_same_weights_and_greedy_completions(token
 
 def test_export_replaces_the_previous_one_whole(tokenizer, tmp_path, monkeypatch):
     dest = tmp_path / "model"
-    grpo.export_model(dest, tiny_model(len(tokenizer)), tokenizer, grpo.Config(), step=1)
+    checkpoint.export_model(dest, tiny_model(len(tokenizer)), tokenizer, grpo.Config(), step=1)
     before = (dest / "model.safetensors").read_bytes()
 
     def crash(*args, **kwargs):
@@ -56,7 +59,7 @@ def test_export_replaces_the_previous_one_whole(tokenizer, tmp_path, monkeypatch
 
     monkeypatch.setattr(type(tokenizer), "save_pretrained", crash)  # dies after the weights, before the tokenizer
     with pytest.raises(OSError):
-        grpo.export_model(dest, tiny_model(len(tokenizer), seed=1), tokenizer, grpo.Config(), step=2)
+        checkpoint.export_model(dest, tiny_model(len(tokenizer), seed=1), tokenizer, grpo.Config(), step=2)
     assert (dest / "model.safetensors").read_bytes() == before and "step: 1 " in (dest / "README.md").read_text()
 
 
@@ -82,7 +85,7 @@ def test_a_run_leaves_its_model_beside_its_checkpoint(trained):
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
         "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
     state = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 1 and state["format"] == grpo.CHECKPOINT_FORMAT
+    assert state["step"] == 1 and state["format"] == checkpoint.CHECKPOINT_FORMAT
     trained_weights = load_file(out / "checkpoint" / "model.safetensors")
     exported = load_file(out / "model" / "model.safetensors")
     assert set(exported) == set(trained_weights)
@@ -130,14 +133,14 @@ def test_an_old_pickled_checkpoint_is_never_unpickled(tiny_dir, tmp_path):
 def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(trained, monkeypatch):
     out, resume = trained
     files = snapshot(out / "checkpoint")
-    real_save = grpo.write_checkpoint.__globals__["json"].dumps
+    real_save = checkpoint.write_checkpoint.__globals__["json"].dumps
 
     def crash(obj, *args, **kwargs):  # dies writing state.json, after the tensors of step 2 are on disk
-        if isinstance(obj, dict) and obj.get("format") == grpo.CHECKPOINT_FORMAT:
+        if isinstance(obj, dict) and obj.get("format") == checkpoint.CHECKPOINT_FORMAT:
             raise KeyboardInterrupt
         return real_save(obj, *args, **kwargs)
 
-    monkeypatch.setattr(grpo.json, "dumps", crash)
+    monkeypatch.setattr(checkpoint.json, "dumps", crash)
     with pytest.raises(KeyboardInterrupt):
         resume()
     monkeypatch.undo()
@@ -159,10 +162,10 @@ def test_a_crash_between_the_two_renames_leaves_the_old_folder_to_resume_from(tm
 
     monkeypatch.setattr(type(dest), "rename", rename)
     with pytest.raises(KeyboardInterrupt):
-        grpo.replace_dir(tmp, dest)
+        checkpoint.replace_dir(tmp, dest)
     monkeypatch.undo()
-    assert not dest.exists() and (grpo.find_checkpoint(tmp_path) / "state.json").read_text() == "old"
-    grpo.replace_dir(tmp, dest)  # the next save completes and clears the old one
+    assert not dest.exists() and (checkpoint.find_checkpoint(tmp_path) / "state.json").read_text() == "old"
+    checkpoint.replace_dir(tmp, dest)  # the next save completes and clears the old one
     assert (dest / "state.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
 
 
@@ -174,9 +177,9 @@ def test_offloaded_reference_gives_the_resident_log_probs_and_is_a_frozen_copy()
     policy = tiny_model(100)
     ro, cfg = hand_rollout(100), grpo.Config(temperature=0.8)
     with torch.no_grad():
-        initial = grpo.group_logprobs(policy, ro, cfg)
-    resident = grpo.Reference(policy, "cpu", "resident")
-    offloaded = grpo.Reference(policy, "cpu", "offload")
+        initial = rollout.group_logprobs(policy, ro, cfg)
+    resident = rollout.Reference(policy, "cpu", "resident")
+    offloaded = rollout.Reference(policy, "cpu", "offload")
     moves = []
     real_to = offloaded.model.to
     offloaded.model.to = lambda *a, **k: (moves.append(str(a[0])), real_to(*a, **k))[1]
@@ -194,12 +197,12 @@ def test_offloaded_reference_gives_the_resident_log_probs_and_is_a_frozen_copy()
 def test_beta_0_builds_no_reference_and_the_default_beta_gives_a_kl(tiny_dir, tmp_path, monkeypatch):
     train_file = toy_instances(tmp_path / "t.jsonl")
     built = []
-    real = grpo.Reference
-    monkeypatch.setattr(grpo, "Reference", lambda *a, **k: (built.append(a[2]), real(*a, **k))[1])
+    real = rollout.Reference
+    monkeypatch.setattr(rollout, "Reference", lambda *a, **k: (built.append(a[2]), real(*a, **k))[1])
     # rewards that differ within each group (the toy's are all 0), so the policy moves away from the reference
-    task = grpo.TASKS["listwise"]
-    monkeypatch.setitem(grpo.TASKS, "listwise", task._replace(
-        reward=lambda text, inst: grpo.Reward(0.0, 0.0, 0.0, float(len(text) % 7), 0.0)))
+    task = rollout.TASKS["listwise"]
+    monkeypatch.setitem(rollout.TASKS, "listwise", task._replace(
+        reward=lambda text, inst: Reward(0.0, 0.0, 0.0, float(len(text) % 7), 0.0)))
     off = run(tiny_dir, tmp_path / "off", 1, train_file=train_file, beta=0.0)
     assert built == [] and off["kl"] == 0.0 and off["ref_s"] == 0.0
     on = run(tiny_dir, tmp_path / "on", 2, train_file=train_file, reference="offload")

@@ -11,9 +11,12 @@ from safetensors.torch import load_file
 import augment
 import data
 import grpo
+import rollout
 from data import Candidate
 from grpo import group_advantages, grpo_loss
+from optimizer import BF16AdamW, moved_fraction, stochastic_round_, weight_sample
 from prefix import completion_logprobs, token_logprobs
+from reward import Reward
 
 # ----------------------------------------------------------------------------------------------------------------------
 # a tiny random Llama with the embedded model's tokenizer (its chat template is what the prompts need)
@@ -85,9 +88,9 @@ def test_greedy_rollout_of_a_padded_batch_is_what_the_training_pass_scores(token
     # generation prefills each prompt alone and decodes a left-padded batch; the loss scores each group's unpadded
     # prompt: positions and masks must agree, so every greedy token is the argmax of the teacher-forced logits
     model = tiny_model(len(tokenizer)).double()
-    task, batch = grpo.TASKS["listwise"], toy_batch()
-    shared = grpo.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True)
-    plain = grpo.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True, shared_prompt=False)
+    task, batch = rollout.TASKS["listwise"], toy_batch()
+    shared = rollout.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True)
+    plain = rollout.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True, shared_prompt=False)
     assert len(shared.prompts[0]) != len(shared.prompts[1])  # the batch really was padded
     assert torch.equal(shared.completion_ids, plain.completion_ids) and shared.texts == plain.texts
     for b in range(2):
@@ -98,7 +101,7 @@ def test_greedy_rollout_of_a_padded_batch_is_what_the_training_pass_scores(token
         assert torch.equal(logits.argmax(-1)[:n], ids[0, :n])
 
 
-def hand_rollout(vocab: int, G: int = 3) -> grpo.Rollout:
+def hand_rollout(vocab: int, G: int = 3) -> rollout.Rollout:
     """Two groups whose prompts differ in length, G right-padded completions each (one stops after 2 tokens)."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, vocab, (n,), generator=g) for n in (9, 5)]
@@ -106,8 +109,8 @@ def hand_rollout(vocab: int, G: int = 3) -> grpo.Rollout:
     mask = torch.ones_like(ids)
     mask[1, 2:] = 0
     mask[G:, 4:] = 0  # the second group's longest completion is 4 tokens: its passes are cut to 4 columns
-    reward = grpo.Reward(0.0, False, False, 0.0, 0.0)
-    return grpo.Rollout(prompts, ids, mask, [""] * 2 * G, [reward] * 2 * G, [False] * 2 * G)
+    reward = Reward(0.0, False, False, 0.0, 0.0)
+    return rollout.Rollout(prompts, ids, mask, [""] * 2 * G, [reward] * 2 * G, [False] * 2 * G)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -125,9 +128,9 @@ def test_prompt_once_per_group_gives_the_usual_loss_and_gradients_in_float64(tru
     for repeat in (True, False):
         cfg = grpo.Config(beta=0.04, clip_eps=0.2, temperature=0.8, micro_batch=micro_batch, repeat_prompt=repeat)
         with torch.no_grad():
-            ref_logp = grpo.group_logprobs(ref, ro, cfg)
+            ref_logp = rollout.group_logprobs(ref, ro, cfg)
             old_logp = [lp + 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(5), dtype=lp.dtype)
-                        for lp in grpo.group_logprobs(model, ro, cfg)]  # far enough from the policy to clip
+                        for lp in rollout.group_logprobs(model, ro, cfg)]  # far enough from the policy to clip
         model.zero_grad()
         loss, stats = grpo.policy_backward(model, ro, adv, old_logp, ref_logp, cfg)
         results[repeat] = loss, stats, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -238,10 +241,10 @@ def test_one_update_per_batch_gives_the_policy_gradient():
 
 def test_batch_indices_draw_a_fresh_permutation_every_epoch():
     n = 10
-    epochs = [grpo.batch_indices(e, n, n, seed=0) for e in range(4)]  # one step = one epoch
+    epochs = [augment.batch_indices(e, n, n, seed=0) for e in range(4)]  # one step = one epoch
     assert all(sorted(e) == list(range(n)) for e in epochs)  # each epoch visits every instance once
     assert len({tuple(e) for e in epochs}) == 4  # and in a different order each time
-    assert grpo.batch_indices(1, n, n, seed=1) != epochs[1]  # the seed matters too
+    assert augment.batch_indices(1, n, n, seed=1) != epochs[1]  # the seed matters too
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,7 +260,7 @@ def one_step(model, lr=1e-6, optimizer=torch.optim.AdamW):
     loss, _ = grpo_loss(logp, None, None, torch.tensor([1.0, -1.0]), cmask)
     loss.backward()
     opt.step()
-    return grpo.moved_fraction(before, [p.detach() for p in model.parameters()])
+    return moved_fraction(before, [p.detach() for p in model.parameters()])
 
 
 def test_one_step_at_lr_1e_6_moves_fp32_weights_but_not_bf16_ones():
@@ -311,7 +314,7 @@ def test_stochastic_rounding_is_unbiased_and_moves_bf16_weights():
     torch.manual_seed(0)
     x = torch.full((200_000,), 0.02) + 1e-6  # 1e-6 is 1/120 of the bf16 spacing near 0.02
     out = torch.empty_like(x, dtype=torch.bfloat16)
-    grpo.stochastic_round_(out, x)
+    stochastic_round_(out, x)
     assert set(out.float().unique().tolist()) <= {0.02001953125, 0.0198974609375}  # the two neighbours
     # unbiased: the mean lands on x (round-to-nearest would give 0.0200195, 1.9e-5 off)
     assert out.double().mean().item() == pytest.approx(x.double().mean().item(), abs=5e-7)
@@ -319,7 +322,7 @@ def test_stochastic_rounding_is_unbiased_and_moves_bf16_weights():
 
 def test_bf16_weights_with_stochastic_rounding_move_at_lr_1e_6():
     # each weight moves one bf16 spacing with probability ~ 1e-6 / spacing: a few percent of a small model's weights
-    moved = one_step(tiny_model(100).to(torch.bfloat16), optimizer=grpo.BF16AdamW)
+    moved = one_step(tiny_model(100).to(torch.bfloat16), optimizer=BF16AdamW)
     assert 1e-3 < moved < 0.5
 
 
@@ -331,7 +334,7 @@ def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatc
     insts, _ = augment.augment_setwise(ds, samples=4, size=4, seed=0)
     path = tmp_path / "sw.jsonl"
     augment.write_instances(path, insts)
-    task, prompts, scored = grpo.TASKS["setwise"], [], []
+    task, prompts, scored = rollout.TASKS["setwise"], [], []
 
     def prompt(inst):
         prompts.append(task.prompt(inst))
@@ -341,7 +344,7 @@ def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatc
         scored.append(task.reward(text, inst))
         return scored[-1]
 
-    monkeypatch.setitem(grpo.TASKS, "setwise", task._replace(prompt=prompt, reward=reward))
+    monkeypatch.setitem(rollout.TASKS, "setwise", task._replace(prompt=prompt, reward=reward))
     last = run(tiny_dir, tmp_path / "sw", 1, train_file=path, method="setwise")
     assert last["step"] == 1 and math.isfinite(last["loss"])
     assert len(prompts) == 2 and "which of the following documents is most relevant?" in prompts[0][1]["content"]
@@ -356,7 +359,7 @@ def test_bf16_adamw_second_moment_tracks_a_constant_gradient_over_thousands_of_s
     torch.manual_seed(0)
     g = torch.linspace(0.5, 2.0, 4096)
     w = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
-    opt = grpo.BF16AdamW([w], lr=1e-6)
+    opt = BF16AdamW([w], lr=1e-6)
     for _ in range(3000):
         w.grad = g.to(torch.bfloat16)
         opt.step()
@@ -370,25 +373,25 @@ def test_bf16_adamw_second_moment_tracks_a_constant_gradient_over_thousands_of_s
 def test_weight_sample_is_small_and_on_the_cpu_and_sees_a_move():
     model = tiny_model(100)
     params = list(model.parameters())
-    before = grpo.weight_sample(params, per_tensor=64)
+    before = weight_sample(params, per_tensor=64)
     assert all(t.device.type == "cpu" and t.numel() <= 64 for t in before)
     assert all(t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() for t, p in zip(before, params))
-    assert grpo.moved_fraction(before, grpo.weight_sample(params, per_tensor=64)) == 0.0
+    assert moved_fraction(before, weight_sample(params, per_tensor=64)) == 0.0
     with torch.no_grad():
         params[0].add_(1.0)
-    assert 0 < grpo.moved_fraction(before, grpo.weight_sample(params, per_tensor=64)) < 1
+    assert 0 < moved_fraction(before, weight_sample(params, per_tensor=64)) < 1
 
 
 def test_configured_task_binds_the_prompt_style_and_the_reward_variant(tmp_path):
     inst = toy_batch(1)[0]
-    task = grpo.configured_task(grpo.Config(prompt="rankgpt", rank_reward="ndcg", list_format=True))
+    task = rollout.configured_task(grpo.Config(prompt="rankgpt", rank_reward="ndcg", list_format=True))
     assert task.prompt(inst)[0]["content"].startswith("You are RankGPT")
     r = task.reward("[2] > [1] and so on", inst)
     assert r.format2 == 1.0 and r.rank == pytest.approx(r.ndcg)  # raw nDCG as the rank term; a RankGPT list counts
-    plain = grpo.configured_task(grpo.Config()).reward("[2] > [1] and so on", inst)
+    plain = rollout.configured_task(grpo.Config()).reward("[2] > [1] and so on", inst)
     assert plain.format2 == 0.0 and plain.rank != pytest.approx(plain.ndcg)  # REARANK's reward: no <answer> block
     with pytest.raises(SystemExit):
         grpo.parse_args(["--method", "setwise", "--prompt", "rankgpt"])
     path = tmp_path / "val.qids"
     path.write_text("q1\n\nq7\n")
-    assert grpo.read_qids(str(path)) == {"q1", "q7"} == grpo.read_qids("q1,q7")
+    assert rollout.read_qids(str(path)) == {"q1", "q7"} == rollout.read_qids("q1,q7")

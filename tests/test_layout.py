@@ -59,3 +59,13 @@ def test_data_sits_on_the_bottom_layer():
     below = project_imports(MODULES["data"])
     assert below <= {"bm25", "files"}, below
     assert all(project_imports(MODULES[m]) == set() for m in below)
+
+
+def test_every_module_has_its_docstring_examples_run():
+    # pytest.ini's testpaths decide which modules --doctest-modules reads: a module left out has its examples skipped
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "pytest.ini")
+    listed = set(ini["pytest"]["testpaths"].split())
+    assert {f"{name}.py" for name in MODULES if not name.startswith("bench_")} <= listed

@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import grpo
+import rollout
+from reward import Reward
 from test_grpo import tiny_model, tokenizer, toy_instances  # noqa: F401 (tokenizer is a fixture)
 
 STEPS, B, G, C = 36, 2, 16, 4
 
 
-def lone_newlines(text: str, inst) -> grpo.Reward:
+def lone_newlines(text: str, inst) -> Reward:
     """The toy reward: 0.5 a newline, up to two, in a 4-token completion, and 0 if two newlines touch.
 
     Touching newlines score 0 so that "repeat the token you just wrote" cannot climb it: that is what log-probs
@@ -25,7 +27,7 @@ def lone_newlines(text: str, inst) -> grpo.Reward:
     plain newline counts would reward anyway.
     """
     score = 0.0 if "\n\n" in text else min(text.count("\n"), 2) / 2
-    return grpo.Reward(score, 0.0, 0.0, score, 0.0)
+    return Reward(score, 0.0, 0.0, score, 0.0)
 
 
 @pytest.fixture()
@@ -42,7 +44,7 @@ def peaked_dir(tmp_path, tokenizer):
 
 
 def test_the_loop_raises_a_reachable_reward_far_beyond_its_noise(peaked_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(grpo.TASKS, "listwise", grpo.TASKS["listwise"]._replace(reward=lone_newlines))
+    monkeypatch.setitem(rollout.TASKS, "listwise", rollout.TASKS["listwise"]._replace(reward=lone_newlines))
     cfg = grpo.Config(model=str(peaked_dir), train_file=str(toy_instances(tmp_path / "train.jsonl")), steps=STEPS,
                       batch_size=B, group_size=G, max_new_tokens=C, lr=1e-2, eval_every=0, save_every=0,
                       dump_every=0, out=str(tmp_path / "run"), seed=0)

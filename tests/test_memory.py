@@ -3,10 +3,12 @@
 import pytest
 import torch
 
+import cli
 import grpo
 import memory
 import prefix
 from memory import Settings, Workload
+from optimizer import BF16AdamW
 
 # ----------------------------------------------------------------------------------------------------------------------
 # parameter counts
@@ -84,7 +86,7 @@ def test_weight_gradient_and_optimizer_bytes_match_one_step(bf16):
     model = tiny_llama()
     if bf16:
         model.to(torch.bfloat16)
-        optimizer = grpo.BF16AdamW(model.parameters(), lr=1e-3)
+        optimizer = BF16AdamW(model.parameters(), lr=1e-3)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     shape = memory.shape_of(model.config)
@@ -186,7 +188,7 @@ def test_memory_off_takes_the_flags_as_given(capsys):
 
 
 def test_explicit_flags_from_the_command_line():
-    assert grpo.explicit_flags(["--micro-batch", "0", "--grad", "--beta=0.1", "--out", "x"]) == \
+    assert cli.explicit_flags(grpo.Config, ["--micro-batch", "0", "--grad", "--beta=0.1", "--out", "x"]) == \
         {"micro_batch", "gradient_checkpointing", "beta", "out"}
 
 

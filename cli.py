@@ -1,0 +1,63 @@
+"""Command lines from dataclasses: a flag's default, its help and its check sit together, in the field that holds it.
+
+    @dataclass
+    class Config:
+        steps: int = arg(100, "optimizer steps, one rollout batch each", positive_int)
+
+    parser = dataclass_parser(Config, __doc__)   # --steps N, checked by positive_int when the command is parsed
+    explicit_flags(Config, ["--ste", "5"])       # {"steps"}: the fields typed on the command line
+
+As HF's HfArgumentParser reads field metadata, but in a few lines: a bool field is a store_true flag, any other takes
+a value read by the field's `kind` (files.py's argparse types: a bad number fails at once, with argparse's
+"error: argument --steps: ..." line) or its annotation, limited to `choices` when given.
+
+Reading order: the bottom layer; grpo.py builds its command line with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import field, fields
+
+
+def arg(default, help: str, kind=None, choices=None):
+    """A dataclass field with its --help text beside its default; `kind` reads the command line's text (an argparse
+    type), `choices` lists the values it may take."""
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
+
+
+def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser with one --flag-name per field of the dataclass `cls` (made with `arg`)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=meta["help"])
+        else:
+            kind = meta["kind"] or {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument(flag, type=kind, choices=meta["choices"], default=f.default,
+                           help=f"{meta['help']} (default {f.default!r})")
+    return p
+
+
+def explicit_flags(cls, argv: list[str] | None) -> set[str]:
+    """The fields of `cls` set on the command line `argv` (default sys.argv), argparse's unique-prefix abbreviations
+    included: what the user chose, which a program filling in the rest (grpo.py's memory plan) must not change.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class C:
+    ...     steps: int = 1
+    ...     seed: int = 0
+    >>> sorted(explicit_flags(C, ["--ste", "5", "--seed=3", "--s", "x"]))  # --s is ambiguous: not counted
+    ['seed', 'steps']
+    """
+    flags = {"--" + f.name.replace("_", "-"): f.name for f in fields(cls)}
+    given = set()
+    for token in sys.argv[1:] if argv is None else argv:
+        name = token.split("=", 1)[0]
+        matches = [flags[name]] if name in flags else [v for k, v in flags.items() if k.startswith(name)]
+        if token.startswith("--") and len(matches) == 1:
+            given |= set(matches)
+    return given

@@ -1,0 +1,159 @@
+"""A training run's logs: one line a step on stdout, the same as JSON in <out>/metrics.jsonl, and curves.png.
+
+    python grpo.py --out runs/grpo --plot                  # redraw runs/grpo/curves.png from its logs
+
+grpo.py writes three JSON-lines logs under --out, each record tagged with its `step`:
+
+    metrics.jsonl   one record a step (`step_record`): reward and its terms, zero-std groups, lengths, KL, times
+    eval.jsonl      one record a held-out evaluation (rollout.evaluate): greedy reward and nDCG@10
+    episodes.jsonl  every --dump-every steps, one group's completions in full, with their rewards and advantages
+
+A record is appended after its step finished; a run killed mid-append leaves half a line, which `read_jsonl` drops
+(and a resumed run rewrites the logs up to its checkpoint, `rewind_logs`). TRL's GRPOTrainer logs the same figures
+(`reward_std`, `frac_reward_zero_std`, `completions/clipped_ratio`, `kl`, `clip_ratio`), so runs compare by name.
+
+Reading order: after rollout.py (whose `Seen` a step record summarises); checkpoint.py and grpo.py import it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from files import DataError
+
+
+def log_line(m: dict) -> str:
+    return (
+        f"step {m['step']}/{m['steps']} | reward {m['reward']:.3f}±{m['reward_std']:.3f} "
+        f"(rank {m['rank']:+.3f} f1 {m['format1']:.2f} f2 {m['format2']:.2f}) | zero-std {m['frac_zero_std']:.2f} | "
+        f"len {m['completion_len']:.0f} trunc {m['frac_truncated']:.2f} | kl {m['kl']:.3g} clip {m['clip_frac']:.3f} | "
+        f"gnorm {m['grad_norm']:.3f} lr {m['lr']:.1e} | gen {m['gen_s']:.0f}s train {m['train_s']:.0f}s "
+        f"(ref {m.get('ref_s', 0.0):.1f}s)"
+    )
+
+
+def step_record(step: int, steps: int, seen, group_size: int, losses: list[float], stats: dict[str, float],
+                grad_norm: float, lr: float, seconds: dict[str, float]) -> dict:
+    """What one step did, as the JSON object of metrics.jsonl: `seen` (rollout.Seen) holds every process's
+    completions, `stats` grpo_loss's token means (of the last update), `seconds` gen_s, train_s and ref_s."""
+    r = torch.tensor([x.total for x in seen.rewards])  # (B*G,) groups laid out one after another
+    return {
+        "step": step,
+        "steps": steps,
+        "reward": r.mean().item(),
+        "reward_std": r.std().item() if r.numel() > 1 else 0.0,
+        "rank": float(np.mean([x.rank for x in seen.rewards])),
+        "format1": float(np.mean([x.format1 for x in seen.rewards])),
+        "format2": float(np.mean([x.format2 for x in seen.rewards])),
+        "ndcg@10": float(np.mean([x.ndcg for x in seen.rewards])),
+        "frac_zero_std": (r.view(-1, group_size).std(dim=1) == 0).float().mean().item(),  # groups teaching nothing
+        "completion_len": torch.tensor(seen.lengths, dtype=torch.float32).mean().item(),
+        "frac_truncated": float(np.mean(seen.truncated)),
+        "loss": float(np.mean(losses)),
+        **stats,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        **seconds,  # train_s includes the reference pass, ref_s
+    }
+
+
+def episodes(step: int, inst, ro, adv) -> list[dict]:
+    """The first group of a rollout batch in full, for episodes.jsonl: the query, each completion, its reward's
+    terms and its advantage (`inst`: the group's augment.TrainInstance, `ro`: rollout.Rollout, `adv`: (B*G,))."""
+    return [{"step": step, "qid": inst.qid, "query": inst.query, "completion": ro.texts[g],
+             "reward": ro.rewards[g].asdict(), "advantage": adv[g].item()} for g in range(ro.group_size)]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a log file; a half-written last line (the run was killed mid-write) is dropped, a damaged line
+    before it is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno < len(lines) and line.strip():
+                raise DataError(f"{path}:{lineno}: invalid JSON line ({e.msg}); use a new --out") from None
+    return records
+
+
+def append_jsonl(path: Path, *records: dict) -> None:
+    """Records at the end of a log, one a line, flushed when the file closes: a kill loses at most these lines."""
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def rewind_logs(out: Path, step: int, write: bool) -> None:
+    """The logs as the checkpoint of `step` left them: what they say of later steps is dropped (the resumed run
+    writes it again; eval.jsonl's record of `step` too, since the loop evaluates before the step it resumes at).
+    Step 0 (a fresh run) removes them. Every process reads them (damage is an error on all); only a `write`r writes."""
+    for name, keep in (("metrics.jsonl", step), ("episodes.jsonl", step), ("eval.jsonl", step - 1)):
+        kept = [m for m in read_jsonl(out / name) if m["step"] <= keep] if step else None
+        if write and kept is None:
+            (out / name).unlink(missing_ok=True)
+        elif write:
+            (out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
+def moving_average(ys: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start), so the curve starts at the first step.
+
+    >>> moving_average([1.0, 3.0, 5.0, 7.0], 2)
+    [1.0, 2.0, 4.0, 6.0]
+    """
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y - (ys[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(out: Path) -> Path:
+    """curves.png: the training reward (per step, faint, and its moving average), the reward's terms (smoothed), the
+    held-out nDCG@10 against the untrained model's (the step-0 evaluation) and the first stage's, and the KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, held = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "eval.jsonl")
+    if not train:
+        raise DataError(f"{out / 'metrics.jsonl'}: no steps to plot")
+    steps = [m["step"] for m in train]
+    window = max(3, len(train) // 10)
+    smooth = lambda key: moving_average([m[key] for m in train], window)  # noqa: E731
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    ax = axes[0]
+    ax.plot(steps, [m["reward"] for m in train], lw=0.8, alpha=0.35, color="C0", label="per step")
+    ax.plot(steps, smooth("reward"), lw=2, color="C0", label=f"moving average ({window} steps)")
+    ax.set_title("training reward")
+    ax = axes[1]
+    for key in ("rank", "format1", "format2", "frac_zero_std"):
+        ax.plot(steps, smooth(key), lw=1.5, label=key)
+    ax.set_title(f"reward terms, zero-std groups ({window}-step average)")
+    ax = axes[2]
+    ax.set_title("held-out nDCG@10 (greedy)")
+    if held:
+        hs = [h["step"] for h in held]
+        ax.plot(hs, [h["ndcg@10"] for h in held], marker="o", lw=1.5, label="policy")
+        if held[0]["step"] == 0:
+            ax.axhline(held[0]["ndcg@10"], ls="--", color="gray", label="untrained (step 0)")
+        ax.plot(hs, [h["ndcg@10_first_stage"] for h in held], ls=":", color="k", label="first-stage order")
+    ax = axes[3]
+    ax.plot(steps, [m["kl"] for m in train], lw=0.8, alpha=0.35, color="C3")
+    ax.plot(steps, smooth("kl"), lw=2, color="C3")
+    ax.set_title("KL to the reference (k3, token mean)" + ("" if any(m["kl"] for m in train) else ": 0, beta = 0"))
+    for ax in axes:
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    return out / "curves.png"
