@@ -4,11 +4,13 @@
     default_out(cfg)       # runs/dl19-smollm2-top20: the settings that differ from their defaults name the folder
     prepare_out(out, cfg)  # refuses a folder that holds a finished run made with other settings (unless --overwrite)
 
-eval.py parses its command line into an EvalConfig and saves it in metrics.json. `output_keys` are the settings that
-change what an evaluation writes: the default folder name shows those that differ from their defaults, and
-`prepare_out` refuses a folder whose finished run differs in any of them.
+eval.py parses its command line into an EvalConfig and saves it in metrics.json; runview.py reads it back from there
+into the same record, for report.py. `output_keys` are the settings that change what an evaluation writes: the default
+folder name shows those that differ from their defaults, and `prepare_out` refuses a folder whose finished run differs
+in any of them.
 
-Reading order: after data.py and files.py; traces.py (the resumable model calls under --out) and eval.py build on it.
+Reading order: after data.py and files.py; traces.py (the resumable model calls under --out), runview.py (the folder
+read back) and eval.py build on it.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ interrupted run left into traces.jsonl (so a run resumes with any number of proc
 (`one_process_order`): the files do not depend on how many processes made them.
 
 Reading order: after evalconfig.py (the settings checked here); eval.py calls these around its rerank loop, and
-report.py reads traces.jsonl back to show each call's reasoning.
+runview.py reads traces.jsonl back for report.py to show each call's reasoning.
 """
 
 from __future__ import annotations
