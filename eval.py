@@ -18,219 +18,35 @@ The metric is `data.ndcg_at_k`; the reward (reward.py) imports the same function
 disagree about what nDCG means. trec_eval semantics (METHOD §8): gain = the qrels grade (linear), discount
 log2(rank + 1), ideal DCG from *all* judged documents of the query, a run ordered by score descending with ties broken
 by docid descending, queries without judgments skipped (and counted), duplicate docids an error.
+
+Read last of the evaluation modules: scoring.py (per-query nDCG, two runs compared), evalconfig.py (the settings and
+the --out folder they name), traces.py (traces.jsonl and the merge of several processes' results) and report.py (the
+page) hold the pieces; this file parses the command line, runs the reranker, and writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
-import random
 import os
-import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import dist
-from data import (
-    DataError, Dataset, Qrels, Ranking,
-    load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, read_records, trec_order, write_run,
+from data import DataError, Dataset, Ranking, load_dataset, load_qrels, load_rankgpt, write_run
+from evalconfig import EvalConfig, default_out, prepare_out, slug
+from files import nonneg_int, positive_int, write_text
+from rearank import MAX_CHARS, answer_format, window_spans
+from scoring import Evaluation, compare, evaluate_rankings, evaluate_run_file, format_comparison, run_path
+from traces import (
+    append_traces, finish_traces, gather_results, one_process_order, read_traces, start_traces, trace_record,
 )
-from files import check_out_dir, nonneg_int, positive_int, read_json, write_text
-from rearank import MAX_CHARS, WindowTrace, answer_format, window_spans
-
-KS = (1, 5, 10)
-
-# ----------------------------------------------------------------------------------------------------------------------
-# scoring runs (the metric itself, ndcg_at_k, is data.py's)
-
-
-@dataclass
-class Evaluation:
-    """Per-query and mean nDCG@k over the judged queries of a run."""
-
-    per_query: dict[str, dict[str, float]]  # qid -> {"nDCG@10": ...}
-    mean: dict[str, float]
-    skipped: list[str] = field(default_factory=list)  # run queries with no judgments (not averaged, like trec_eval)
-
-
-def evaluate(ranked: Mapping[str, Sequence[str]], qrels: Qrels, ks: Sequence[int] = KS) -> Evaluation:
-    """Score {qid: docids in rank order}. Queries absent from qrels are skipped; judged queries absent from the run
-    are not counted either (trec_eval without -c)."""
-    per_query, skipped = {}, []
-    for qid, docids in ranked.items():
-        if qid not in qrels:
-            skipped.append(qid)
-            continue
-        per_query[qid] = {f"nDCG@{k}": ndcg_at_k(docids, qrels[qid], k) for k in ks}
-    n = len(per_query)
-    mean = {f"nDCG@{k}": sum(v[f"nDCG@{k}"] for v in per_query.values()) / n if n else 0.0 for k in ks}
-    return Evaluation(per_query, mean, skipped)
-
-
-def evaluate_rankings(rankings: Sequence[Ranking], qrels: Qrels, ks: Sequence[int] = KS) -> Evaluation:
-    return evaluate({r.query.qid: r.docids() for r in rankings}, qrels, ks)
-
-
-def evaluate_run_file(path: str | Path, qrels: Qrels, ks: Sequence[int] = KS) -> Evaluation:
-    return evaluate({qid: trec_order(scores) for qid, scores in load_run(path).items()}, qrels, ks)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# comparing two runs, query by query (`--compare RUN_A RUN_B`)
-
-TIE = 1e-9  # |delta| below this is a tie: two runs ranking a query's top 10 alike differ by float noise at most
-
-
-@dataclass
-class Comparison:
-    """B against A on the queries judged in both: per-query deltas (B - A), their mean, a 95% paired bootstrap
-    interval of the mean, a two-sided paired sign-flip p-value, and wins / ties / losses of B."""
-
-    metric: str
-    mean_a: float
-    mean_b: float
-    deltas: dict[str, float]
-    interval: tuple[float, float]
-    p_value: float
-    wins: int
-    ties: int
-    losses: int
-    only_a: list[str] = field(default_factory=list)  # judged queries in one run only: left out of the pairing
-    only_b: list[str] = field(default_factory=list)
-
-    @property
-    def mean_delta(self) -> float:
-        return sum(self.deltas.values()) / len(self.deltas) if self.deltas else 0.0
-
-
-def bootstrap_interval(deltas: Sequence[float], resamples: int = 10000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of paired deltas: resample the queries with replacement.
-
-    >>> bootstrap_interval([0.1, 0.1, 0.1])  # no spread, no uncertainty
-    (0.1, 0.1)
-    """
-
-    n = len(deltas)
-    if n == 0:
-        return 0.0, 0.0
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(deltas, k=n)) / n for _ in range(resamples))
-    tail = (1 - level) / 2
-    lo, hi = means[int(tail * resamples)], means[min(resamples - 1, math.ceil((1 - tail) * resamples) - 1)]
-    return round(lo, 12), round(hi, 12)
-
-
-def sign_flip_p(deltas: Sequence[float], flips: int = 100000, seed: int = 0, exact_up_to: int = 16) -> float:
-    """Two-sided paired randomization test of "mean delta = 0": under the null each query's delta is as likely to
-    have either sign, so p = the share of sign assignments whose |mean| reaches the observed one.
-
-    Every one of the 2^n assignments when the n non-zero deltas are at most `exact_up_to` (the exact p-value);
-    otherwise `flips` random ones, counting the observed assignment among them ((hits + 1) / (flips + 1), never 0).
-
-    >>> sign_flip_p([1.0, 2.0, 3.0])  # only all-plus and all-minus reach |mean| 2: 2 of 8
-    0.25
-    """
-
-    deltas = [d for d in deltas if d != 0]  # a zero is the same under either sign: dropping it changes no sum
-    n = len(deltas)
-    if n == 0:
-        return 1.0
-    observed = abs(sum(deltas)) - 1e-12  # the same sum computed in another order may differ in its last bits
-    if n <= exact_up_to:
-        hits = 0
-        for signs in range(1 << n):
-            total = sum(-d if signs >> i & 1 else d for i, d in enumerate(deltas))
-            hits += abs(total) >= observed
-        return hits / (1 << n)
-    rng = random.Random(seed)
-    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in deltas)) >= observed for _ in range(flips))
-    return (hits + 1) / (flips + 1)
-
-
-def compare(a: Evaluation, b: Evaluation, metric: str = "nDCG@10", resamples: int = 10000, flips: int = 100000,
-            seed: int = 0) -> Comparison:
-    """Pair the queries both evaluations judged and compare B with A (delta = B - A)."""
-    common = sorted(set(a.per_query) & set(b.per_query))
-    deltas = {q: b.per_query[q][metric] - a.per_query[q][metric] for q in common}
-    values = list(deltas.values())
-    n = len(values) or 1
-    return Comparison(
-        metric=metric,
-        mean_a=sum(a.per_query[q][metric] for q in common) / n,
-        mean_b=sum(b.per_query[q][metric] for q in common) / n,
-        deltas=deltas,
-        interval=bootstrap_interval(values, resamples, seed=seed),
-        p_value=sign_flip_p(values, flips, seed=seed),
-        wins=sum(d > TIE for d in values),
-        ties=sum(abs(d) <= TIE for d in values),
-        losses=sum(d < -TIE for d in values),
-        only_a=sorted(set(a.per_query) - set(b.per_query)),
-        only_b=sorted(set(b.per_query) - set(a.per_query)),
-    )
-
-
-def run_path(path: str) -> Path:
-    """A TREC run file, or an `eval.py --out` directory (its run.trec)."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "run.trec").exists():
-            raise DataError(f"{p}: a directory without run.trec (an eval.py --out directory holds one)")
-        return p / "run.trec"
-    if not p.exists():
-        raise DataError(f"{p}: no such run file or directory")
-    return p
-
-
-def format_comparison(c: Comparison, label_a: str, label_b: str) -> str:
-    lo, hi = c.interval
-    lines = [
-        f"A {label_a}: {c.metric} {c.mean_a:.4f}",
-        f"B {label_b}: {c.metric} {c.mean_b:.4f}",
-        f"delta (B - A) {c.mean_delta:+.4f}, 95% paired bootstrap interval [{lo:+.4f}, {hi:+.4f}], "
-        f"p = {c.p_value:.4f} (two-sided paired sign-flip test), {len(c.deltas)} queries",
-        f"B wins / ties / losses: {c.wins} / {c.ties} / {c.losses}",
-    ]
-    if c.only_a or c.only_b:
-        lines.append(f"not paired: {len(c.only_a)} judged queries only in A, {len(c.only_b)} only in B")
-    return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # command line
-
-
-@dataclass
-class EvalConfig:
-    dataset: str | None = None
-    candidates: str | None = None
-    run: str | None = None
-    qrels: str | None = None
-    data_dir: str | None = None
-    model: str | None = None  # None: backend.default_model() (the embedded model without a GPU)
-    method: str = "listwise"  # listwise: REARANK sliding windows; setwise: Rank-R1 heap sort
-    prompt: str = "rearank"
-    top_k: int = 100
-    window: int = 20
-    step: int = 10
-    batch_size: int | None = None  # None: default_batch_size (8 on CPU, one window position of every query on CUDA)
-    limit: int | None = None
-    max_new_tokens: int = 2048
-    num_child: int = 19
-    k: int = 10
-    seed: int = 0
-    out: str | None = None
-    compare: list[str] | None = None  # two runs (files or --out directories) to compare query by query
-    report: str | None = None  # redraw this folder's report.html (report.py), nothing evaluated
-    against: str | None = None  # with report: a comparison page of the two runs
-    overwrite: bool = False
-    command: str = ""  # the command line, saved with the metrics so every number says how it was made
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
@@ -260,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
                    help="windows (of different queries) generated together (default: 8 on CPU; on CUDA the window of "
                    "every query at one position, at most 64)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N queries")
-    p.add_argument("--max-new-tokens", type=positive_int, default=2048, help="generation budget per window (paper: 2048)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=2048,
+                   help="generation budget per window (paper: 2048)")
     p.add_argument("--num-child", type=positive_int, default=19,
                    help="setwise: children per heap node (a call shows 1 + this)")
     p.add_argument("--k", type=positive_int, default=10, help="setwise: how many top documents the heap sort extracts")
@@ -286,76 +103,6 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         p.error(f"--step {args.step} is larger than --window {args.window}: the windows would skip passages")
     command = shlex.join(["python", "eval.py", *(sys.argv[1:] if argv is None else argv)])
     return EvalConfig(**vars(args), command=command)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text).name if Path(text).exists() else text).strip("_")
-
-
-def path_tag(*paths: str | None) -> str:
-    """A short digest of where the input files are, so two files with one basename get different default folders."""
-    where = "\n".join(str(Path(p).resolve()) for p in paths if p)
-    return hashlib.sha1(where.encode()).hexdigest()[:6]
-
-
-# how each setting shows in a default --out name when it differs from its default
-NAME_PARTS = {"prompt": "{}", "top_k": "top{}", "window": "win{}", "step": "step{}", "limit": "limit{}",
-              "max_new_tokens": "tok{}", "num_child": "child{}", "k": "k{}", "seed": "seed{}"}
-
-
-def output_keys(cfg: EvalConfig) -> tuple[str, ...]:
-    """The settings that change what this evaluation writes: inputs, model, and the knobs its method reads."""
-    if cfg.run:
-        return ("run", "qrels")
-    keys = ("dataset", "candidates", "qrels", "model", "top_k", "limit")
-    if cfg.model == "bm25":
-        return keys
-    keys += ("method", "prompt", "max_new_tokens")
-    return keys + (("window", "step") if cfg.method == "listwise" else ("num_child", "k", "seed"))
-
-
-def default_out(cfg: EvalConfig) -> Path:
-    """runs/<input>-<model>[-setwise], then each setting that differs from its default (--model resolved first).
-
-    >>> str(default_out(EvalConfig(dataset="dl19", model="smollm2", top_k=20, limit=2, max_new_tokens=256)))
-    'runs/dl19-smollm2-top20-limit2-tok256'
-    """
-    if cfg.run:
-        return Path("runs") / f"{slug(cfg.run)}-{path_tag(cfg.run, cfg.qrels)}"
-    if cfg.dataset:
-        name = cfg.dataset + (f"-qrels{path_tag(cfg.qrels)}" if cfg.qrels else "")
-    else:
-        name = f"{slug(cfg.candidates)}-{path_tag(cfg.candidates, cfg.qrels)}"
-    parts = [name, slug(cfg.model)] + (["setwise"] if cfg.method == "setwise" else [])
-    defaults = EvalConfig()
-    parts += [fmt.format(getattr(cfg, k)) for k, fmt in NAME_PARTS.items()
-              if k in output_keys(cfg) and getattr(cfg, k) != getattr(defaults, k)]
-    return Path("runs") / "-".join(parts)
-
-
-OUTPUTS = ("run.trec", "metrics.json", "traces.jsonl", "rerank_config.json", "report.html")
-
-
-def prepare_out(out: Path, cfg: EvalConfig) -> None:
-    """Make --out ready, never replacing finished work: a run there made with other settings (or of another kind) is
-    refused unless --overwrite, which deletes it first. The same settings continue it (traces are replayed)."""
-    check_out_dir(out, create=False)  # created when the first output is written
-    if cfg.overwrite:
-        for name in OUTPUTS:
-            (out / name).unlink(missing_ok=True)
-        return
-    if not (out / "metrics.json").exists():
-        return  # nothing finished here; an interrupted model run is checked against rerank_config.json later
-    record = read_json(out / "metrics.json")
-    before = record.get("config") if isinstance(record, dict) else None
-    if not isinstance(before, dict):
-        raise DataError(f"{out / 'metrics.json'}: not an eval.py metrics file; use another --out, or --overwrite")
-    changed = {k: (before.get(k), getattr(cfg, k)) for k in output_keys(cfg) if before.get(k) != getattr(cfg, k)}
-    if changed:
-        raise DataError(
-            f"{out} holds a finished evaluation made with other settings {changed} (before, now): use a new --out "
-            "(or drop --out: the default names the settings), or pass --overwrite to replace it"
-        )
 
 
 def check_judged(ev: Evaluation, what: str) -> None:
@@ -407,57 +154,7 @@ def load_input(cfg: EvalConfig) -> Dataset:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# reranking with a model, resumable from traces.jsonl
-
-# the settings that change what the model is asked or how it answers: a resumed run must share them
-RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "window", "step", "max_new_tokens",
-               "num_child", "k", "seed")
-
-
-def read_traces(path: Path, record: type = WindowTrace, rewrite: bool = True) -> list:
-    """traces.jsonl back into records (WindowTrace or SetwiseTrace). A half-written last line (the run was killed
-    mid-write) is dropped (and, with `rewrite`, cut from the file: only the process that appends to it may)."""
-    traces = read_records(path, record, trace_problem, "; use another --out, or --overwrite to start afresh")
-    # rewrite what survived, so new lines never land on the tail of a half-written one
-    if rewrite and path.exists():
-        write_text(path, "".join(json.dumps(asdict(t)) + "\n" for t in traces))
-    return traces
-
-
-def trace_problem(t) -> str:
-    """What is wrong with a trace read back from disk ("" when nothing): replaying a damaged one would crash later."""
-    if not isinstance(t.qid, str) or not isinstance(t.completion, str):
-        return "'qid' and 'completion' must be strings"
-    if isinstance(t, WindowTrace):
-        ints = (t.start, t.end, *t.order) if isinstance(t.order, list) else ()
-        if not ints or not all(isinstance(i, int) and not isinstance(i, bool) for i in ints):
-            return "'start', 'end' and 'order' must be integers"
-        if sorted(t.order) != list(range(t.end - t.start)):
-            return f"'order' is not a permutation of the window ({t.start}, {t.end})"
-        return ""
-    if not isinstance(t.shown, list) or not all(isinstance(d, str) for d in t.shown):
-        return "'shown' must be a list of docids"
-    if t.pick is not None and (not isinstance(t.pick, int) or isinstance(t.pick, bool) or
-                               not 0 <= t.pick < len(t.shown)):
-        return f"'pick' must be null or an index into the {len(t.shown)} documents shown"
-    return ""
-
-
-def check_resumable(out: Path, cfg: EvalConfig) -> None:
-    """Refuse to mix windows made under other settings into this run's traces."""
-    settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
-    path = out / "rerank_config.json"
-    if path.exists() and ((out / "traces.jsonl").exists() or any(out.glob("traces.rank*.jsonl"))):
-        before = read_json(path)
-        if not isinstance(before, dict):
-            raise DataError(f"{path}: not a settings object; use another --out, or --overwrite to start afresh")
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if changed:
-            raise DataError(
-                f"{out}/traces.jsonl was made with other settings {changed} (before, now): rerun with those "
-                "settings to continue it, use another --out, or pass --overwrite to start afresh"
-            )
-    write_text(path, json.dumps(settings, indent=1))
+# reranking with a model, resumable from traces.jsonl (traces.py)
 
 
 def load_generator(cfg: EvalConfig):
@@ -469,17 +166,6 @@ def load_generator(cfg: EvalConfig):
     print(f"model {cfg.model}: loaded in {time.time() - t:.1f}s on {model.device}; greedy, {cfg.max_new_tokens} tokens")
     generate = HFGenerator(model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     return generate
-
-
-def append_traces(f, bar):
-    """A callback that appends new trace records to the open traces.jsonl and advances the progress bar."""
-
-    def on_new(new: list) -> None:
-        f.writelines(json.dumps(asdict(t)) + "\n" for t in new)
-        f.flush()  # a killed run loses at most the batch in flight
-        bar.update(len(new))
-
-    return on_new
 
 
 def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tuple[list[Ranking], dict]:
@@ -577,91 +263,6 @@ def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], mine: list[Rank
         f"unparseable answers {stats['unparseable_answers']:.0%}"
     )
     return reranked, stats
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# several processes (torchrun / accelerate launch): each reranks a block of the queries, the main process merges
-
-
-def trace_record(cfg: EvalConfig) -> type:
-    if cfg.method == "setwise":
-        from setwise import SetwiseTrace
-
-        return SetwiseTrace
-    return WindowTrace
-
-
-def write_traces(path: Path, traces: list) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(asdict(t)) + "\n" for t in traces))
-    tmp.replace(path)  # atomic: a kill leaves the old file or the new one, never half of one
-
-
-def start_traces(out: Path, cfg: EvalConfig, record: type) -> None:
-    """On the main process, before any rank reads: check the settings, and fold the per-rank files an interrupted
-    multi-process run left into traces.jsonl, so the run resumes whatever number of processes it is started with."""
-    if dist.is_main():
-        check_resumable(out, cfg)
-        traces = read_traces(out / "traces.jsonl", record)  # cuts a half-written last line
-        parts = sorted(out.glob("traces.rank*.jsonl"))
-        if parts:
-            seen = {json.dumps(asdict(t)) for t in traces}  # a kill between the merge and the unlinks repeats them
-            for part in parts:
-                traces += [t for t in read_traces(part, record, rewrite=False) if json.dumps(asdict(t)) not in seen]
-            write_traces(out / "traces.jsonl", traces)
-            for part in parts:
-                part.unlink()
-    dist.barrier()  # the others read traces.jsonl only once it is whole
-
-
-def gather_results(reranked: list[Ranking], traces: list, generate, resumed: int) -> tuple[list[Ranking], list, dict]:
-    """Every rank's reranked queries (in query order, as shard's blocks concatenate) and traces, and the summed
-    generation counts; the identity in one process. generate_seconds sums over processes (device-seconds)."""
-    mine = {"prompt_tokens": generate.prompt_tokens, "generated_tokens": generate.generated_tokens,
-            "generate_seconds": generate.seconds, "resumed": resumed}  # fmt: skip
-    parts = dist.gather((reranked, traces, mine))
-    generation = {k: sum(p[2][k] for p in parts) for k in ("prompt_tokens", "generated_tokens", "generate_seconds")}
-    generation["generate_seconds"] = round(generation["generate_seconds"], 1)
-    counts = {"resumed": sum(p[2]["resumed"] for p in parts), "generation": generation}
-    return [r for p in parts for r in p[0]], [t for p in parts for t in p[1]], counts
-
-
-def finish_traces(out: Path, traces: list) -> None:
-    """The main process writes all traces to traces.jsonl and drops the per-rank files they came from."""
-    if dist.is_main():
-        write_traces(out / "traces.jsonl", traces)
-        for part in out.glob("traces.rank*.jsonl"):
-            part.unlink()
-    dist.barrier()
-
-
-def one_process_order(traces: list, rankings: list[Ranking], cfg: EvalConfig) -> list:
-    """`traces` (each query's own in the order they were made) in the order one process appends them.
-
-    Listwise (rearank.rerank): window position k of every query, sorted by prompt length (a stable sort of the
-    queries in input order). Setwise (setwise.setwise_rerank): rounds in which the first `batch_size` queries with a
-    call left each make their next call.
-    """
-    index = {r.query.qid: i for i, r in enumerate(rankings)}
-    if cfg.method == "setwise":
-        queues = {i: [] for i in range(len(rankings))}
-        for t in traces:
-            queues[index[t.qid]].append(t)
-        order = []
-        while active := [q for q in queues.values() if q][: cfg.batch_size]:
-            order += [q.pop(0) for q in active]
-        return order
-    from rearank import build_prompt
-
-    texts = [{c.docid: c.text for c in r.candidates} for r in rankings]
-
-    def key(t: WindowTrace) -> tuple[int, int, int]:
-        i = index[t.qid]
-        k = window_spans(len(rankings[i].candidates), cfg.window, cfg.step).index((t.start, t.end))
-        prompt = build_prompt(rankings[i].query.text, [texts[i][d] for d in t.docids], cfg.prompt)
-        return k, sum(len(m["content"]) for m in prompt), i
-
-    return sorted(traces, key=key)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,33 +3,31 @@
     python eval.py --report runs/dl19-smollm2                    # (re)draw runs/dl19-smollm2/report.html
     python eval.py --report runs/A --against runs/B              # runs/A/compare-B.html: two runs side by side
 
-eval.py draws report.html at the end of every model evaluation. The inputs are the files it leaves under --out:
-metrics.json (the config, the command, per-query nDCG, the run statistics), run.trec (the reranked order) and
-traces.jsonl (one line per listwise window or setwise call); the queries, the first-stage order, the passages and the
-judgments are reloaded from the dataset the saved config names (honouring its top_k and limit).
+eval.py draws report.html at the end of every model evaluation, from the files it leaves under --out (metrics.json,
+run.trec, traces.jsonl), read back with the dataset they came from by runview.py.
 
 The page: a summary (command, config, first-stage and reranked nDCG@1/5/10, answer-format rates, tokens and time),
 a per-query table sorted by ΔnDCG@10, worst first (click a heading to re-sort), and per query the model's outputs
 (reasoning and answer shown apart) and the passages before -> after, coloured by judged grade. One file, nothing
-fetched: inline CSS and a few lines of vanilla JS. Every text that comes from data or a model goes through
-html.escape, so a passage holding `<script>` is shown, never run.
+fetched: the frame, its inline CSS and a few lines of vanilla JS are page.py's. Every text that comes from data or a
+model goes through `e` (html.escape), so a passage holding `<script>` is shown, never run.
+
+Reading order: after runview.py (the records drawn here) and page.py (the frame); eval.py calls `write_report` and
+`write_comparison`. Here: the small pure pieces, the html pieces, the report page, then the two-run page.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import re
-from dataclasses import dataclass, fields
-from functools import cached_property
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
-from data import DataError, load_dataset, load_qrels, load_rankgpt, load_run, ndcg_at_k, read_records, trec_order
+from data import DataError
+from page import e, page
 from rearank import MAX_CHARS, WindowTrace, answer_format, answer_text, clean_passage
+from runview import QueryView, Run, Trace, read_run
 from setwise import SetwiseTrace
 
-Trace = Union[WindowTrace, SetwiseTrace]
 RATES = {  # metrics.json statistics that are fractions, shown as percentages
     "think_and_answer": "answers with <think> and <answer>",
     "answer_is_ranking_list": "answers that are a ranking list",
@@ -42,121 +40,6 @@ COUNTS = {
     "generated_tokens_per_query": "generated tokens per query", "generate_seconds": "generation time (s)",
     "seconds": "whole run (s)",
 }
-
-# ----------------------------------------------------------------------------------------------------------------------
-# records: one run folder, read back
-
-
-@dataclass
-class QueryView:
-    """Everything the page shows about one judged query."""
-
-    qid: str
-    text: str
-    first: list[str]  # first-stage docids, best first
-    reranked: list[str]  # run.trec's docids, best first
-    passages: dict[str, str]  # docid -> text
-    grades: dict[str, int]  # judged docids -> grade (absent: unjudged)
-    before: dict[str, float]  # first-stage nDCG@k
-    after: dict[str, float]  # reranked nDCG@k, as metrics.json holds it
-    traces: list[Trace]  # this query's windows or setwise calls, in the order they ran
-
-    @cached_property
-    def was(self) -> dict[str, int]:  # docid -> 0-based first-stage rank
-        return {d: r for r, d in enumerate(self.first)}
-
-    @cached_property
-    def now(self) -> dict[str, int]:  # docid -> 0-based reranked rank
-        return {d: r for r, d in enumerate(self.reranked)}
-
-
-@dataclass
-class RunConfig:
-    """What a report reads of the config eval.py saved in metrics.json (the rest is shown, not used)."""
-
-    dataset: str | None = None
-    candidates: str | None = None
-    qrels: str | None = None
-    data_dir: str | None = None
-    model: str | None = None
-    method: str = "listwise"
-    prompt: str = "rearank"
-    top_k: int = 100
-    limit: int | None = None
-
-
-@dataclass
-class Run:
-    out: Path
-    metrics: dict  # metrics.json as written
-    cfg: RunConfig
-    queries: list[QueryView]  # judged queries, in dataset order
-
-    @property
-    def setwise(self) -> bool:
-        return self.cfg.method == "setwise"
-
-    @property
-    def name(self) -> str:
-        return f"{self.cfg.model} {self.cfg.method}" + (f" ({self.cfg.prompt})" if not self.setwise else "")
-
-    @property
-    def ks(self) -> list[int]:  # the cut-offs metrics.json holds: nDCG@1, @5, @10
-        return [int(name.split("@")[1]) for name in self.metrics["mean"]]
-
-    def first_mean(self, k: int) -> float:
-        return sum(q.before[f"nDCG@{k}"] for q in self.queries) / max(len(self.queries), 1)
-
-
-def read_json(path: Path) -> dict:
-    if not path.exists():
-        raise DataError(f"{path}: not found; is {path.parent} the --out folder of an evaluation?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
-
-
-def read_run(out: str | Path) -> Run:
-    """An evaluation's --out folder, with its dataset reloaded from the config saved in metrics.json."""
-    out = Path(out)
-    metrics = read_json(out / "metrics.json")
-    known = {f.name for f in fields(RunConfig)}
-    cfg = RunConfig(**{k: v for k, v in metrics.get("config", {}).items() if k in known})
-    if not (cfg.dataset or cfg.candidates):
-        raise DataError(f"{out}/metrics.json: a scored run file (--run) has no passages or traces to draw")
-    if cfg.dataset:
-        ds = load_dataset(cfg.dataset, cfg.data_dir)
-        rankings, qrels = ds.rankings, ds.qrels
-    else:
-        rankings, qrels = load_rankgpt(cfg.candidates), load_qrels(cfg.qrels)
-    rankings = rankings[: cfg.limit]
-    ks = [int(name.split("@")[1]) for name in metrics.get("mean", {})]
-    ranked = {qid: trec_order(scores) for qid, scores in load_run(out / "run.trec").items()} if (
-        out / "run.trec").exists() else {}
-    traces = read_records(out / "traces.jsonl", SetwiseTrace if cfg.method == "setwise" else WindowTrace)
-    by_query: dict[str, list[Trace]] = {}
-    for t in traces:
-        by_query.setdefault(t.qid, []).append(t)
-    per_query = metrics.get("per_query", {})
-    queries = []
-    for r in rankings:
-        qid = r.query.qid
-        if qid not in per_query:
-            continue  # unjudged: metrics.json counts it as skipped
-        first = [c.docid for c in r.candidates[: cfg.top_k]]
-        if qid not in ranked:
-            raise DataError(f"{out}/run.trec: query {qid} of metrics.json is missing")
-        queries.append(QueryView(
-            qid, r.query.text, first, ranked[qid], {c.docid: c.text for c in r.candidates[: cfg.top_k]},
-            qrels.get(qid, {}), {f"nDCG@{k}": ndcg_at_k(first, qrels[qid], k) for k in ks}, per_query[qid],
-            by_query.get(qid, []),
-        ))
-    missing = set(per_query) - {q.qid for q in queries}
-    if missing:
-        raise DataError(f"{out}/metrics.json: queries {sorted(missing)[:5]} are not in the dataset its config names")
-    return Run(out, metrics, cfg, queries)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # small pure pieces
@@ -202,10 +85,6 @@ def signed(x: float) -> str:
     return f"{x:+.4f}"
 
 
-def e(x: object) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def num_cell(x: float, text: str | None = None, cls: str = "") -> str:
     """A number cell: the exact value in data-v (for sorting, and for tests to compare with metrics.json)."""
     return f'<td class="n {cls}" data-v="{x!r}">{text or fmt(x)}</td>'
@@ -220,73 +99,7 @@ def delta_cell(d: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# html pieces
-
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1360px;padding:16px 24px;
-color:#1f2328;background:#fff}
-h1{font-size:20px;margin:4px 0 8px}h2{font-size:17px;margin:22px 0 8px;border-bottom:1px solid #d0d7de}
-h3{font-size:14px;margin:14px 0 6px}
-code,pre,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
-pre{white-space:pre-wrap;word-break:break-word;margin:4px 0;padding:6px 8px;border-radius:4px;max-height:22em;
-overflow:auto}
-pre.cmd{background:#f6f8fa;border:1px solid #d0d7de}
-pre.think{background:#f6f8fa;color:#444;border-left:3px solid #8c959f}
-pre.answer{background:#fff8c5;border-left:3px solid #bf8700;font-weight:600}
-table{border-collapse:collapse;margin:4px 0}
-th,td{border-bottom:1px solid #eaeef2;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#f6f8fa;position:sticky;top:0}
-th[data-k]{cursor:pointer}th[data-k]:hover{background:#eaeef2}
-td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
-.up{color:#1a7f37}.down{color:#cf222e}.muted{color:#656d76}
-.kv td:first-child{color:#656d76}
-.g{display:inline-block;min-width:17px;height:17px;line-height:17px;margin:1px;border-radius:3px;text-align:center;
-font-size:11px;text-decoration:none;color:#1f2328;border:1px solid transparent}
-.g0{background:#e6e8eb}.g1{background:#c6f0cf}.g2{background:#6fd38a}.g3{background:#1a7f37;color:#fff}
-.gu{background:#fff;border:1px dashed #8c959f;color:#8c959f}
-.pick{outline:2px solid #bf8700;outline-offset:1px}
-.legend .g{width:auto;padding:0 5px}
-details.q{border:1px solid #d0d7de;border-radius:6px;margin:8px 0;padding:0 10px}
-details.q>summary{padding:7px 0;cursor:pointer;font-weight:600}
-details.q[open]>summary{border-bottom:1px solid #eaeef2;margin-bottom:6px}
-details.w{margin:6px 0 10px;padding-left:8px;border-left:2px solid #d0d7de}
-details.w>summary{cursor:pointer;color:#424a53}
-.row{margin:2px 0}.row>b{display:inline-block;width:110px;font-weight:500;color:#656d76}
-.passages td:nth-child(-n+2){text-align:right;font-variant-numeric:tabular-nums}.passages td:nth-child(2){color:#656d76}
-.passages td.d{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}.passages td.t{max-width:820px}
-td.strip{white-space:nowrap}
-.two{display:grid;grid-template-columns:1fr 1fr;gap:16px}.two>div{min-width:0}
-.badge{font-size:11px;padding:0 5px;border-radius:8px;background:#eaeef2;color:#424a53;font-weight:500}
-.ok{background:#dafbe1;color:#1a7f37}.bad{background:#ffebe9;color:#cf222e}
-"""
-
-# click a heading to sort by it (twice: the other way); following a link to a query opens it
-JS = """
-document.querySelectorAll("th[data-k]").forEach(th => th.addEventListener("click", () => {
-  const body = th.closest("table").tBodies[0], i = th.cellIndex, asc = th.dataset.dir !== "asc";
-  const key = r => th.dataset.k === "n" ? parseFloat(r.cells[i].dataset.v) : r.cells[i].textContent;
-  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1))
-    .forEach(r => body.appendChild(r));
-  th.dataset.dir = asc ? "asc" : "desc";
-  th.closest("tr").querySelectorAll("th").forEach(h => h.textContent = h.textContent.replace(/ [▲▼]$/, ""));
-  th.textContent += asc ? " ▲" : " ▼";
-}));
-function openTarget() {
-  const el = location.hash && document.getElementById(location.hash.slice(1));
-  for (let d = el; d; d = d.parentElement) if (d.tagName === "DETAILS") d.open = true;
-}
-addEventListener("hashchange", openTarget); openTarget();
-document.addEventListener("mouseover", ev => {
-  const a = ev.target.closest && ev.target.closest("a.g");
-  const row = a && !a.title && document.getElementById(a.hash.slice(1));
-  if (row) a.title = row.querySelector(".d").textContent + ": " + row.querySelector(".t").textContent.slice(0, 240);
-});
-"""
-
-
-def page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n{body}\n<script>{JS}</script></body></html>\n")
+# html pieces (the page's frame, CSS and JS are page.py's)
 
 
 def grade_box(g: int | None) -> str:

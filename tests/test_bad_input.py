@@ -20,6 +20,8 @@ import eval as ev
 import grpo
 import runlog
 from data import Candidate, DataError
+from evalconfig import default_out
+from traces import RESUME_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 QRELS = "q1 0 a 2\nq1 0 b 0\nq2 0 c 1\n"
@@ -360,7 +362,7 @@ def test_eval_corrupt_files_in_out(data_root, tmp_path, capsys):
     # a damaged line in the middle of traces.jsonl (the last one may be half-written: dropped) -> file:line
     out = tmp_path / "o3"
     cfg = ev.parse_args([*map(str, argv), "--out", str(out)])
-    write(out / "rerank_config.json", json.dumps({k: getattr(cfg, k) for k in ev.RESUME_KEYS}))
+    write(out / "rerank_config.json", json.dumps({k: getattr(cfg, k) for k in RESUME_KEYS}))
     good = {"qid": "19335", "start": 0, "end": 3, "completion": "", "order": [0, 1, 2], "docids": []}
     write(out / "traces.jsonl", "\n".join([json.dumps(good), json.dumps({**good, "order": [0, 0, 7]}), "{"]) + "\n")
     code, text = cli(ev.main, [*argv, "--out", out], capsys)
@@ -387,10 +389,10 @@ def test_default_out_names_the_settings_and_the_input_file(tmp_path, monkeypatch
     quick = ev.parse_args(["--dataset", "dl19", "--model", "smollm2", "--limit", "2", "--top-k", "20",
                            "--max-new-tokens", "256"])  # fmt: skip  # the README's quick start
     headline = ev.parse_args(["--dataset", "dl19", "--model", "smollm2"])
-    assert str(ev.default_out(quick)) == "runs/dl19-smollm2-top20-limit2-tok256"
-    assert str(ev.default_out(headline)) == "runs/dl19-smollm2"
+    assert str(default_out(quick)) == "runs/dl19-smollm2-top20-limit2-tok256"
+    assert str(default_out(headline)) == "runs/dl19-smollm2"
     setwise = ev.parse_args(["--dataset", "dl19", "--model", "smollm2", "--method", "setwise", "--num-child", "3"])
-    assert str(ev.default_out(setwise)) == "runs/dl19-smollm2-setwise-child3"
+    assert str(default_out(setwise)) == "runs/dl19-smollm2-setwise-child3"
     # two run files with one basename: two folders
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "q.txt", QRELS)

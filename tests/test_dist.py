@@ -21,7 +21,9 @@ import dist_worker
 import eval as ev
 import rearank as rr
 from data import Candidate, Query, Ranking
+from evalconfig import EvalConfig
 from setwise import setwise_rerank
+from traces import one_process_order
 from test_grpo import tiny_dir, tokenizer, toy_instances  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +67,7 @@ def rankings(n_queries: int = 5, top_k: int = 30) -> list[Ranking]:
 @pytest.mark.parametrize("world", [2, 3])
 def test_listwise_traces_of_shards_merge_into_the_one_process_order(world):
     rs = rankings()
-    cfg = ev.EvalConfig(batch_size=2, window=20, step=10)
+    cfg = EvalConfig(batch_size=2, window=20, step=10)
     appended = []
     whole, traces = rr.rerank(rs, dist_worker.HashModel(), window=20, step=10, batch_size=2, on_window=appended.extend)
     assert traces == appended  # what one process appends to traces.jsonl
@@ -74,14 +76,14 @@ def test_listwise_traces_of_shards_merge_into_the_one_process_order(world):
     merged = [t for _, ts in parts for t in ts]
     assert merged != appended  # the order differs before the merge (else this test would prove nothing)
     random.Random(1).shuffle(merged)
-    assert ev.one_process_order(merged, rs, cfg) == appended
+    assert one_process_order(merged, rs, cfg) == appended
     assert [r for p, _ in parts for r in p] == whole
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_setwise_traces_of_shards_merge_into_the_one_process_order(world):
     rs = rankings(top_k=12)
-    cfg = ev.EvalConfig(method="setwise", batch_size=2, num_child=3, k=4)
+    cfg = EvalConfig(method="setwise", batch_size=2, num_child=3, k=4)
     kw = dict(k=4, num_child=3, seed=0, batch_size=2)
     appended = []
     whole, _, traces = setwise_rerank(rs, dist_worker.HashModel(), on_calls=appended.extend, **kw)
@@ -90,7 +92,7 @@ def test_setwise_traces_of_shards_merge_into_the_one_process_order(world):
     # each query's calls in the order made, as a rank's file holds them; the ranks in reverse, to mix the order up
     merged = [t for _, _, ts in reversed(parts) for t in ts]
     assert merged != appended
-    assert ev.one_process_order(merged, rs, cfg) == appended
+    assert one_process_order(merged, rs, cfg) == appended
     assert [r for p, _, _ in parts for r in p] == whole
 
 

@@ -10,6 +10,7 @@ pytrec_eval = pytest.importorskip("pytrec_eval")
 
 import data
 import eval as ev
+import scoring
 from data import load_qrels, load_run
 
 MEASURES = {"ndcg_cut.1", "ndcg_cut.5", "ndcg_cut.10"}
@@ -20,7 +21,7 @@ def oracle(run: dict[str, dict[str, float]], qrels) -> dict[str, dict[str, float
 
 
 def assert_matches_oracle(run, qrels):
-    ours = ev.evaluate({q: data.trec_order(s) for q, s in run.items()}, qrels)
+    ours = scoring.evaluate({q: data.trec_order(s) for q, s in run.items()}, qrels)
     theirs = oracle(run, qrels)
     assert set(ours.per_query) == set(theirs)  # same judged queries
     for qid, m in theirs.items():
@@ -59,7 +60,7 @@ def test_tie_break_is_docid_descending():
     assert data.trec_order({"a": 1.0, "b": 1.0, "c": 2.0}) == ["c", "b", "a"]
     qrels = {"q": {"a": 3, "b": 0}}
     # a tie between a relevant "a" and a non-relevant "b": trec_eval puts "b" first
-    ours = ev.evaluate({"q": data.trec_order({"a": 1.0, "b": 1.0})}, qrels, ks=(1,))
+    ours = scoring.evaluate({"q": data.trec_order({"a": 1.0, "b": 1.0})}, qrels, ks=(1,))
     assert ours.per_query["q"]["nDCG@1"] == 0.0
     assert oracle({"q": {"a": 1.0, "b": 1.0}}, qrels)["q"]["ndcg_cut_1"] == 0.0
 
@@ -79,7 +80,7 @@ def test_duplicate_docids_are_an_error():
 
 def test_unjudged_queries_are_skipped_and_counted():
     qrels = {"q1": {"a": 1}}
-    out = ev.evaluate({"q1": ["a"], "q2": ["b"]}, qrels)
+    out = scoring.evaluate({"q1": ["a"], "q2": ["b"]}, qrels)
     assert out.skipped == ["q2"]
     assert list(out.per_query) == ["q1"] and out.mean["nDCG@10"] == 1.0
 
@@ -95,7 +96,7 @@ def test_cli_dataset_bm25_prints_the_published_figure(data_root, tmp_path, capsy
         values = list(scores.values())
         assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
     qrels = load_qrels(data_root / "trec_dl/qrels.dl19-passage.txt")
-    assert ev.evaluate_run_file(tmp_path / "run.trec", qrels).mean["nDCG@10"] == pytest.approx(0.5058, abs=5e-5)
+    assert scoring.evaluate_run_file(tmp_path / "run.trec", qrels).mean["nDCG@10"] == pytest.approx(0.5058, abs=5e-5)
 
 
 def test_cli_run_agrees_with_pytrec_eval_on_any_run(data_root, tmp_path, capsys):
@@ -160,13 +161,13 @@ def exact_sign_flip_oracle(deltas):
 
 
 def per_query(values):
-    return ev.Evaluation({q: {"nDCG@10": v} for q, v in values.items()}, {})
+    return scoring.Evaluation({q: {"nDCG@10": v} for q, v in values.items()}, {})
 
 
 def test_compare_by_hand():
     a = per_query({"q1": 0.5, "q2": 0.4, "q3": 0.7, "q4": 0.1, "q5": 0.9})
     b = per_query({"q1": 0.7, "q2": 0.3, "q3": 0.7, "q4": 0.4, "q6": 0.2})
-    c = ev.compare(a, b)
+    c = scoring.compare(a, b)
     # paired on q1..q4: deltas +0.2, -0.1, 0, +0.3; q5 (A only) and q6 (B only) are left out
     assert c.deltas == pytest.approx({"q1": 0.2, "q2": -0.1, "q3": 0.0, "q4": 0.3})
     assert c.mean_delta == pytest.approx(0.1) and (c.mean_a, c.mean_b) == (pytest.approx(0.425), pytest.approx(0.525))
@@ -184,8 +185,8 @@ def test_sign_flip_exact_and_sampled_match_an_enumeration_oracle():
     for n in (1, 5, 9, 12):
         deltas = [rng.gauss(0.03, 0.1) for _ in range(n)]
         oracle_p = exact_sign_flip_oracle(deltas)
-        assert ev.sign_flip_p(deltas) == pytest.approx(oracle_p, abs=1e-12)
-        sampled = ev.sign_flip_p(deltas, flips=20000, seed=1, exact_up_to=0)  # Monte Carlo: within its noise
+        assert scoring.sign_flip_p(deltas) == pytest.approx(oracle_p, abs=1e-12)
+        sampled = scoring.sign_flip_p(deltas, flips=20000, seed=1, exact_up_to=0)  # Monte Carlo: within its noise
         assert abs(sampled - oracle_p) < 4 * (oracle_p * (1 - oracle_p) / 20000) ** 0.5 + 1e-4
 
 
@@ -195,8 +196,8 @@ def test_bootstrap_interval_is_seeded_and_near_the_normal_interval():
 
     rng = random.Random(0)
     deltas = [rng.gauss(0.02, 0.1) for _ in range(400)]
-    lo, hi = ev.bootstrap_interval(deltas, resamples=4000, seed=5)
-    assert (lo, hi) == ev.bootstrap_interval(deltas, resamples=4000, seed=5)
+    lo, hi = scoring.bootstrap_interval(deltas, resamples=4000, seed=5)
+    assert (lo, hi) == scoring.bootstrap_interval(deltas, resamples=4000, seed=5)
     mean, half = statistics.fmean(deltas), 1.96 * statistics.stdev(deltas) / len(deltas) ** 0.5
     assert lo == pytest.approx(mean - half, abs=0.15 * half) and hi == pytest.approx(mean + half, abs=0.15 * half)
 

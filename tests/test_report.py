@@ -13,6 +13,7 @@ import pytest
 
 import eval as ev
 import report
+import scoring
 from data import load_qrels, load_rankgpt, load_run, ndcg_at_k, trec_order
 from test_setwise import WordTokenizer
 
@@ -313,7 +314,7 @@ def test_dl19_report_first_stage_matches_the_bm25_run_file(data_root, tmp_path, 
     ev.main(["--dataset", "dl19", "--data-dir", str(data_root), "--model", "fake", "--limit", "3", "--top-k", "20",
              "--out", str(out)])
     doc, m = parse(out / "report.html"), metrics_of(out)
-    bm25 = ev.evaluate_run_file(data_root / "trec_dl/run.bm25.dl19.top100.trec", load_qrels(
+    bm25 = scoring.evaluate_run_file(data_root / "trec_dl/run.bm25.dl19.top100.trec", load_qrels(
         data_root / "trec_dl/qrels.dl19-passage.txt"))
     rows = doc.find(id="queries").find("tbody").find_all("tr")
     assert len(rows) == 3
