@@ -246,14 +246,36 @@ def check_unique(ranking: Ranking, where: str = "") -> None:
         seen.add(c.docid)
 
 
-def _beir_record(path, lineno: int, rec: dict, what: str) -> tuple[str, str, str]:
-    """(_id, text, title) of one BEIR line: `_id` a string or integer, `text` (and `title`, if any) strings."""
-    _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
-    if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not isinstance(text, str):
-        raise DataError(f"{path}:{lineno}: a {what} line needs '_id' (string) and 'text' (string)")
-    if not isinstance(title, str):
-        raise DataError(f"{path}:{lineno}: 'title' must be a string, got {title!r:.80}")
-    return str(_id), text, title
+def _beir_jsonl(path: str | Path, what: str, noun: str) -> dict[str, tuple[str, str]]:
+    """{_id: (text, title)} of a BEIR JSONL file: each line's `_id` a string or integer, its `text` (and `title`, if
+    any) strings, and no `_id` listed twice. In errors `what` names a line (corpus, query), `noun` an entry."""
+    records: dict[str, tuple[str, str]] = {}
+    for lineno, rec in jsonl(path):
+        _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
+        if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: a {what} line needs '_id' (string) and 'text' (string)")
+        if not isinstance(title, str):
+            raise DataError(f"{path}:{lineno}: 'title' must be a string, got {title!r:.80}")
+        if str(_id) in records:
+            raise DataError(f"{path}:{lineno}: {noun} {_id} is listed twice")
+        records[str(_id)] = text, title
+    return records
+
+
+def load_beir_corpus(path: str | Path) -> dict[str, str]:
+    """BEIR corpus.jsonl -> {docid: 'Title: {title} Content: {text}'} (METHOD §2; the prompt strips the labels)."""
+    corpus: dict[str, str] = {}
+    for docid, (text, title) in _beir_jsonl(path, "corpus", "document").items():
+        title, text = title.strip(), text.strip()
+        corpus[docid] = f"Title: {title} Content: {text}" if title else text
+    if not corpus:
+        raise DataError(f"{path}: no documents in the file")
+    return corpus
+
+
+def load_beir_queries(path: str | Path) -> dict[str, str]:
+    """BEIR queries.jsonl -> {qid: text}."""
+    return {qid: text for qid, (text, _) in _beir_jsonl(path, "query", "query").items()}
 
 
 def read_records(path: Path, record: type, check: Callable[[object], str] | None = None, advice: str = "") -> list:
@@ -279,30 +301,6 @@ def read_records(path: Path, record: type, check: Callable[[object], str] | None
             raise DataError(f"{path}:{lineno}: {problem}{advice}")
         records.append(rec)
     return records
-
-
-def load_beir_corpus(path: str | Path) -> dict[str, str]:
-    """BEIR corpus.jsonl -> {docid: 'Title: {title} Content: {text}'} (METHOD §2; the prompt strips the labels)."""
-    corpus: dict[str, str] = {}
-    for lineno, doc in jsonl(path):
-        docid, text, title = _beir_record(path, lineno, doc, "corpus")
-        if docid in corpus:
-            raise DataError(f"{path}:{lineno}: document {docid} is listed twice")
-        title, text = title.strip(), text.strip()
-        corpus[docid] = f"Title: {title} Content: {text}" if title else text
-    if not corpus:
-        raise DataError(f"{path}: no documents in the file")
-    return corpus
-
-
-def load_beir_queries(path: str | Path) -> dict[str, str]:
-    queries: dict[str, str] = {}
-    for lineno, q in jsonl(path):
-        qid, text, _ = _beir_record(path, lineno, q, "query")
-        if qid in queries:
-            raise DataError(f"{path}:{lineno}: query {qid} is listed twice")
-        queries[qid] = text
-    return queries
 
 
 def write_run(path: str | Path, rankings: Iterable[Ranking], tag: str = "rearank") -> None:

@@ -4,7 +4,7 @@ data.py's registry asks `require` for a dataset's files. Those not in the data d
 homes (the rank_llm_data dataset on the Hugging Face Hub, anserini-tools on GitHub, the BEIR zip); offline, one error
 lists every missing file and where it goes.
 
-Reading order: the homes (`REMOTE`: a local path -> how to fetch it), `_fetch` (one file), `require` (a dataset's files).
+Reading order: `REMOTE` (a local path -> its home), `_fetch` (one file), `require` (a dataset's files).
 """
 
 import sys
