@@ -267,6 +267,20 @@ def prompt_forward(model, prompt_ids: torch.Tensor) -> PrefixCache:
     return PrefixCache([PrefixLayer(lay.keys, lay.values) for lay in record.layers], prompt_ids[:, -1:])
 
 
+def _scored_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_ids: torch.Tensor,
+                    temperature: float, logits_chunk: int, cache: Cache | None = None) -> torch.Tensor:
+    """Log-probs `(B, C)` of the completion that ends each row of `input_ids`, from one forward: position t scores
+    token t+1, so the last C+1 positions score the C tokens. Unchunked the model's own forward makes the logits (only
+    those positions', `logits_to_keep`); chunked the decoder's hidden states go through `head_logprobs`."""
+    keep = completion_ids.shape[1] + 1
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=False)
+    if not logits_chunk:
+        logits = model(**inputs, logits_to_keep=keep).logits  # (B, 1+C, V)
+        return token_logprobs(logits[:, :-1], completion_ids, temperature)
+    hidden = _decoder(model)(**inputs).last_hidden_state[:, -keep:]  # (B, 1+C, H)
+    return head_logprobs(model, hidden[:, :-1], completion_ids, temperature, logits_chunk)
+
+
 def prefix_logprobs(model, prefix: PrefixCache, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                     temperature: float = 1.0, logits_chunk: int = 0) -> torch.Tensor:
     """Log-probs `(B, C)` of a batch of completions continuing the prompt held by `prefix`; the logits are made
@@ -278,27 +292,18 @@ def prefix_logprobs(model, prefix: PrefixCache, completion_ids: torch.Tensor, co
     attention_mask = torch.cat([ones, completion_mask], dim=1)  # (B, P+C)
     with _cache_survives_checkpointing(model):
         # positions start at P-1 because they are derived from prefix.get_seq_length() (LlamaModel.forward)
-        if not logits_chunk:  # the whole head at once, as the model's own forward does it
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=prefix,
-                           use_cache=False).logits  # (B, 1+C, V)
-            return token_logprobs(logits[:, :-1], completion_ids, temperature)
-        hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, cache=prefix,
-                                 use_cache=False).last_hidden_state  # (B, 1+C, H)
-    # position t scores token t+1: the last prompt token's scores completion token 0
-    return head_logprobs(model, hidden[:, :-1], completion_ids, temperature, logits_chunk)
+        return _scored_forward(model, input_ids, attention_mask, completion_ids, temperature, logits_chunk, prefix)
 
 
 def plain_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                    temperature: float = 1.0, logits_chunk: int = 0) -> torch.Tensor:
     """The usual way, for comparison: the prompt repeated per row, one forward over `cat(prompt, completion)`."""
     prompt_ids = one_prompt(prompt_ids)  # (1, P)
-    batch, length = completion_ids.shape
+    batch, _ = completion_ids.shape
     input_ids = torch.cat([prompt_ids.expand(batch, -1), completion_ids], dim=1)  # (B, P+C)
     attention_mask = torch.cat([completion_mask.new_ones(batch, prompt_ids.shape[1]), completion_mask], dim=1)
-    hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
-                             use_cache=False).last_hidden_state  # (B, P+C, H)
     # score with the last prompt position and the completion's: positions P-1 .. P+C-2
-    return head_logprobs(model, hidden[:, -length - 1 : -1], completion_ids, temperature, logits_chunk)
+    return _scored_forward(model, input_ids, attention_mask, completion_ids, temperature, logits_chunk)
 
 
 def micro_batches(n: int, micro_batch: int | None) -> list[slice]:
