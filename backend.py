@@ -3,7 +3,7 @@ generating completions for chat prompts with HF `generate`, for evaluation (gree
 
 Reading order: the model names, `smollm2_dir` (GGUF -> a cached HF checkpoint), `check_loadable` (fail fast offline),
 `keep_freed_memory` (a CPU allocator setting), `load_model`, then generation: `generate_tokens` (one batched call;
-each prompt prefilled once, see prefix.py) with its stop handling (`stop_lengths`, `answer_stop`), and `HFGenerator`,
+each prompt prefilled once, see prefill.py) with its stop handling (`stop_lengths`, `answer_stop`), and `HFGenerator`,
 the `Generate` that rearank.rerank and setwise.setwise_rerank call.
 
     model, tokenizer = load_model("smollm2")
@@ -227,7 +227,7 @@ def generate_tokens(
 ) -> Generation:
     """Generate completions for chat prompts in one batch; each stops at `</answer>` or EOS.
 
-    Each prompt is prefilled once, alone and unpadded, however many samples it gets (`prefix.generate`): on CPU a
+    Each prompt is prefilled once, alone and unpadded, however many samples it gets (`prefill.generate`): on CPU a
     padded prefill is 2x slower, and GRPO's G samples of a prompt share its prefill. `shared_prompt=False` is plain
     `generate` on the padded batch, for comparison.
     `min_new_tokens` holds EOS and the `</answer>` stop back that long (benchmarks use it to fix the length).
@@ -239,7 +239,7 @@ def generate_tokens(
     import torch
     from transformers import GenerationConfig
 
-    from prefix import generate
+    from prefill import generate
 
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)

@@ -10,7 +10,7 @@ same windows with the same greedy settings through `backend.generate_tokens`, th
 stops each sequence at EOS or `</answer>` as they do. Reported: windows/s, prompt tokens/s (real tokens, padding not
 counted), generated tokens/s (tokens up to each sequence's stop), the CPU seconds used (on a shared machine they
 compare better than wall time), and the share of the computed positions that were padding or ran past a sequence's
-stop (the cost of batching sequences of unequal length). Each prompt is prefilled alone (`prefix.generate`), so its
+stop (the cost of batching sequences of unequal length). Each prompt is prefilled alone (`prefill.generate`), so its
 padding is only computed with `--padded-prefill`.
 """
 

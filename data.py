@@ -15,7 +15,10 @@ the training seeds; never a test set), scifact (BEIR test split) and scifact-tra
 BM25 (bm25.py) over the corpus. Training sets are drawn from these datasets by augment.py.
 
 The data directory is --data-dir, else $REARANK_DATA, else ./data. Missing files are fetched from their public homes
-when the machine is online; offline, the error lists what is missing and where it goes.
+(download.py) when the machine is online; offline, the error lists what is missing and where it goes.
+
+Reading order: the records, the metric, the small readers and writers (TREC, RankGPT JSON, BEIR, JSONL records), the
+data directory, the registry (`DATASETS`, `load_dataset`), the command line.
 
     python data.py list                                  # the registry
     python data.py bm25 --dataset scifact                # build/cache the BM25 index, report times
@@ -28,13 +31,12 @@ import json
 import math
 import os
 import sys
-import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from bm25 import bm25_retrieve
+from download import require
 from files import DataError, atomic_write, jsonl, lines, read_json
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -244,14 +246,36 @@ def check_unique(ranking: Ranking, where: str = "") -> None:
         seen.add(c.docid)
 
 
-def _beir_record(path, lineno: int, rec: dict, what: str) -> tuple[str, str, str]:
-    """(_id, text, title) of one BEIR line: `_id` a string or integer, `text` (and `title`, if any) strings."""
-    _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
-    if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not isinstance(text, str):
-        raise DataError(f"{path}:{lineno}: a {what} line needs '_id' (string) and 'text' (string)")
-    if not isinstance(title, str):
-        raise DataError(f"{path}:{lineno}: 'title' must be a string, got {title!r:.80}")
-    return str(_id), text, title
+def _beir_jsonl(path: str | Path, what: str, noun: str) -> dict[str, tuple[str, str]]:
+    """{_id: (text, title)} of a BEIR JSONL file: each line's `_id` a string or integer, its `text` (and `title`, if
+    any) strings, and no `_id` listed twice. In errors `what` names a line (corpus, query), `noun` an entry."""
+    records: dict[str, tuple[str, str]] = {}
+    for lineno, rec in jsonl(path):
+        _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
+        if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: a {what} line needs '_id' (string) and 'text' (string)")
+        if not isinstance(title, str):
+            raise DataError(f"{path}:{lineno}: 'title' must be a string, got {title!r:.80}")
+        if str(_id) in records:
+            raise DataError(f"{path}:{lineno}: {noun} {_id} is listed twice")
+        records[str(_id)] = text, title
+    return records
+
+
+def load_beir_corpus(path: str | Path) -> dict[str, str]:
+    """BEIR corpus.jsonl -> {docid: 'Title: {title} Content: {text}'} (METHOD §2; the prompt strips the labels)."""
+    corpus: dict[str, str] = {}
+    for docid, (text, title) in _beir_jsonl(path, "corpus", "document").items():
+        title, text = title.strip(), text.strip()
+        corpus[docid] = f"Title: {title} Content: {text}" if title else text
+    if not corpus:
+        raise DataError(f"{path}: no documents in the file")
+    return corpus
+
+
+def load_beir_queries(path: str | Path) -> dict[str, str]:
+    """BEIR queries.jsonl -> {qid: text}."""
+    return {qid: text for qid, (text, _) in _beir_jsonl(path, "query", "query").items()}
 
 
 def read_records(path: Path, record: type, check: Callable[[object], str] | None = None, advice: str = "") -> list:
@@ -277,30 +301,6 @@ def read_records(path: Path, record: type, check: Callable[[object], str] | None
             raise DataError(f"{path}:{lineno}: {problem}{advice}")
         records.append(rec)
     return records
-
-
-def load_beir_corpus(path: str | Path) -> dict[str, str]:
-    """BEIR corpus.jsonl -> {docid: 'Title: {title} Content: {text}'} (METHOD §2; the prompt strips the labels)."""
-    corpus: dict[str, str] = {}
-    for lineno, doc in jsonl(path):
-        docid, text, title = _beir_record(path, lineno, doc, "corpus")
-        if docid in corpus:
-            raise DataError(f"{path}:{lineno}: document {docid} is listed twice")
-        title, text = title.strip(), text.strip()
-        corpus[docid] = f"Title: {title} Content: {text}" if title else text
-    if not corpus:
-        raise DataError(f"{path}: no documents in the file")
-    return corpus
-
-
-def load_beir_queries(path: str | Path) -> dict[str, str]:
-    queries: dict[str, str] = {}
-    for lineno, q in jsonl(path):
-        qid, text, _ = _beir_record(path, lineno, q, "query")
-        if qid in queries:
-            raise DataError(f"{path}:{lineno}: query {qid} is listed twice")
-        queries[qid] = text
-    return queries
 
 
 def write_run(path: str | Path, rankings: Iterable[Ranking], tag: str = "rearank") -> None:
@@ -330,7 +330,7 @@ def write_rankgpt(path: str | Path, rankings: Iterable[Ranking]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the data directory and its public homes
+# the data directory and the cache
 
 
 def cache_dir() -> Path:
@@ -342,65 +342,6 @@ def cache_dir() -> Path:
 
 def data_dir(explicit: str | Path | None = None) -> Path:
     return Path(explicit or os.environ.get("REARANK_DATA") or "data")
-
-
-RANK_LLM_DATA = "castorini/rank_llm_data"  # Hugging Face dataset with first-stage results (METHOD, data README)
-QRELS_URL = "https://raw.githubusercontent.com/castorini/anserini-tools/master/topics-and-qrels/"
-SCIFACT_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/scifact.zip"
-
-# local path (relative to the data directory) -> how to fetch it when missing
-REMOTE: dict[str, tuple[str, str]] = {
-    "trec_dl/bm25_top100_dl19.rankgpt.json": ("hf", "retrieve_results/BM25/retrieve_results_dl19_top100.json"),
-    "trec_dl/bm25_top100_dl20.rankgpt.json": ("hf", "retrieve_results/BM25/retrieve_results_dl20_top100.json"),
-    "trec_dl21_msmarco_v2/bm25_top100_dl21.rankgpt.json": (
-        "hf", "retrieve_results/BM25/retrieve_results_dl21_top100.json"
-    ),
-    "trec_dl/qrels.dl19-passage.txt": ("url", QRELS_URL + "qrels.dl19-passage.txt"),
-    "trec_dl/qrels.dl20-passage.txt": ("url", QRELS_URL + "qrels.dl20-passage.txt"),
-    "trec_dl21_msmarco_v2/qrels.dl21-passage.txt": ("url", QRELS_URL + "qrels.dl21-passage.txt"),
-    "beir_scifact/corpus.jsonl": ("beir", "scifact/corpus.jsonl"),
-    "beir_scifact/queries.jsonl": ("beir", "scifact/queries.jsonl"),
-    "beir_scifact/qrels/test.tsv": ("beir", "scifact/qrels/test.tsv"),
-    "beir_scifact/qrels/train.tsv": ("beir", "scifact/qrels/train.tsv"),
-}
-
-
-def _fetch(root: Path, rel: str) -> None:
-    kind, src = REMOTE[rel]
-    dest = root / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "hf":
-        from huggingface_hub import hf_hub_download
-
-        local = hf_hub_download(RANK_LLM_DATA, src, repo_type="dataset")
-        dest.write_bytes(Path(local).read_bytes())
-    elif kind == "url":
-        urllib.request.urlretrieve(src, dest)
-    else:  # the BEIR zip holds every SciFact file at once
-        zpath = root / "beir_scifact" / "scifact.zip"
-        if not zpath.exists():
-            urllib.request.urlretrieve(SCIFACT_URL, zpath)
-        with zipfile.ZipFile(zpath) as z:
-            dest.write_bytes(z.read(src))
-
-
-def require(root: Path, rels: list[str]) -> list[Path]:
-    """The paths of `rels` under `root`, fetching the missing ones; offline, one error that lists them all."""
-    missing = [r for r in rels if not (root / r).exists()]
-    failed = []
-    for rel in missing:
-        try:
-            print(f"data: fetching {rel} ...", file=sys.stderr)
-            _fetch(root, rel)
-        except Exception as e:  # offline, hub down, proxy: we only need to say what to do next
-            failed.append(f"  {root / rel}   (from {REMOTE[rel][1]}; {type(e).__name__})")
-    if failed:
-        raise DataError(
-            "missing data files, and fetching them failed (offline?):\n"
-            + "\n".join(failed)
-            + "\nPut the files there, or point --data-dir / $REARANK_DATA at a directory laid out like this one."
-        )
-    return [root / r for r in rels]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ from checkpoint import CtrlC, check_out, resume, rng_state, save_checkpoint, set
 from cli import arg, dataclass_parser, explicit_flags
 from data import DATASETS, TEST_SETS, DataError
 from files import check_file, nonneg_float, nonneg_int, positive_float, positive_int
+from memory import plan_memory
 from optimizer import make_optimizer, moved_fraction, weight_sample
 from prefix import group_backward
 from rearank import MAX_CHARS
@@ -193,22 +194,6 @@ def config_problem(cfg: Config) -> str:
     if cfg.eval_every and not cfg.train_file and cfg.eval_dataset == cfg.dataset:
         return f"--eval-dataset {cfg.eval_dataset} is also the training --dataset: held-out means not trained on"
     return ""
-
-
-def plan_memory(cfg: Config, explicit: set[str] | None) -> None:
-    """Print the memory plan and fill in what the user left to it (memory.py), before any weight is loaded.
-    `explicit` None (train() called from code): the fields that differ from their defaults count as given."""
-    import memory
-    from backend import SMOLLM2, smollm2_dir
-
-    if explicit is None:
-        explicit = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
-    try:
-        config = memory.published_config(str(smollm2_dir()) if cfg.model == SMOLLM2 else cfg.model)
-    except (OSError, ValueError) as e:
-        print(f"memory plan: skipped, cannot read the model's config ({str(e).splitlines()[0][:200]})")
-        return
-    memory.plan_run(cfg, explicit, config, torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

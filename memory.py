@@ -27,99 +27,26 @@ and a completion row's keys include the prompt's P positions. The shared prompt 
 its graph (P positions) counts once, beside one micro-batch of completions (C + 1 positions each). With
 checkpointing only each layer's input survives, plus one layer's activations during its recompute.
 tests/test_memory.py checks the counts against what a tiny model really allocates.
+
+Reading order: the arithmetic (`Workload`, `Settings`, `Plan`, `estimate`; the model's `Shape` comes from
+model_shape.py), the choice (`choose`, `what_would_fit`), the device and the grpo.py hook (`plan_run`), the command
+line (`main`).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from data import DataError
+from model_shape import PUBLISHED, Shape, published_config, shape_of
 
 GB = 1e9
 TEMPLATE_TOKENS = 300  # the REARANK prompt without passages (SmolLM2's tokenizer: ~280 on DL19/DL21)
 PASSAGE_TOKENS = 115  # per passage: DL19/DL21 top-20 prompts average ~100 tokens a passage, the longest ~115
 LOGITS_CHUNK_BYTES = 512 * 2**20  # one fp32 copy of a chunk's logits (micro-batch x positions x vocab) at most
 HEADROOM = 0.9  # plan within 90% of the free memory: allocator fragmentation, CUDA workspaces, small buffers
-
-# Qwen2.5-7B-Instruct's published config.json (the numbers that matter here), so the plan prints without the Hub
-PUBLISHED = {
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-                       rope_theta=1e6, max_position_embeddings=32768),
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the model's shape
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What memory depends on in a decoder-only transformer."""
-
-    params: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-
-def count_parameters(config) -> int:
-    """Parameters of a Llama-layout model (Llama, Qwen2, Mistral, SmolLM2) from its config, by arithmetic.
-
-    Per layer: q, k, v, o (and their biases), gate/up/down, two RMSNorm weights; then the embedding, the
-    final norm and an untied lm_head. Other architectures: `meta_parameters`.
-    """
-    h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    bias = q + 2 * kv if config.model_type == "qwen2" else 0  # Qwen2: biases on q, k, v
-    if getattr(config, "attention_bias", False):
-        bias = q + 2 * kv + h  # Llama's attention_bias: on q, k, v and o
-    attention = h * (q + 2 * kv) + q * h + bias
-    mlp = 3 * h * i + (2 * i + h if getattr(config, "mlp_bias", False) else 0)
-    per_layer = attention + mlp + 2 * h
-    return L * per_layer + V * h + h + (0 if config.tie_word_embeddings else V * h)
-
-
-def meta_parameters(config) -> int:
-    """Parameters of any HF causal LM, counted exactly by building it on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-LLAMA_LAYOUT = {"llama", "qwen2", "mistral"}
-
-
-def shape_of(config) -> Shape:
-    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    params = count_parameters(config) if config.model_type in LLAMA_LAYOUT else meta_parameters(config)
-    return Shape(params, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                 config.num_attention_heads, config.num_key_value_heads, head_dim, config.vocab_size)
-
-
-def published_config(name: str):
-    """A transformers config object from PUBLISHED (or a local directory / hub id's config.json)."""
-    from transformers import AutoConfig
-
-    if name in PUBLISHED:
-        fields = dict(PUBLISHED[name])
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
-    return AutoConfig.from_pretrained(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -416,6 +343,24 @@ class PlanError(DataError):
 
 
 PLANNED = ("bf16_weights", "gradient_checkpointing", "micro_batch", "logits_chunk", "reference")
+
+
+def plan_memory(cfg, explicit: set[str] | None) -> Plan | None:
+    """grpo.py's first act: print the plan for grpo.Config `cfg` and fill in what the user left to it, before any
+    weight is loaded. `explicit` None (grpo.train called from code): the fields that differ from their defaults count
+    as given. A model whose config cannot be read is trained as the flags say, with a line that says so."""
+    import torch
+
+    from backend import SMOLLM2, smollm2_dir
+
+    if explicit is None:
+        explicit = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    try:
+        config = published_config(str(smollm2_dir()) if cfg.model == SMOLLM2 else cfg.model)
+    except (OSError, ValueError) as e:
+        print(f"memory plan: skipped, cannot read the model's config ({str(e).splitlines()[0][:200]})")
+        return None
+    return plan_run(cfg, explicit, config, torch.cuda.is_available())
 
 
 def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = None) -> Plan:

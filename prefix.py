@@ -16,13 +16,12 @@ accurate than with 35+ (measured here: 4e-6 vs 4e-7 relative at K=49152).
     logp = prefix_logprobs(model, prefix, ids, mask)                   # (G, C), any micro-batch of completions
     logp = completion_logprobs(model, prompt_ids, ids, mask)           # both steps; shared=False: the usual way
     loss = group_backward(model, prompt_ids, ids, mask, loss_fn, micro_batch=2)   # micro-batched backward
-    ids, mask = rollout(model, prompt_ids, group_size=8, max_new_tokens=256)      # prefill once, sample G
-    out = generate(model, prompt_ids, prompt_mask, repeats=8, max_new_tokens=256)  # left-padded prompts, each once
 
+The rollout's side, each prompt prefilled once for `generate`, is prefill.py's, built on `prompt_forward`.
 Tests: `python -m pytest tests/test_prefix.py`; timing: `nice python bench_prefix.py` (see its docstring).
 
 For the log-probs a group shares ONE unpadded prompt: `prompt_ids` is `(P,)` or `(1, P)`, never a left-padded batch
-(`generate` takes a left-padded batch and strips each prompt's padding itself). Completions are
+(`prefill.generate` takes a left-padded batch and strips each prompt's padding itself, `unpadded`). Completions are
 right-padded `(G, C)` with `completion_mask` 1 on real tokens (pad with any valid token id).
 
 Pitfalls in transformers 5.24 that shape this file:
@@ -36,11 +35,13 @@ Pitfalls in transformers 5.24 that shape this file:
   reaches the layer through the cache, so its gradient is silently lost (issue 6 measured a relative error of ~1.15).
   We refuse it (`check_checkpointing`). Non-reentrant checkpointing (`activation_checkpointing_enable`'s default)
   is exact.
-- Checkpointed layers drop the cache whenever `model.training`, even under no_grad, so `rollout` generates in eval
-  mode.
 - Positions and the mask come from the cache: `get_seq_length()` (position ids, query offset) and
   `get_mask_sizes()` (kv length = prefix + completion). A `DynamicCache` built from existing tensors copies them
   (`cat([empty, k])`), so the layers here hold the prompt's tensors directly.
+
+Reading order: the cache layers (`PrefixLayer`, `_RecordLayer`, `PrefixCache`), the model plumbing (the checks, one
+prompt per group, `token_logprobs`, `head_logprobs` in chunks), then the prompt once and the completions
+(`prompt_forward`, `prefix_logprobs` and the usual `plain_logprobs`, `completion_logprobs`, `group_backward`).
 """
 
 import contextlib
@@ -49,7 +50,7 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 # --- cache layers
 
@@ -188,11 +189,19 @@ def _cache_survives_checkpointing(model):
                 m._can_checkpoint_with_cache = b
 
 
-def _one_prompt(prompt_ids: torch.Tensor) -> torch.Tensor:
-    # a group shares one prompt; a left-padded batch of prompts would need per-row positions and masks
+def one_prompt(prompt_ids: torch.Tensor) -> torch.Tensor:
+    """A group's one prompt as (1, P); a left-padded batch of prompts would need per-row positions and masks."""
     assert prompt_ids.dim() == 1 or (prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1), \
         f"one unpadded prompt per group, (P,) or (1, P); got {tuple(prompt_ids.shape)}"
     return prompt_ids.reshape(1, -1)  # (1, P)
+
+
+def unpadded(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of a left-padded batch without their padding: (B, P), (B, P) -> B tensors (P_b,)."""
+    lengths = prompt_mask.sum(dim=1).tolist()
+    P = prompt_ids.shape[1]
+    assert all(prompt_mask[b, P - n:].all() for b, n in enumerate(lengths)), "prompts must be left-padded"
+    return [prompt_ids[b, P - n:] for b, n in enumerate(lengths)]
 
 
 def token_logprobs(scores: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -249,13 +258,27 @@ def prompt_forward(model, prompt_ids: torch.Tensor) -> PrefixCache:
     """Run all but the last token of one prompt once (with autograd if enabled): their per-layer keys/values."""
     check_checkpointing(model)
     _check_full_attention(model)
-    prompt_ids = _one_prompt(prompt_ids)  # (1, P)
+    prompt_ids = one_prompt(prompt_ids)  # (1, P)
     assert prompt_ids.shape[1] >= 2, "the prefix is the prompt minus its last token"
     record = Cache(layers=[_RecordLayer() for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)])
     with _cache_survives_checkpointing(model):
         # logits_to_keep=1: the prefix's logits are never used, so skip the (P, V) lm_head product
         model(input_ids=prompt_ids[:, :-1], cache=record, use_cache=False, logits_to_keep=1)
     return PrefixCache([PrefixLayer(lay.keys, lay.values) for lay in record.layers], prompt_ids[:, -1:])
+
+
+def _scored_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_ids: torch.Tensor,
+                    temperature: float, logits_chunk: int, cache: Cache | None = None) -> torch.Tensor:
+    """Log-probs `(B, C)` of the completion that ends each row of `input_ids`, from one forward: position t scores
+    token t+1, so the last C+1 positions score the C tokens. Unchunked the model's own forward makes the logits (only
+    those positions', `logits_to_keep`); chunked the decoder's hidden states go through `head_logprobs`."""
+    keep = completion_ids.shape[1] + 1
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=False)
+    if not logits_chunk:
+        logits = model(**inputs, logits_to_keep=keep).logits  # (B, 1+C, V)
+        return token_logprobs(logits[:, :-1], completion_ids, temperature)
+    hidden = _decoder(model)(**inputs).last_hidden_state[:, -keep:]  # (B, 1+C, H)
+    return head_logprobs(model, hidden[:, :-1], completion_ids, temperature, logits_chunk)
 
 
 def prefix_logprobs(model, prefix: PrefixCache, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -269,27 +292,18 @@ def prefix_logprobs(model, prefix: PrefixCache, completion_ids: torch.Tensor, co
     attention_mask = torch.cat([ones, completion_mask], dim=1)  # (B, P+C)
     with _cache_survives_checkpointing(model):
         # positions start at P-1 because they are derived from prefix.get_seq_length() (LlamaModel.forward)
-        if not logits_chunk:  # the whole head at once, as the model's own forward does it
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=prefix,
-                           use_cache=False).logits  # (B, 1+C, V)
-            return token_logprobs(logits[:, :-1], completion_ids, temperature)
-        hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, cache=prefix,
-                                 use_cache=False).last_hidden_state  # (B, 1+C, H)
-    # position t scores token t+1: the last prompt token's scores completion token 0
-    return head_logprobs(model, hidden[:, :-1], completion_ids, temperature, logits_chunk)
+        return _scored_forward(model, input_ids, attention_mask, completion_ids, temperature, logits_chunk, prefix)
 
 
 def plain_logprobs(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                    temperature: float = 1.0, logits_chunk: int = 0) -> torch.Tensor:
     """The usual way, for comparison: the prompt repeated per row, one forward over `cat(prompt, completion)`."""
-    prompt_ids = _one_prompt(prompt_ids)  # (1, P)
-    batch, length = completion_ids.shape
+    prompt_ids = one_prompt(prompt_ids)  # (1, P)
+    batch, _ = completion_ids.shape
     input_ids = torch.cat([prompt_ids.expand(batch, -1), completion_ids], dim=1)  # (B, P+C)
     attention_mask = torch.cat([completion_mask.new_ones(batch, prompt_ids.shape[1]), completion_mask], dim=1)
-    hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
-                             use_cache=False).last_hidden_state  # (B, P+C, H)
     # score with the last prompt position and the completion's: positions P-1 .. P+C-2
-    return head_logprobs(model, hidden[:, -length - 1 : -1], completion_ids, temperature, logits_chunk)
+    return _scored_forward(model, input_ids, attention_mask, completion_ids, temperature, logits_chunk)
 
 
 def micro_batches(n: int, micro_batch: int | None) -> list[slice]:
@@ -345,119 +359,3 @@ def group_backward(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
     return total
-
-
-# --- rollout
-
-
-def unpadded(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[torch.Tensor]:
-    """The rows of a left-padded batch without their padding: (B, P), (B, P) -> B tensors (P_b,)."""
-    lengths = prompt_mask.sum(dim=1).tolist()
-    P = prompt_ids.shape[1]
-    assert all(prompt_mask[b, P - n:].all() for b, n in enumerate(lengths)), "prompts must be left-padded"
-    return [prompt_ids[b, P - n:] for b, n in enumerate(lengths)]
-
-
-class _StoredAs(DynamicLayer):
-    """A DynamicLayer that stores what it is given in one dtype: autocast's compute dtype (bf16) for fp32 weights.
-
-    Under autocast with fp32 weights the rotary embedding makes the keys fp32 (its cos/sin follow the fp32 hidden
-    stream) while the values come out of v_proj in bf16, and `cat` promotes: a plain cache grows in fp32, twice the
-    memory, and SDPA casts all of it back to bf16 at every decoding step. Storing bf16 is lossless for what the
-    attention sees (autocast's SDPA casts keys and values to bf16 anyway).
-    """
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.stored_dtype = dtype
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return super().update(key_states.to(self.stored_dtype), value_states.to(self.stored_dtype), *args, **kwargs)
-
-
-def cache_dtype(like: torch.Tensor) -> torch.dtype:
-    """The dtype attention computes in: autocast's when it is on for this device, else the tensor's own."""
-    device = like.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else like.dtype
-
-
-def prefilled_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int = 1) -> DynamicCache:
-    """A cache for `generate` holding all but the last token of each left-padded prompt, each row repeated `repeats`
-    times (the G samples of a group): (B, P) -> per layer (B*repeats, H, P-1, D).
-
-    Each prompt runs once, alone and unpadded. That is what makes batched generation fast on CPU: a padded batch
-    needs an attention mask, which sends SDPA to a slower kernel (8 DL19 windows, 12% padding: 69.4 s as one padded
-    batch, 39.8 s one at a time; `bench_rerank.py --padded-prefill --batch-sizes 8,1`). The padding slots hold
-    zeros; the attention mask hides them from every decoding step. Keys and values are stored in the dtype attention
-    computes in (`_StoredAs`): bf16 under autocast, even with fp32 weights.
-    """
-    prompts = unpadded(prompt_ids, prompt_mask)
-    prefixes = [prompt_forward(model, p) for p in prompts]  # each (1, H, P_b - 1, D) per layer
-    P, N = prompt_ids.shape[1], len(prompts) * repeats
-    cache = DynamicCache(config=model.config)
-    assert len(cache.layers) == len(prefixes[0].layers)
-    dtype = cache_dtype(prefixes[0].layers[0].values)
-    for i, layer in enumerate(cache.layers):
-        assert type(layer) is DynamicLayer
-        layer = cache.layers[i] = _StoredAs(dtype)
-        first = prefixes[0].layers[i].keys
-        keys = first.new_zeros(N, first.shape[1], P - 1, first.shape[3], dtype=dtype)  # (N, H, P-1, D), left-padded
-        values = torch.zeros_like(keys)
-        for b, pre in enumerate(prefixes):
-            n = pre.layers[i].keys.shape[-2]
-            rows = slice(b * repeats, (b + 1) * repeats)
-            keys[rows, :, P - 1 - n:] = pre.layers[i].keys
-            values[rows, :, P - 1 - n:] = pre.layers[i].values
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-    return cache
-
-
-@torch.no_grad()
-def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int = 1, shared: bool = True,
-             **generate_kwargs) -> torch.Tensor:
-    """`model.generate` on a left-padded batch of prompts, each sampled `repeats` times: (B, P) -> (B*repeats, P+C).
-
-    `shared=True` prefills every prompt once (`prefilled_cache`) and generate then feeds only the last prompt token
-    (it runs just the tokens the cache has not seen). `shared=False` is the usual way: one padded forward over the
-    B*repeats rows. Either way positions count from each row's first real token (generate derives them from the mask).
-    """
-    input_ids = prompt_ids.repeat_interleave(repeats, dim=0)  # (B*repeats, P): rows b*R .. b*R+R-1 are prompt b
-    attention_mask = prompt_mask.repeat_interleave(repeats, dim=0)
-    was_training = model.training
-    model.eval()  # checkpointed layers in train mode would drop the cache (modeling_layers.py)
-    try:
-        if shared and full_attention(model):  # else plain generate: sliding-window layers need their own cache
-            generate_kwargs["cache"] = prefilled_cache(model, prompt_ids, prompt_mask, repeats)
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-    finally:
-        model.train(was_training)
-
-
-def rollout(model, prompt_ids: torch.Tensor, group_size: int, max_new_tokens: int, shared: bool = True,
-            **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample (or greedily decode) `group_size` completions of one prompt.
-
-    Returns the completion ids `(G, C)`, padded with `pad_token_id` after EOS, and their mask (1 up to and including
-    the first EOS).
-    """
-    prompt_ids = _one_prompt(prompt_ids)  # (1, P)
-    out = generate(model, prompt_ids, torch.ones_like(prompt_ids), group_size, shared,
-                   max_new_tokens=max_new_tokens, **generate_kwargs)
-    completion_ids = out[:, prompt_ids.shape[1]:]  # (G, C)
-    eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
-    return completion_ids, completion_mask_after_eos(completion_ids, eos)
-
-
-def completion_mask_after_eos(ids: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
-    """1 up to and including the first EOS of each row, 0 after.
-
-    >>> completion_mask_after_eos(torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8]]), eos_token_id=2)
-    tensor([[1, 1, 0, 0],
-            [1, 1, 1, 1]])
-    """
-    if eos_token_id is None:
-        return torch.ones_like(ids)
-    eos = torch.isin(ids, torch.tensor(eos_token_id, device=ids.device).reshape(-1))  # (G, C)
-    after = (eos.cumsum(1) - eos.long()) > 0  # an EOS strictly before this position
-    return (~after).long()

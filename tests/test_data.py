@@ -7,6 +7,7 @@ import pytest
 
 import bm25
 import data
+import download
 from data import Candidate, DataError, Query, Ranking
 
 
@@ -30,7 +31,7 @@ def test_missing_files_offline_say_what_and_where(tmp_path, monkeypatch):
     def offline(root, rel):
         raise OSError("no network")
 
-    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.setattr(download, "_fetch", offline)
     with pytest.raises(DataError) as e:
         data.load_dataset("dl19", tmp_path)
     msg = str(e.value)

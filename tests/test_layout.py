@@ -55,10 +55,10 @@ def test_top_level_modules_import_without_a_circle():
 
 
 def test_data_sits_on_the_bottom_layer():
-    # the records, the loaders and the metric sit below the methods; what data.py uses imports nothing of ours
+    # the records, the loaders and the metric sit below the methods; what data.py uses imports at most files.py
     below = project_imports(MODULES["data"])
-    assert below <= {"bm25", "files"}, below
-    assert all(project_imports(MODULES[m]) == set() for m in below)
+    assert below <= {"bm25", "download", "files"}, below
+    assert all(project_imports(MODULES[m]) <= {"files"} for m in below)
 
 
 def test_every_module_has_its_docstring_examples_run():

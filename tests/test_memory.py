@@ -9,6 +9,7 @@ import memory
 import prefix
 from memory import Settings, Workload
 from optimizer import BF16AdamW
+from model_shape import count_parameters, meta_parameters, published_config, shape_of
 
 # ----------------------------------------------------------------------------------------------------------------------
 # parameter counts
@@ -30,8 +31,8 @@ def test_parameter_count_equals_the_instantiated_model(i):
 
     config = tiny_configs()[i]
     model = AutoModelForCausalLM.from_config(config)
-    assert memory.count_parameters(config) == sum(p.numel() for p in model.parameters())
-    assert memory.meta_parameters(config) == sum(p.numel() for p in model.parameters())
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+    assert meta_parameters(config) == sum(p.numel() for p in model.parameters())
 
 
 def test_qwen25_7b_published_config():
@@ -42,10 +43,10 @@ def test_qwen25_7b_published_config():
     config = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                          num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rope_theta=1e6,
                          max_position_embeddings=32768)
-    n = memory.count_parameters(config)
-    assert n == memory.meta_parameters(config) == 7_615_616_512
+    n = count_parameters(config)
+    assert n == meta_parameters(config) == 7_615_616_512
     assert round(n / 1e9, 2) == 7.62
-    assert memory.shape_of(memory.published_config("qwen2.5-7b")).params == n
+    assert shape_of(published_config("qwen2.5-7b")).params == n
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def test_weight_gradient_and_optimizer_bytes_match_one_step(bf16):
         optimizer = BF16AdamW(model.parameters(), lr=1e-3)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    shape = memory.shape_of(model.config)
+    shape = shape_of(model.config)
     plan = memory.estimate(shape, Workload(1, 3, 40, 24, 0.0, cuda=False), Settings(bf16_weights=bf16), 10**12)
     grads, state, _ = step_bytes(model, optimizer)
     assert plan.weights == sum(p.nbytes for p in model.parameters())
@@ -99,7 +100,7 @@ def test_weight_gradient_and_optimizer_bytes_match_one_step(bf16):
 
 def test_logits_are_made_one_chunk_at_a_time_as_planned():
     model = tiny_llama()
-    shape = memory.shape_of(model.config)
+    shape = shape_of(model.config)
     _, _, heads = step_bytes(model, torch.optim.SGD(model.parameters(), lr=0.0), chunk=8)
     plan = memory.estimate(shape, Workload(1, 3, 40, 24, 0.0, cuda=False), Settings(logits_chunk=8), 10**12)
     # 3 rows x 8 positions x 256 fp32 logits per lm_head call, forward and recompute; the plan counts 4 copies
@@ -128,7 +129,7 @@ def test_activation_estimate_matches_what_autograd_saves(autocast):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             prefix._decoder(model)(input_ids=torch.cat([pre.last_token.expand(rows, 1), ids], 1),
                                    attention_mask=torch.ones(rows, P + C), cache=pre, use_cache=False)
-    shape = memory.shape_of(model.config)
+    shape = shape_of(model.config)
     compute = 2 if autocast else 4
     tok, key = memory.token_activation_bytes(shape, 4, compute), memory.key_activation_bytes(shape, compute)
     estimate = (rows * (C + 1) * (tok + key) + rows * (P - 1) * key) * shape.layers
@@ -144,7 +145,7 @@ SEVEN_B = None
 
 def seven_b():
     global SEVEN_B
-    SEVEN_B = SEVEN_B or memory.shape_of(memory.published_config("qwen2.5-7b"))
+    SEVEN_B = SEVEN_B or shape_of(published_config("qwen2.5-7b"))
     return SEVEN_B
 
 
@@ -173,16 +174,16 @@ def test_7b_on_141_gb_keeps_fp32_master_weights_and_the_reference_resident_when_
 def test_explicit_settings_are_kept_and_nothing_fitting_is_an_error_that_says_what_would():
     cfg = grpo.Config(model="x", beta=0.001, memory_gb=80, micro_batch=8)
     with pytest.raises(memory.PlanError, match="no settings fit in 80.0 GB.*device with >= "):
-        memory.plan_run(cfg, {"bf16_weights", "micro_batch", "memory_gb"}, memory.published_config("qwen2.5-7b"),
+        memory.plan_run(cfg, {"bf16_weights", "micro_batch", "memory_gb"}, published_config("qwen2.5-7b"),
                         cuda=True)
     cfg = grpo.Config(model="x", beta=0.001, memory_gb=80, micro_batch=2)
-    memory.plan_run(cfg, {"micro_batch", "memory_gb"}, memory.published_config("qwen2.5-7b"), cuda=True)
+    memory.plan_run(cfg, {"micro_batch", "memory_gb"}, published_config("qwen2.5-7b"), cuda=True)
     assert cfg.micro_batch == 2 and cfg.bf16_weights and cfg.reference == "offload" and cfg.logits_chunk > 0
 
 
 def test_memory_off_takes_the_flags_as_given(capsys):
     cfg = grpo.Config(model="x", memory="off", memory_gb=80)
-    plan = memory.plan_run(cfg, set(), memory.published_config("qwen2.5-7b"), cuda=True)
+    plan = memory.plan_run(cfg, set(), published_config("qwen2.5-7b"), cuda=True)
     assert not plan.fits and not cfg.bf16_weights and cfg.logits_chunk == 0
     assert "does not fit" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
-"""The prompt once per group (prefix.py) equals the usual path: log-probs, loss, every gradient, rollouts.
+"""The prompt once per group (prefix.py) equals the usual path: log-probs, loss, every gradient; so do rollouts from
+each prompt prefilled once (prefill.py).
 
 Float64 comparisons use the `true_float64` fixture (conftest.py): it keeps LlamaRMSNorm in float64.
 """
@@ -7,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+import prefill
 import prefix
 
 P, C, G, EOS = 11, 7, 5, 3
@@ -207,11 +209,11 @@ def _embedding_inputs(model):
 def test_greedy_rollout_token_identical_and_prefilled_once(true_float64):
     model = tiny_model().eval()
     prompt, *_ = group()
-    plain, plain_mask = prefix.rollout(model, prompt, G, max_new_tokens=8, shared=False, do_sample=False)
+    plain, plain_mask = prefill.rollout(model, prompt, G, max_new_tokens=8, shared=False, do_sample=False)
     eos = int(plain[0, 4])  # make the 5th greedy token the EOS so the mask and padding are exercised
-    plain, plain_mask = prefix.rollout(model, prompt, G, 8, shared=False, do_sample=False, eos_token_id=eos)
+    plain, plain_mask = prefill.rollout(model, prompt, G, 8, shared=False, do_sample=False, eos_token_id=eos)
     shapes, handle = _embedding_inputs(model)
-    shared, shared_mask = prefix.rollout(model, prompt, G, 8, do_sample=False, eos_token_id=eos)
+    shared, shared_mask = prefill.rollout(model, prompt, G, 8, do_sample=False, eos_token_id=eos)
     handle.remove()
     assert torch.equal(shared, plain) and torch.equal(shared_mask, plain_mask)
     assert shared.shape[1] == plain[0].tolist().index(eos) + 1 and shared_mask.all()  # stopped at the EOS
@@ -223,9 +225,9 @@ def test_sampled_rollout_identical_under_the_same_seed(true_float64):
     prompt, *_ = group()
     sample = dict(do_sample=True, temperature=0.9, top_k=0, top_p=1.0)
     torch.manual_seed(7)
-    shared, _ = prefix.rollout(model, prompt, G, 10, **sample)
+    shared, _ = prefill.rollout(model, prompt, G, 10, **sample)
     torch.manual_seed(7)
-    plain, _ = prefix.rollout(model, prompt, G, 10, shared=False, **sample)
+    plain, _ = prefill.rollout(model, prompt, G, 10, shared=False, **sample)
     assert torch.equal(shared, plain) and len({tuple(r) for r in shared.tolist()}) > 1
 
 
@@ -234,9 +236,9 @@ def test_rollout_from_a_checkpointed_training_model(true_float64):
     model = tiny_model()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     prompt, *_ = group()
-    shared, _ = prefix.rollout(model, prompt, 2, 6, do_sample=False)
+    shared, _ = prefill.rollout(model, prompt, 2, 6, do_sample=False)
     assert model.training
-    plain, _ = prefix.rollout(model.eval(), prompt, 2, 6, shared=False, do_sample=False)
+    plain, _ = prefill.rollout(model.eval(), prompt, 2, 6, shared=False, do_sample=False)
     assert torch.equal(shared, plain)
 
 
@@ -263,15 +265,15 @@ def test_generate_prefills_each_prompt_of_a_padded_batch_once(true_float64):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=EOS)
-    plain = prefix.generate(model, ids, mask, repeats=2, shared=False, **kwargs)
+    plain = prefill.generate(model, ids, mask, repeats=2, shared=False, **kwargs)
     shapes, handle = _embedding_inputs(model)
-    shared = prefix.generate(model, ids, mask, repeats=2, **kwargs)
+    shared = prefill.generate(model, ids, mask, repeats=2, **kwargs)
     handle.remove()
     assert torch.equal(shared, plain) and shared.shape[0] == 4
     assert not torch.equal(shared[0, P:], shared[2, P:])  # the two prompts really continue differently
     assert shapes[:2] == [(1, P - 1), (1, P - 5)] and all(s == (4, 1) for s in shapes[2:])
     with pytest.raises(AssertionError, match="left-padded"):
-        prefix.generate(model, ids, mask.flip(1), **kwargs)
+        prefill.generate(model, ids, mask.flip(1), **kwargs)
 
 
 def test_generate_falls_back_to_plain_for_sliding_window_layers():
@@ -287,10 +289,10 @@ def test_generate_falls_back_to_plain_for_sliding_window_layers():
     ids = prompt[None]
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     shapes, handle = _embedding_inputs(model)
-    out = prefix.generate(model, ids, torch.ones_like(ids), repeats=2, **kwargs)
+    out = prefill.generate(model, ids, torch.ones_like(ids), repeats=2, **kwargs)
     handle.remove()
     assert shapes[0] == (2, P)  # no prefix pass: plain generate prefilled the repeated prompt
-    assert torch.equal(out, prefix.generate(model, ids, torch.ones_like(ids), repeats=2, shared=False, **kwargs))
+    assert torch.equal(out, prefill.generate(model, ids, torch.ones_like(ids), repeats=2, shared=False, **kwargs))
 
 
 # --- logits in chunks of positions (issue 10)
@@ -320,11 +322,11 @@ def test_prefilled_cache_is_bf16_under_autocast_with_fp32_weights():
     model = tiny_model(torch.float32).eval()
     prompt = torch.randint(4, 97, (1, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cache = prefix.prefilled_cache(model, prompt, torch.ones_like(prompt), repeats=2)
+        cache = prefill.prefilled_cache(model, prompt, torch.ones_like(prompt), repeats=2)
         assert {lay.keys.dtype for lay in cache.layers} == {lay.values.dtype for lay in cache.layers} == \
             {torch.bfloat16}
         model.generate(input_ids=prompt.repeat(2, 1), attention_mask=torch.ones(2, 8, dtype=torch.long),
                        cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert {lay.keys.dtype for lay in cache.layers} == {torch.bfloat16}  # decoding steps do not promote it
     assert cache.layers[0].keys.shape[-2] == 8 + 4 - 1  # the prompt and the tokens fed back (not the last)
-    assert prefix.prefilled_cache(model, prompt, torch.ones_like(prompt)).layers[0].keys.dtype == torch.float32
+    assert prefill.prefilled_cache(model, prompt, torch.ones_like(prompt)).layers[0].keys.dtype == torch.float32
