@@ -69,3 +69,16 @@ def test_every_module_has_its_docstring_examples_run():
     ini.read(ROOT / "pytest.ini")
     listed = set(ini["pytest"]["testpaths"].split())
     assert {f"{name}.py" for name in MODULES if not name.startswith("bench_")} <= listed
+
+
+def test_the_readme_file_table_lists_every_module_in_reading_order():
+    # README's "The files" is read bottom-up: each module imports only modules listed above it
+    import re
+
+    order = []
+    for row in (ROOT / "README.md").read_text().split("## The files", 1)[1].split("\n## ", 1)[0].splitlines():
+        order += [name for name in re.findall(r"`(\w+)\.py`", row.split("|")[1]) if name in MODULES] if "|" in row else []
+    assert set(order) == set(MODULES), set(MODULES) ^ set(order)
+    for i, name in enumerate(order):
+        if not name.startswith("bench_"):
+            assert project_imports(MODULES[name]) <= set(order[:i]), f"{name} imports a module listed below it"
