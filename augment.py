@@ -27,8 +27,9 @@ from typing import Iterable
 
 import numpy as np
 
+from cli import nonneg_float, nonneg_int, positive_int
 from data import DATASETS, TEST_SETS, Candidate, DataError, Dataset, Query, load_dataset, ndcg_bounds
-from files import atomic_write, jsonl, nonneg_float, nonneg_int, positive_int
+from files import atomic_write, jsonl
 
 
 @dataclass

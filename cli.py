@@ -8,22 +8,24 @@
     explicit_flags(Config, ["--ste", "5"])       # {"steps"}: the fields typed on the command line
 
 As HF's HfArgumentParser reads field metadata, but in a few lines: a bool field is a store_true flag, any other takes
-a value read by the field's `kind` (files.py's argparse types: a bad number fails at once, with argparse's
+a value read by the field's `kind` (an argparse type: `positive_int`, `nonneg_int`, `positive_float`, `nonneg_float`
+below reject a bad number when the command is parsed, in milliseconds, before any model loads, with argparse's
 "error: argument --steps: ..." line) or its annotation, limited to `choices` when given.
 
-Reading order: the bottom layer; grpo.py builds its command line with it.
+Reading order: the bottom layer; grpo.py builds its command line with it, and every command line uses its types.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import field, fields
 
 
 def arg(default, help: str, kind=None, choices=None):
     """A dataclass field with its --help text beside its default; `kind` reads the command line's text (an argparse
-    type), `choices` lists the values it may take."""
+    type, such as `positive_int` below), `choices` lists the values it may take."""
     return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
 
 
@@ -61,3 +63,32 @@ def explicit_flags(cls, argv: list[str] | None) -> set[str]:
         if token.startswith("--") and len(matches) == 1:
             given |= set(matches)
     return given
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# argparse types: a bad value fails when the command is parsed, with argparse's "error: argument --x: ..." line
+
+
+def _number(kind: type, what: str, lo: float | None = None, hi: float | None = None, above: bool = False):
+    """An argparse type: `kind(text)`, finite, at least `lo` (above it when `above`), at most `hi`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        low = lo is not None and (value <= lo if above else value < lo)
+        if low or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" wording, should it ever show
+    return parse
+
+
+positive_int = _number(int, "a positive integer (>= 1)", lo=1)
+nonneg_int = _number(int, "a non-negative integer (>= 0)", lo=0)
+positive_float = _number(float, "a positive number (> 0)", lo=0.0, above=True)
+nonneg_float = _number(float, "a non-negative number (>= 0)", lo=0.0)

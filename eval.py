@@ -36,9 +36,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import dist
+from cli import nonneg_int, positive_int
 from data import DataError, Dataset, Ranking, load_dataset, load_qrels, load_rankgpt, write_run
 from evalconfig import EvalConfig, default_out, prepare_out, slug
-from files import nonneg_int, positive_int, write_text
+from files import write_text
 from rearank import MAX_CHARS, answer_format, window_spans
 from scoring import Evaluation, compare, evaluate_rankings, evaluate_run_file, format_comparison, run_path
 from traces import (

@@ -1,20 +1,17 @@
-"""Reading and writing files, and checking command-line values, with errors that name the file (and line).
+"""Reading and writing files, with errors that name the file (and line).
 
-The bottom of the project: it imports nothing from it. Every reader in data.py, eval.py and grpo.py opens its files
-through `lines` / `read_json` / `jsonl`, so a missing file, a directory, a file that is not UTF-8 or a
-`.gz` that is not gzip all end in one `DataError` that names the file, never a traceback. Outputs are written with
+The bottom of the project: it imports nothing from it. Every reader of the project opens its files through `lines` /
+`read_json` / `jsonl`, so a missing file, a directory, a file that is not UTF-8 or a `.gz` that is not gzip all end
+in one `DataError` that names the file, never a traceback. Outputs are written with
 `atomic_write` (a temporary file, then a rename), so a run killed mid-write leaves the old file whole.
 
-The argparse types (`positive_int`, `nonneg_int`, `finite_float`, `probability`, ...) reject a bad value when the
-command is parsed, in milliseconds, before any model loads.
+Reading order: the bottom of the project, beside cli.py (the command line's values, checked when parsed).
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-import math
 import os
 import zlib
 from contextlib import contextmanager
@@ -165,34 +162,3 @@ def write_text(path: str | Path, text: str) -> None:
     """`Path.write_text`, atomically."""
     with atomic_write(path) as f:
         f.write(text)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# argparse types: a bad value fails when the command is parsed, with argparse's "error: argument --x: ..." line
-
-
-def _number(kind: type, what: str, lo: float | None = None, hi: float | None = None, above: bool = False):
-    """An argparse type: `kind(text)`, finite, at least `lo` (above it when `above`), at most `hi`."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        low = lo is not None and (value <= lo if above else value < lo)
-        if low or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse's "invalid int value" wording, should it ever show
-    return parse
-
-
-positive_int = _number(int, "a positive integer (>= 1)", lo=1)
-nonneg_int = _number(int, "a non-negative integer (>= 0)", lo=0)
-finite_float = _number(float, "a finite number")
-positive_float = _number(float, "a positive number (> 0)", lo=0.0, above=True)
-nonneg_float = _number(float, "a non-negative number (>= 0)", lo=0.0)
-probability = _number(float, "a number in [0, 1]", lo=0.0, hi=1.0)

@@ -66,9 +66,9 @@ import dist
 from augment import batch_indices
 from backend import ModelError, load_model
 from checkpoint import CtrlC, check_out, resume, rng_state, save_checkpoint, set_rng_state, update_model_card
-from cli import arg, dataclass_parser, explicit_flags
+from cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int, positive_float, positive_int
 from data import DATASETS, TEST_SETS, DataError
-from files import check_file, nonneg_float, nonneg_int, positive_float, positive_int
+from files import check_file
 from memory import plan_memory
 from optimizer import make_optimizer, moved_fraction, weight_sample
 from prefix import group_backward
