@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -270,8 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     if dist.world_size() > 1:  # torchrun / accelerate launch: only the main process prints and writes the outputs
         dist.init()
-        if not dist.is_main():
-            sys.stdout = open(os.devnull, "w")
+        dist.quiet_unless_main()
     try:
         if cfg.compare:
             qrels = load_qrels(cfg.qrels) if cfg.qrels else load_dataset(cfg.dataset, cfg.data_dir).qrels
