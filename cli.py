@@ -23,23 +23,32 @@ import sys
 from dataclasses import field, fields
 
 
-def arg(default, help: str, kind=None, choices=None):
+def arg(default, help: str, kind=None, choices=None, group: str | None = None, **argparse_kw):
     """A dataclass field with its --help text beside its default; `kind` reads the command line's text (an argparse
-    type, such as `positive_int` below), `choices` lists the values it may take."""
-    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
+    type, such as `positive_int` below), `choices` lists the values it may take; flags of one `group` exclude each
+    other; the rest (`nargs`, `metavar`) goes to argparse as it is."""
+    return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, group=group, **argparse_kw))
 
 
 def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
-    """An ArgumentParser with one --flag-name per field of the dataclass `cls` (made with `arg`)."""
+    """An ArgumentParser with one --flag-name per field of the dataclass `cls` made with `arg` (a field made
+    otherwise is no flag: the program fills it in)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(cls):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if "help" not in f.metadata:
+            continue
+        flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        text, kind, group = meta.pop("help"), meta.pop("kind"), meta.pop("group")
+        if group and group not in groups:
+            groups[group] = p.add_mutually_exclusive_group()
+        where = groups[group] if group else p
         if f.type == "bool":
-            p.add_argument(flag, action="store_true", help=meta["help"])
-        else:
-            kind = meta["kind"] or {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=kind, choices=meta["choices"], default=f.default,
-                           help=f"{meta['help']} (default {f.default!r})")
+            where.add_argument(flag, action="store_true", help=text)
+            continue
+        kind = kind or {"int": int, "float": float}.get(f.type.split(" | ")[0], str)  # "int | None": an int or none
+        shown = "" if f.default is None else f" (default {f.default!r})"
+        where.add_argument(flag, type=kind, default=f.default, help=text + shown, **meta)
     return p
 
 

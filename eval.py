@@ -26,7 +26,6 @@ page) hold the pieces; this file parses the command line, runs the reranker, and
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -35,14 +34,35 @@ from dataclasses import asdict
 from pathlib import Path
 
 import dist
-from cli import nonneg_int, positive_int
-from data import DataError, Dataset, Ranking, load_dataset, load_qrels, load_rankgpt, write_run
+from cli import dataclass_parser
+from data import (
+    DataError,
+    Dataset,
+    Ranking,
+    load_dataset,
+    load_qrels,
+    load_rankgpt,
+    write_run,
+)
 from evalconfig import EvalConfig, default_out, prepare_out, slug
 from files import write_text
-from rearank import MAX_CHARS, answer_format, window_spans
-from scoring import Evaluation, compare, evaluate_rankings, evaluate_run_file, format_comparison, run_path
+from rearank import answer_format, window_spans
+from scoring import (
+    Evaluation,
+    compare,
+    evaluate_rankings,
+    evaluate_run_file,
+    format_comparison,
+    run_path,
+)
 from traces import (
-    append_traces, finish_traces, gather_results, one_process_order, read_traces, start_traces, trace_record,
+    append_traces,
+    finish_traces,
+    gather_results,
+    one_process_order,
+    read_traces,
+    start_traces,
+    trace_record,
 )
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -50,46 +70,7 @@ from traces import (
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", help="a registered dataset: dl19, dl20, dl21, scifact, scifact-train")
-    src.add_argument("--candidates", help="RankGPT-format JSON (.json or .json.gz) of first-stage candidates")
-    src.add_argument("--run", help="a TREC run file to score as it is")
-    src.add_argument("--report", metavar="OUT", help="redraw OUT/report.html from the files an evaluation left in OUT")
-    p.add_argument("--against", metavar="OUT_B", help="with --report OUT: OUT/compare-OUT_B.html, runs side by side")
-    p.add_argument("--qrels", help="TREC qrels (required with --candidates and --run; with --dataset, they replace "
-                                   "the dataset's own judgments)")
-    p.add_argument("--data-dir", help="data directory (default: $REARANK_DATA, else ./data)")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="'bm25' = the first stage, no reranking; 'smollm2' = the embedded SmolLM2-135M-Instruct; or a hub id / "
-        "local checkpoint directory (default: le723z/Rearank-7B with CUDA, else smollm2)",
-    )
-    p.add_argument("--method", default="listwise", choices=["listwise", "setwise"],
-                   help="listwise: REARANK sliding windows; setwise: Rank-R1 heap sort (best of a set, reasons first)")
-    p.add_argument("--prompt", default="rearank", choices=sorted(MAX_CHARS), help="REARANK (reasoning) or RankGPT")
-    p.add_argument("--top-k", type=positive_int, default=100, help="candidates per query to consider")
-    p.add_argument("--window", type=positive_int, default=20, help="passages per window")
-    p.add_argument("--step", type=positive_int, default=10, help="how far the window moves up each time (<= --window)")
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="windows (of different queries) generated together (default: 8 on CPU; on CUDA the window of "
-                   "every query at one position, at most 64)")
-    p.add_argument("--limit", type=positive_int, default=None, help="only the first N queries")
-    p.add_argument("--max-new-tokens", type=positive_int, default=2048,
-                   help="generation budget per window (paper: 2048)")
-    p.add_argument("--num-child", type=positive_int, default=19,
-                   help="setwise: children per heap node (a call shows 1 + this)")
-    p.add_argument("--k", type=positive_int, default=10, help="setwise: how many top documents the heap sort extracts")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="setwise: seed of the per-call document shuffles")
-    p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>, then the settings that differ "
-                                 "from the defaults, e.g. runs/dl19-smollm2-top20-limit2-tok256)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished (or interrupted) run in --out made with other settings")
-    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
-                   help="compare two runs (TREC files or eval.py --out directories) query by query: mean nDCG@10 "
-                   "delta B - A, 95%% paired bootstrap interval, sign-flip p-value, wins/ties/losses; judged by "
-                   "--qrels or --dataset's qrels; --seed seeds the resampling")
+    p = dataclass_parser(EvalConfig, __doc__)  # the flags, their defaults and help: evalconfig.EvalConfig
     args = p.parse_args(argv)
     if args.compare and (args.candidates or args.run or not (args.qrels or args.dataset)):
         p.error("--compare takes --qrels or --dataset (for its qrels), not --candidates or --run")

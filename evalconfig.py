@@ -20,37 +20,53 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli import arg, nonneg_int, positive_int
 from data import DataError
 from files import check_out_dir, read_json
+from rearank import MAX_CHARS
 
 
 @dataclass
 class EvalConfig:
-    """One evaluation's settings: eval.py's command line, saved as the "config" of metrics.json."""
+    """One evaluation's settings: eval.py's command line (each flag's help beside its default), saved as the "config"
+    of metrics.json."""
 
-    dataset: str | None = None
-    candidates: str | None = None
-    run: str | None = None
-    qrels: str | None = None
-    data_dir: str | None = None
-    model: str | None = None  # None: backend.default_model() (the embedded model without a GPU)
-    method: str = "listwise"  # listwise: REARANK sliding windows; setwise: Rank-R1 heap sort
-    prompt: str = "rearank"
-    top_k: int = 100
-    window: int = 20
-    step: int = 10
-    batch_size: int | None = None  # None: default_batch_size (8 on CPU, one window position of every query on CUDA)
-    limit: int | None = None
-    max_new_tokens: int = 2048
-    num_child: int = 19
-    k: int = 10
-    seed: int = 0
-    out: str | None = None
-    compare: list[str] | None = None  # two runs (files or --out directories) to compare query by query
-    report: str | None = None  # redraw this folder's report.html (report.py), nothing evaluated
-    against: str | None = None  # with report: a comparison page of the two runs
-    overwrite: bool = False
-    command: str = ""  # the command line, saved with the metrics so every number says how it was made
+    dataset: str | None = arg(None, "a registered dataset: dl19, dl20, dl21, scifact, scifact-train", group="source")
+    candidates: str | None = arg(None, "RankGPT-format JSON (.json or .json.gz) of first-stage candidates",
+                                 group="source")
+    run: str | None = arg(None, "a TREC run file to score as it is", group="source")
+    report: str | None = arg(None, "redraw OUT/report.html (report.py) from the files an evaluation left in OUT; "
+                                   "nothing is evaluated", group="source", metavar="OUT")
+    against: str | None = arg(None, "with --report OUT: OUT/compare-OUT_B.html, runs side by side", metavar="OUT_B")
+    qrels: str | None = arg(None, "TREC qrels (required with --candidates and --run; with --dataset, they replace "
+                                  "the dataset's own judgments)")
+    data_dir: str | None = arg(None, "data directory (default: $REARANK_DATA, else ./data)")
+    model: str | None = arg(None, "'bm25' = the first stage, no reranking; 'smollm2' = the embedded "
+                                  "SmolLM2-135M-Instruct; or a hub id / local checkpoint directory (default: "
+                                  "le723z/Rearank-7B with CUDA, else smollm2: backend.default_model)")
+    method: str = arg("listwise", "listwise: REARANK sliding windows; setwise: Rank-R1 heap sort (best of a set, "
+                                  "reasons first)", choices=("listwise", "setwise"))
+    prompt: str = arg("rearank", "REARANK (reasoning) or RankGPT", choices=sorted(MAX_CHARS))
+    top_k: int = arg(100, "candidates per query to consider", positive_int)
+    window: int = arg(20, "passages per window", positive_int)
+    step: int = arg(10, "how far the window moves up each time (<= --window)", positive_int)
+    batch_size: int | None = arg(None, "windows (of different queries) generated together (default: 8 on CPU; on "
+                                       "CUDA the window of every query at one position, at most 64: "
+                                       "eval.default_batch_size)", positive_int)
+    limit: int | None = arg(None, "only the first N queries", positive_int)
+    max_new_tokens: int = arg(2048, "generation budget per window, as the paper's", positive_int)
+    num_child: int = arg(19, "setwise: children per heap node (a call shows 1 + this)", positive_int)
+    k: int = arg(10, "setwise: how many top documents the heap sort extracts", positive_int)
+    seed: int = arg(0, "setwise: seed of the per-call document shuffles; --compare: seed of the resampling",
+                    nonneg_int)
+    out: str | None = arg(None, "output directory (default: runs/<dataset>-<model>, then the settings that differ "
+                                "from the defaults, e.g. runs/dl19-smollm2-top20-limit2-tok256)")
+    compare: list[str] | None = arg(None, "compare two runs (TREC files or eval.py --out directories) query by "
+                                          "query: mean nDCG@10 delta B - A, 95%% paired bootstrap interval, sign-flip "
+                                          "p-value, wins/ties/losses; judged by --qrels or --dataset's qrels",
+                                    nargs=2, metavar=("RUN_A", "RUN_B"))
+    overwrite: bool = arg(False, "replace a finished (or interrupted) run in --out made with other settings")
+    command: str = ""  # the command line (not a flag), saved with the metrics so every number says how it was made
 
 
 def slug(text: str) -> str:
