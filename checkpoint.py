@@ -209,7 +209,7 @@ def write_checkpoint(dest: Path, model, optimizer, step: int, rngs: list[dict], 
         optimizer.safetensors  the optimizer's tensors (moments, AdamW's step counts)
         rng.safetensors        torch's (and CUDA's) generator states (rng.rank{r}.safetensors: process r's, when
                                several processes trained; `rngs` holds one state per process)
-        state.json             the step (it fixes the data position, see batch_indices), python's and numpy's
+        state.json             the step (it fixes the data position, see augment.batch_indices), python's and numpy's
                                generator states, the optimizer's numbers and param groups, the config
 
     Written into dest.tmp, then renamed into place (replace_dir): a crash never touches the previous checkpoint.
@@ -312,7 +312,7 @@ def check_checkpoint(out: Path, ckpt: Path) -> None:
 
 def resume(out: Path, model, optimizer, rank: int, world: int) -> int:
     """--resume: the weights, the optimizer state and this process's RNG state as <out>/checkpoint/ holds them;
-    returns the step it was taken after (the data position follows from it, see grpo.batch_indices)."""
+    returns the step it was taken after (the data position follows from it, see augment.batch_indices)."""
     ckpt = find_checkpoint(out)
     check_checkpoint(out, ckpt)
     step, rngs = load_checkpoint(ckpt, model, optimizer)

@@ -129,14 +129,14 @@ class Plan:
             ("weights", gb(self.weights), "bf16" if self.settings.bf16_weights else "fp32 master"),
             ("gradients", gb(self.grads), "same dtype as the weights"),
             ("optimizer", gb(self.optimizer), optimizer_name(self.settings, w.cuda)),
-            ("autocast casts", gb(self.casts), ("bf16 copies of fp32 weights" + (", rollout only" if self.settings.checkpointing else ""))
-                                                if self.casts else "-"),
+            ("autocast casts", gb(self.casts), "-" if not self.casts else "bf16 copies of fp32 weights"
+                                               + (", rollout only" if self.settings.checkpointing else "")),
             ("reference", gb(self.reference), self.settings.reference),
             ("KV cache", gb(self.kv_cache), f"{w.batch_size * w.group_size} rows x {w.prompt_tokens + w.max_new_tokens}"
                                             f" positions"),
-            ("activations", gb(self.activations), f"prompt {w.prompt_tokens} once + {self.settings.micro_batch or w.group_size}"
-                                                  f" x {w.max_new_tokens + 1}, checkpointing "
-                                                  f"{'on' if self.settings.checkpointing else 'off'}"),
+            ("activations", gb(self.activations), f"prompt {w.prompt_tokens} once + "
+                                                  f"{self.settings.micro_batch or w.group_size} x {w.max_new_tokens + 1}"
+                                                  f", checkpointing {'on' if self.settings.checkpointing else 'off'}"),
             ("logits", gb(self.logits), f"chunks of {self.settings.logits_chunk or 'all'} positions"),
             ("peak: rollout", gb(self.rollout), ""),
             ("peak: reference", gb(self.reference_pass), "" if w.beta > 0 else "no reference (beta 0)"),
@@ -169,7 +169,7 @@ def prompt_tokens(size: int) -> int:
 
 def optimizer_bytes(params: int, s: Settings, cuda: bool) -> int:
     if s.bf16_weights:
-        return 4 * params  # m and v in bf16 (grpo.BF16AdamW)
+        return 4 * params  # m and v in bf16 (optimizer.BF16AdamW)
     if cuda:
         return params * 2 + params // 256 * 8  # 8-bit m and v, an fp32 absmax per 256-block each (bitsandbytes)
     return 8 * params  # fp32 m and v (torch.optim.AdamW)

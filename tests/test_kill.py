@@ -20,7 +20,6 @@ import torch
 
 import augment
 import data
-import grpo
 from data import Candidate
 
 ROOT = Path(__file__).resolve().parent.parent
