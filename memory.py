@@ -134,9 +134,9 @@ class Plan:
             ("reference", gb(self.reference), self.settings.reference),
             ("KV cache", gb(self.kv_cache), f"{w.batch_size * w.group_size} rows x {w.prompt_tokens + w.max_new_tokens}"
                                             f" positions"),
-            ("activations", gb(self.activations), f"prompt {w.prompt_tokens} once + "
-                                                  f"{self.settings.micro_batch or w.group_size} x {w.max_new_tokens + 1}"
-                                                  f", checkpointing {'on' if self.settings.checkpointing else 'off'}"),
+            ("activations", gb(self.activations),
+             f"prompt {w.prompt_tokens} once + {self.settings.micro_batch or w.group_size} x {w.max_new_tokens + 1}, "
+             f"checkpointing {'on' if self.settings.checkpointing else 'off'}"),
             ("logits", gb(self.logits), f"chunks of {self.settings.logits_chunk or 'all'} positions"),
             ("peak: rollout", gb(self.rollout), ""),
             ("peak: reference", gb(self.reference_pass), "" if w.beta > 0 else "no reference (beta 0)"),

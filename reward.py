@@ -26,6 +26,9 @@ give the same advantages exactly, and "normalised" differs from them only by the
 which the std normalisation of the advantages cancels whenever the format terms agree across the group. The
 variants part only through the weight of the rank term against the format terms, or under `--no-std`.
 
+Reading order: after data.py (the metric), rearank.py and setwise.py (their parsers read the answers);
+rollout.py scores every completion of a GRPO rollout with it.
+
     >>> r = rerank_reward("<think>b is best</think> <answer>[2] > [1]</answer>", ["a", "b"], {"b": 3})
     >>> (round(r.rank, 4), r.format1, r.format2, round(r.total, 4))
     (1.0, 1.0, 1.0, 1.0)
