@@ -34,7 +34,7 @@ def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
     """An ArgumentParser with one --flag-name per field of the dataclass `cls` made with `arg` (a field made
     otherwise is no flag: the program fills it in)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    groups = {}  # group name -> its mutually exclusive argparse group
     for f in fields(cls):
         if "help" not in f.metadata:
             continue

@@ -26,6 +26,8 @@ import sys
 from datetime import timedelta
 from typing import Sequence, TypeVar
 
+from files import DataError
+
 T = TypeVar("T")
 
 # an eval rank that finishes first waits at the gather for the slowest one: with a 7B model that can be hours, far
@@ -174,8 +176,6 @@ def is_fsdp(accelerator) -> bool:
 
 def check_world(accelerator, batch_size: int) -> None:
     """What grpo.py runs on several processes: whole groups on each process, under DDP (FSDP is not finished)."""
-    from files import DataError
-
     world = accelerator.num_processes
     if world > 1 and batch_size % world:
         raise DataError(f"--batch-size {batch_size} does not split over {world} processes: use a multiple of "
@@ -199,8 +199,6 @@ def gathered_params(accelerator, model):
         yield
         return
     from torch.distributed.fsdp import FSDPModule
-
-    from files import DataError
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not units:

@@ -405,11 +405,12 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 
             # --- update; the first step proves the weights move at this lr (METHOD §5), on a small CPU sample
             first = step == start and not cfg.resume
-            before = weight_sample([p for p in policy.parameters() if p.requires_grad]) if first else None
+            watched = [p for p in policy.parameters() if p.requires_grad] if first else []
+            before = weight_sample(watched)
             losses, stats, grad_norm = update(accelerator, model, optimizer, ro, adv, old_logp, ref_logp, cfg)
             train_s = time.time() - t1
             if first:
-                moved = moved_fraction(before, weight_sample([p for p in policy.parameters() if p.requires_grad]))
+                moved = moved_fraction(before, weight_sample(watched))
                 print(f"weights: {moved:.1%} of the watched parameters changed in the first step at lr {cfg.lr:g}")
 
             # --- log / checkpoint (the log reports every process's completions, gathered in global order)
