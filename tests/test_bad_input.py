@@ -262,6 +262,8 @@ GRPO_FLAGS = {
     "--eval-dataset dl21": "--eval-dataset dl21 is also the training --dataset",
     "--train-file missing.jsonl": "--train-file missing.jsonl: file not found",
     "--resume --overwrite": "--resume continues the run in --out, --overwrite deletes it",
+    "--memory on": "argument --memory: invalid choice: 'on'",  # any value but off once meant auto, silently
+    "--reference gpu": "argument --reference: invalid choice: 'gpu'",
 }
 
 
