@@ -1,8 +1,9 @@
-"""BM25 with `rank_bm25` and a Lucene-like English analyzer: what Anserini's BEIR "flat" baseline computes, so the
-project's own first stage over a corpus (SciFact) matches published BM25 numbers (data.py's registry calls it).
+"""BM25 with a Lucene-like English analyzer: what Anserini's BEIR "flat" baseline computes, so the project's own first
+stage over a corpus (SciFact, the other BEIR sets, BRIGHT) matches published BM25 numbers (data.py's registry calls it).
 
-Reading order: the analyzer (`analyze`: Lucene's stopwords, possessives, the Porter stemmer), `LuceneBM25` (Lucene's
-idf), the cached index, retrieval. It knows nothing of the project's records: documents and queries are plain
+Reading order: the analyzer (`analyze`: Lucene's stopwords, possessives, the Porter stemmer), `LuceneBM25` (`rank_bm25`
+with Lucene's idf: the reference), `InvertedBM25` (the same scores from an inverted index, for corpora of millions of
+documents and BRIGHT's queries of hundreds of words), the cached index, retrieval. It knows nothing of the project's records: documents and queries are plain
 {id: text} dicts, results plain (docid, score) lists.
 
     python data.py bm25 --dataset scifact        # nDCG@10 0.6768 via `python eval.py --dataset scifact --model bm25`
@@ -15,8 +16,10 @@ import math
 import pickle
 import re
 import time
+from array import array
+from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 from rank_bm25 import BM25Okapi
@@ -65,26 +68,77 @@ class LuceneBM25(BM25Okapi):
         return [(int(i), float(scores[i])) for i in order]
 
 
+class InvertedBM25:
+    """LuceneBM25's scores, bit for bit, from an inverted index: each term's postings (document, BM25 weight) in numpy
+    arrays. rank_bm25 walks every document for every query word in Python, which takes hours for BRIGHT's long queries
+    over LeetCode's 414k documents and needs a dict per document (DBPedia: 4.6M); here a query word costs its postings.
+
+    The weight is rank_bm25's expression evaluated in the same order, and a query adds its words' weights in its own
+    order, so every score (and so every tie) is the one LuceneBM25 gives; tests/test_suite.py checks it.
+    """
+
+    def __init__(self, corpus_tokens: list[list[str]], k1: float = 0.9, b: float = 0.4):
+        vocab: dict[str, int] = {}
+        terms, docs, tfs = array("l"), array("l"), array("l")  # compact: a Python list of ints would be 10x bigger
+        lengths = np.array([len(t) for t in corpus_tokens], dtype=np.int64)
+        for d, tokens in enumerate(corpus_tokens):
+            for word, tf in Counter(tokens).items():
+                terms.append(vocab.setdefault(word, len(vocab)))
+                docs.append(d)
+                tfs.append(tf)
+        terms, docs, tfs = (np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
+                            for a in (terms, docs, tfs))
+        order = np.argsort(terms, kind="stable")  # postings by term, documents ascending within a term
+        self.vocab, self.n = vocab, len(corpus_tokens)
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(terms, minlength=len(vocab)))])
+        self.docs = docs[order]
+        df = np.diff(self.indptr)
+        idf = np.array([math.log(1 + (self.n - f + 0.5) / (f + 0.5)) for f in df.tolist()])  # math.log, as rank_bm25
+        avgdl = int(lengths.sum()) / self.n
+        tf, dl = tfs[order], lengths[self.docs]
+        self.weights = idf[terms[order]] * (tf * (k1 + 1) / (tf + k1 * (1 - b + b * dl / avgdl)))
+
+    def get_scores(self, query_tokens: list[str]) -> np.ndarray:
+        scores = np.zeros(self.n)
+        for word in query_tokens:  # a repeated word counts again, as in rank_bm25 (and a Lucene bag of words)
+            t = self.vocab.get(word)
+            if t is not None:
+                s, e = self.indptr[t], self.indptr[t + 1]
+                scores[self.docs[s:e]] += self.weights[s:e]  # a term lists each document once: no lost updates
+        return scores
+
+    def top_k(self, query_tokens: list[str], k: int, exclude: Collection[int] = ()) -> list[tuple[int, float]]:
+        """(document index, score) of the k best documents, ties broken by index; `exclude`d documents never appear."""
+        scores = self.get_scores(query_tokens)
+        keep = np.ones(self.n, dtype=bool)
+        keep[list(exclude)] = False
+        idx = np.flatnonzero(keep)
+        order = idx[np.lexsort((idx, -scores[idx]))[:k]]
+        return [(int(i), float(scores[i])) for i in order]
+
+
 def bm25_index(corpus: dict[str, str], name: str, cache: Path,
-               log: Callable[[str], None] = print) -> tuple[LuceneBM25, list[str]]:
+               log: Callable[[str], None] = print) -> tuple[InvertedBM25, list[str]]:
     """Build (or load from `cache`) a BM25 index over `corpus`; returns it with the docids in index order.
 
     The cached file is named by a digest of the corpus, so an edited corpus is never served a stale index.
     """
     docids = list(corpus)
     digest = hashlib.sha1("\n".join(f"{d}\t{corpus[d]}" for d in docids).encode()).hexdigest()[:12]
-    path = cache / f"bm25-{name}-{digest}.pkl"
+    path = cache / f"bm25inv-{name}-{digest}.pkl"
     if path.exists():
         t = time.time()
         try:
             with open(path, "rb") as f:
                 index = pickle.load(f)
+            if not isinstance(index, InvertedBM25):
+                raise TypeError(type(index).__name__)
             log(f"bm25: loaded cached index {path} ({len(docids)} docs) in {time.time() - t:.1f}s")
             return index, docids
         except Exception as e:  # a cache from another version of this code, or cut short: rebuild it
             log(f"bm25: rebuilding the cached index {path} ({type(e).__name__})")
     t = time.time()
-    index = LuceneBM25([analyze(corpus[d]) for d in docids])
+    index = InvertedBM25([analyze(corpus[d]) for d in docids])
     log(f"bm25: indexed {len(docids)} docs in {time.time() - t:.1f}s -> {path}")
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
@@ -94,14 +148,18 @@ def bm25_index(corpus: dict[str, str], name: str, cache: Path,
 
 
 def bm25_retrieve(corpus: dict[str, str], queries: dict[str, str], name: str, cache: Path, k: int = 100,
-                  log: Callable[[str], None] = print) -> dict[str, list[tuple[str, float]]]:
-    """{qid: [(docid, score), ...]} of the top `k` documents of `corpus` for each query, best first."""
+                  log: Callable[[str], None] = print,
+                  exclude: Mapping[str, Collection[str]] | None = None) -> dict[str, list[tuple[str, float]]]:
+    """{qid: [(docid, score), ...]} of the top `k` documents of `corpus` for each query, best first. `exclude[qid]`:
+    documents never returned for that query (BRIGHT's excluded_ids: e.g. the post the query was written from)."""
     from tqdm import tqdm
 
     index, docids = bm25_index(corpus, name, cache, log)
+    position = {d: i for i, d in enumerate(docids)} if exclude else {}
     t = time.time()
     hits = {}
     for qid, text in tqdm(queries.items(), desc=f"bm25 {name}", unit="q", disable=len(queries) < 50):
-        hits[qid] = [(docids[i], s) for i, s in index.top_k(analyze(text), k)]
+        skip = [position[d] for d in (exclude or {}).get(qid, ()) if d in position]
+        hits[qid] = [(docids[i], s) for i, s in index.top_k(analyze(text), k, skip)]
     log(f"bm25: retrieved top-{k} for {len(queries)} queries in {time.time() - t:.1f}s")
     return hits

@@ -11,8 +11,10 @@ The metric is here too: `ndcg_at_k` is trec_eval's `ndcg_cut` exactly (METHOD §
 the reward and augmentation all use.
 
 Datasets by name (see DATASETS): dl19, dl20 (TREC DL BM25 top-100, test sets), dl21 (graded MS MARCO v2 queries,
-the training seeds; never a test set), scifact (BEIR test split) and scifact-train, for which the project runs its own
-BM25 (bm25.py) over the corpus. Training sets are drawn from these datasets by augment.py.
+the training seeds; never a test set), scifact (BEIR test split) and scifact-train, the other BEIR sets of REARANK's
+table (trec-covid, nfcorpus, dbpedia-entity; signal1m, trec-news, robust04, whose corpora need TREC's licences) and
+the twelve BRIGHT domains (biology, ..., theoremqa_theorems: download.BRIGHT_DOMAINS), for all of which the project
+runs its own BM25 (bm25.py) over the corpus. Training sets are drawn from these datasets by augment.py.
 
 The data directory is --data-dir, else $REARANK_DATA, else ./data. Missing files are fetched from their public homes
 (download.py) when the machine is online; offline, the error lists what is missing and where it goes.
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from bm25 import bm25_retrieve
-from download import require
+from download import BRIGHT_DOMAINS, LICENSED, require
 from files import DataError, atomic_write, jsonl, lines, read_json
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -278,6 +280,51 @@ def load_beir_queries(path: str | Path) -> dict[str, str]:
     return {qid: text for qid, (text, _) in _beir_jsonl(path, "query", "query").items()}
 
 
+def load_bright_documents(path: str | Path) -> dict[str, str]:
+    """BRIGHT's documents (one `{"id", "content"}` a line, the dataset's columns) -> {docid: content}."""
+    docs: dict[str, str] = {}
+    for lineno, rec in jsonl(path):
+        docid, content = rec.get("id"), rec.get("content")
+        if not isinstance(docid, str) or not docid or not isinstance(content, str):
+            raise DataError(f"{path}:{lineno}: a document line needs 'id' (string) and 'content' (string)")
+        if docid in docs:
+            raise DataError(f"{path}:{lineno}: document {docid} is listed twice")
+        docs[docid] = content
+    if not docs:
+        raise DataError(f"{path}: no documents in the file")
+    return docs
+
+
+def load_bright_examples(path: str | Path) -> tuple[dict[str, str], Qrels, dict[str, set[str]]]:
+    """BRIGHT's examples (one `{"query", "id", "gold_ids", "excluded_ids", ...}` a line) -> (queries, qrels, excluded).
+
+    Every gold id is relevant with grade 1 (BRIGHT's judgments are binary). `excluded_ids` are documents a retriever
+    must not return for that query (["N/A"] when none); BRIGHT asserts none of them is gold, and so do we.
+    """
+    queries: dict[str, str] = {}
+    qrels: Qrels = {}
+    excluded: dict[str, set[str]] = {}
+    for lineno, rec in jsonl(path):
+        qid, query = rec.get("id"), rec.get("query")
+        gold, skip = rec.get("gold_ids"), rec.get("excluded_ids", [])
+        if not isinstance(qid, str) or not isinstance(query, str) or not query.strip():
+            raise DataError(f"{path}:{lineno}: an example needs 'id' (string) and 'query' (non-empty string)")
+        for key, ids in (("gold_ids", gold), ("excluded_ids", skip)):
+            if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids):
+                raise DataError(f"{path}:{lineno}: {key!r} must be a list of document ids, got {ids!r:.80}")
+        if qid in queries:
+            raise DataError(f"{path}:{lineno}: query {qid} is listed twice")
+        both = set(gold) & set(skip)
+        if both:
+            raise DataError(f"{path}:{lineno}: query {qid} both excludes and judges relevant {sorted(both)[:3]}")
+        queries[qid] = query.strip()
+        qrels[qid] = dict.fromkeys(gold, 1)
+        excluded[qid] = set(skip) - {"N/A"}
+    if not queries:
+        raise DataError(f"{path}: no examples in the file")
+    return queries, qrels, excluded
+
+
 def read_records(path: Path, record: type, check: Callable[[object], str] | None = None, advice: str = "") -> list:
     """A JSONL file of dataclass records, one a line (traces.jsonl). A half-written last line (the run was killed, or
     is still writing) is left out; any other bad line, or a record `check` finds a problem with, is an error naming
@@ -357,20 +404,47 @@ def _trec_dl(year: str, folder: str) -> Callable[[Path], Dataset]:
     return load
 
 
-def _scifact(split: str) -> Callable[[Path], Dataset]:
+def _bm25_rankings(corpus: dict[str, str], queries: dict[str, str], name: str,
+                   exclude: dict[str, set[str]] | None = None) -> list[Ranking]:
+    """Our own BM25 top-100 over `corpus` for each query (bm25.py; the index cached under cache_dir())."""
+    hits = bm25_retrieve(corpus, queries, name, cache_dir(), exclude=exclude)
+    return [Ranking(Query(q, queries[q]), [Candidate(d, corpus[d], s) for d, s in hits[q]]) for q in hits]
+
+
+def _beir(name: str, split: str = "test") -> Callable[[Path], Dataset]:
+    """A BEIR set: the zip's layout (beir_<name>/corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or for the licensed
+    three, Anserini's topics and qrels beside the corpus.jsonl the user converted (download.LICENSED)."""
+
     def load(root: Path) -> Dataset:
-        corpus_p, queries_p, qrels_p = require(
-            root, ["beir_scifact/corpus.jsonl", "beir_scifact/queries.jsonl", f"beir_scifact/qrels/{split}.tsv"]
-        )
+        folder = f"beir_{name}"
+        if name in LICENSED:
+            queries_p, qrels_p, corpus_p = require(root, [f"{folder}/topics.test.tsv.gz", f"{folder}/qrels.test.txt",
+                                                          f"{folder}/corpus.jsonl"])
+            queries = load_topics(queries_p)
+        else:
+            corpus_p, queries_p, qrels_p = require(
+                root, [f"{folder}/corpus.jsonl", f"{folder}/queries.jsonl", f"{folder}/qrels/{split}.tsv"]
+            )
+            queries = load_beir_queries(queries_p)
         qrels = load_qrels(qrels_p)
-        queries = load_beir_queries(queries_p)
         unknown = [q for q in qrels if q not in queries]
         if unknown:
             raise DataError(f"{qrels_p}: queries {unknown[:5]} are not in {queries_p}")
-        corpus = load_beir_corpus(corpus_p)
-        hits = bm25_retrieve(corpus, {q: queries[q] for q in qrels}, "scifact", cache_dir())
-        rankings = [Ranking(Query(q, queries[q]), [Candidate(d, corpus[d], s) for d, s in hits[q]]) for q in hits]
-        return Dataset("scifact" if split == "test" else f"scifact-{split}", rankings, qrels)
+        rankings = _bm25_rankings(load_beir_corpus(corpus_p), {q: queries[q] for q in qrels}, name)
+        return Dataset(name if split == "test" else f"{name}-{split}", rankings, qrels)
+
+    return load
+
+
+def _bright(domain: str) -> Callable[[Path], Dataset]:
+    """A BRIGHT domain: its documents and examples (bright/<domain>/*.jsonl, converted from the Hub's parquet), our
+    BM25 over the documents with each query's excluded_ids left out, the gold ids as binary judgments."""
+
+    def load(root: Path) -> Dataset:
+        docs_p, examples_p = require(root, [f"bright/{domain}/documents.jsonl", f"bright/{domain}/examples.jsonl"])
+        queries, qrels, excluded = load_bright_examples(examples_p)
+        rankings = _bm25_rankings(load_bright_documents(docs_p), queries, f"bright-{domain}", excluded)
+        return Dataset(domain, rankings, qrels)
 
     return load
 
@@ -379,12 +453,15 @@ DATASETS: dict[str, Callable[[Path], Dataset]] = {
     "dl19": _trec_dl("dl19", "trec_dl"),
     "dl20": _trec_dl("dl20", "trec_dl"),
     "dl21": _trec_dl("dl21", "trec_dl21_msmarco_v2"),
-    "scifact": _scifact("test"),
-    "scifact-train": _scifact("train"),
+    "scifact": _beir("scifact"),
+    "scifact-train": _beir("scifact", "train"),
+    **{name: _beir(name) for name in ("trec-covid", "nfcorpus", "dbpedia-entity", "signal1m", "trec-news",
+                                      "robust04")},
+    **{domain: _bright(domain) for domain in BRIGHT_DOMAINS},
 }
 
 # the datasets whose figures the project reports: training on them would make those figures meaningless
-TEST_SETS = ("dl19", "dl20", "scifact")
+TEST_SETS = tuple(name for name in DATASETS if name not in ("dl21", "scifact-train"))
 
 
 def load_dataset(name: str, root: str | Path | None = None) -> Dataset:

@@ -6,6 +6,7 @@
     python eval.py --run RUN.trec --qrels QRELS            # score any TREC run
     python eval.py --candidates FILE.json --qrels QRELS    # a user's RankGPT-format candidates
     python eval.py --report OUT [--against OUT_B]          # redraw OUT/report.html (report.py), or compare two runs
+    python eval.py --suite standard --model bm25           # DL19, DL20, BEIR's seven: one table (suite.py)
     torchrun --nproc_per_node 2 eval.py --dataset dl19 --model smollm2   # the queries split over 2 processes
 
 Every evaluation writes, under --out, `run.trec` (scores fall with rank), `metrics.json` (per-query values, the
@@ -30,7 +31,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import dist
@@ -45,7 +46,7 @@ from data import (
     write_run,
 )
 from evalconfig import EvalConfig, default_out, prepare_out, slug
-from files import write_text
+from files import read_json, write_text
 from rearank import answer_format, window_spans
 from scoring import (
     Evaluation,
@@ -74,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     args = p.parse_args(argv)
     if args.compare and (args.candidates or args.run or not (args.qrels or args.dataset)):
         p.error("--compare takes --qrels or --dataset (for its qrels), not --candidates or --run")
-    if not (args.compare or args.dataset or args.candidates or args.run or args.report):
-        p.error("one of --dataset, --candidates, --run, --report or --compare is required")
+    if not (args.compare or args.dataset or args.suite or args.candidates or args.run or args.report):
+        p.error("one of --dataset, --suite, --candidates, --run, --report or --compare is required")
     if (args.candidates or args.run) and not args.qrels:
         p.error("--candidates and --run need --qrels")
     if args.against and not args.report:
@@ -246,8 +247,58 @@ def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], mine: list[Rank
     return reranked, stats
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# --suite: every dataset of the paper's table, then one table (suite.py)
+
+
+def dataset_argv(cfg: EvalConfig, name: str, out: Path) -> list[str]:
+    """The command line that evaluates dataset `name` into `out` with every other setting of `cfg`: each flag whose
+    value differs from its default, as typed.
+
+    >>> dataset_argv(EvalConfig(suite="standard", model="bm25", top_k=20), "dl19", Path("o/dl19"))
+    ['--model', 'bm25', '--top-k', '20', '--dataset', 'dl19', '--out', 'o/dl19']
+    """
+    argv = []
+    for f in fields(EvalConfig):
+        value = getattr(cfg, f.name)
+        if "help" not in f.metadata or f.name in ("suite", "dataset", "out") or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        argv += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
+    return argv + ["--dataset", name, "--out", str(out)]
+
+
+def run_suite(cfg: EvalConfig) -> None:
+    """Each dataset of cfg.suite evaluated as `eval.py --dataset NAME --out OUT/NAME` (same settings, same figures,
+    resumable); one that stops with an error (offline, a licensed corpus) becomes a row saying what it needs. Then
+    the table, printed and written as OUT/suite.md and OUT/suite.json."""
+    import suite
+
+    if cfg.model is None:  # one model for every dataset
+        from backend import default_model
+
+        cfg.model = default_model()
+    root = Path(cfg.out) if cfg.out else default_out(replace(cfg, dataset=f"suite-{cfg.suite}"))
+    rows = []
+    for name in suite.SUITES[cfg.suite]:
+        print(f"== {cfg.suite}: {name}")
+        try:
+            main(dataset_argv(cfg, name, root / name))
+        except SystemExit as e:  # main's `error: ...` line for this dataset: a row of the table, not the suite's end
+            print(e.code, file=sys.stderr)
+            rows.append(suite.failed(name, str(e.code)))
+            continue
+        if dist.is_main():  # the main process wrote it
+            rows.append(suite.row(name, read_json(root / name / "metrics.json")))
+    if dist.is_main():
+        print(suite.write(root, cfg.suite, rows, cfg.model, cfg.command), end="")
+        print(f"wrote {root / 'suite.md'} and {root / 'suite.json'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    if cfg.suite:
+        return run_suite(cfg)
     if dist.world_size() > 1:  # torchrun / accelerate launch: only the main process prints and writes the outputs
         dist.init()
         dist.quiet_unless_main()
@@ -304,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print_metrics(ev := first)
         write_run(out / "run.trec", rankings, tag=slug(cfg.model))
-        save_metrics(out / "metrics.json", cfg, ev, seconds=round(time.time() - t, 1), **extra)
+        save_metrics(out / "metrics.json", cfg, ev, seconds=round(time.time() - t, 1), first_stage=first.mean, **extra)
         print(f"wrote {out / 'run.trec'} and {out / 'metrics.json'}" + (f" ({time.time() - t:.0f}s)" if extra else ""))
         if extra:  # a model ran: draw what it thought
             import report

@@ -31,7 +31,12 @@ class EvalConfig:
     """One evaluation's settings: eval.py's command line (each flag's help beside its default), saved as the "config"
     of metrics.json."""
 
-    dataset: str | None = arg(None, "a registered dataset: dl19, dl20, dl21, scifact, scifact-train", group="source")
+    dataset: str | None = arg(None, "a registered dataset: dl19, dl20, dl21, scifact, scifact-train, the BEIR sets "
+                                    "(trec-covid, nfcorpus, ...) and BRIGHT domains (biology, ...): `python data.py "
+                                    "list`", group="source")
+    suite: str | None = arg(None, "every dataset of REARANK's table: standard = DL19, DL20 and BEIR's seven; bright = "
+                                  "BRIGHT's twelve domains; each into OUT/<dataset>, then OUT/suite.md and suite.json",
+                            choices=("standard", "bright"), group="source")
     candidates: str | None = arg(None, "RankGPT-format JSON (.json or .json.gz) of first-stage candidates",
                                  group="source")
     run: str | None = arg(None, "a TREC run file to score as it is", group="source")
