@@ -255,3 +255,26 @@ def test_suite_runs_each_dataset_with_the_suites_settings_and_resumes(tmp_path, 
     with pytest.raises(SystemExit):
         ev.parse_args(["--suite", "standard", "--dataset", "dl19"])  # one source at a time
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_suite_with_a_model_reports_first_stage_and_reranked_and_replays_on_rerun(tmp_path, monkeypatch):
+    import dist_worker
+
+    models = []
+    monkeypatch.setattr(ev, "load_generator", lambda cfg: models.append(dist_worker.HashModel()) or models[-1])
+    root = tmp_path / "data"
+    bright_files(root, "pony")
+    offline(monkeypatch)
+    argv = ["--suite", "bright", "--model", "fake", "--window", "2", "--step", "1", "--data-dir", str(root),
+            "--out", str(tmp_path / "o")]
+    ev.main(argv)
+    rows = {r["dataset"]: r for r in json.loads((tmp_path / "o/suite.json").read_text())["rows"]}
+    metrics = json.loads((tmp_path / "o/pony/metrics.json").read_text())
+    assert metrics["windows"] == 2 + 3 and metrics["config"]["window"] == 2
+    assert rows["pony"]["first_stage"] == metrics["first_stage"]["nDCG@10"]
+    assert rows["pony"]["reranked"] == metrics["mean"]["nDCG@10"]
+    assert rows["pony"]["first_stage"] != rows["pony"]["reranked"]  # the hash model reorders
+    avg = json.loads((tmp_path / "o/suite.json").read_text())["averages"]["BRIGHT"]
+    assert avg["over"] == ["pony"] and avg["reranked"] == rows["pony"]["reranked"]
+    ev.main(argv)
+    assert models[-1].asked == 0  # the rerun replayed every window from traces.jsonl
