@@ -44,8 +44,8 @@ BRIGHT_DOMAINS = ("biology", "earth_science", "economics", "psychology", "roboti
                   "sustainable_living", "leetcode", "pony", "aops", "theoremqa_questions", "theoremqa_theorems")
 # the corpora behind BEIR's licensed sets: what to obtain (the qrels' docids are these collections' own ids)
 LICENSED = {
-    "signal1m": "the Signal-1M (RT) tweets that BEIR pairs with Signal-1M news titles (Suarez et al., ECIR 2018; "
-                "ask Signal AI: https://research.signal-ai.com/datasets/signal1m.html)",
+    "signal1m": "the tweet collection of Signal-1M related-tweet retrieval (Suarez et al., ECIR 2018), on request "
+                "from Signal AI: http://research.signalmedia.co/datasets/signal1m-tweetir.html",
     "trec-news": "the TREC Washington Post Corpus (v2 or later), licensed from NIST: https://trec.nist.gov/data/wapost/",
     "robust04": "TREC Disks 4 and 5 minus the Congressional Record, licensed from NIST: "
                 "https://trec.nist.gov/data/cd45/index.html",

@@ -9,7 +9,8 @@ draws them with the suite's averages, `write` leaves OUT/suite.md and OUT/suite.
 (offline, or a licensed corpus) is a row that says what to fetch, and an average names the datasets it is over.
 
 Published figures are nDCG@10 x 100 from the REARANK paper (Zhang et al., arXiv 2505.20046: BM25 top-100 reranked
-by REARANK-7B); only those the paper states per dataset are here, the rest of its per-dataset table is not.
+by REARANK-7B): DL19, DL20, SciFact and the BEIR-7 and BRIGHT averages; its other per-dataset figures are left out
+rather than copied unchecked. A suite average is comparable with the paper's only when it is over every dataset.
 
 Reading order: after evalconfig.py (it knows nothing of models); eval.py's `run_suite` drives it.
 """

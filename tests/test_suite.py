@@ -255,6 +255,12 @@ def test_suite_runs_each_dataset_with_the_suites_settings_and_resumes(tmp_path, 
     with pytest.raises(SystemExit):
         ev.parse_args(["--suite", "standard", "--dataset", "dl19"])  # one source at a time
     assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--suite", "bright", "--qrels", "q.txt"])
+    assert "--qrels would replace them all" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"error: --out .*file: is a file, not a directory"):
+        ev.main([*argv[:-1], str(tmp_path / "file")])
 
 
 def test_suite_with_a_model_reports_first_stage_and_reranked_and_replays_on_rerun(tmp_path, monkeypatch):
