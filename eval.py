@@ -46,7 +46,7 @@ from data import (
     write_run,
 )
 from evalconfig import EvalConfig, default_out, prepare_out, slug
-from files import read_json, write_text
+from files import check_out_dir, read_json, write_text
 from rearank import answer_format, window_spans
 from scoring import (
     Evaluation,
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         p.error("one of --dataset, --suite, --candidates, --run, --report or --compare is required")
     if (args.candidates or args.run) and not args.qrels:
         p.error("--candidates and --run need --qrels")
+    if args.suite and args.qrels:
+        p.error("--suite evaluates each dataset against its own judgments: --qrels would replace them all")
     if args.against and not args.report:
         p.error("--against needs --report")
     if args.step > args.window:
@@ -278,7 +280,8 @@ def run_suite(cfg: EvalConfig) -> None:
         from backend import default_model
 
         cfg.model = default_model()
-    root = Path(cfg.out) if cfg.out else default_out(replace(cfg, dataset=f"suite-{cfg.suite}"))
+    root = check_out_dir(Path(cfg.out) if cfg.out else default_out(replace(cfg, dataset=f"suite-{cfg.suite}")),
+                         create=False)
     rows = []
     for name in suite.SUITES[cfg.suite]:
         print(f"== {cfg.suite}: {name}")
@@ -297,12 +300,12 @@ def run_suite(cfg: EvalConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    if cfg.suite:
-        return run_suite(cfg)
     if dist.world_size() > 1:  # torchrun / accelerate launch: only the main process prints and writes the outputs
         dist.init()
         dist.quiet_unless_main()
     try:
+        if cfg.suite:
+            return run_suite(cfg)
         if cfg.compare:
             qrels = load_qrels(cfg.qrels) if cfg.qrels else load_dataset(cfg.dataset, cfg.data_dir).qrels
             a, b = (evaluate_run_file(run_path(r), qrels) for r in cfg.compare)
