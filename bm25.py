@@ -82,10 +82,10 @@ class InvertedBM25:
         terms, docs, tfs = array("l"), array("l"), array("l")  # compact: a Python list of ints would be 10x bigger
         lengths = np.array([len(t) for t in corpus_tokens], dtype=np.int64)
         for d, tokens in enumerate(corpus_tokens):
-            for word, tf in Counter(tokens).items():
-                terms.append(vocab.setdefault(word, len(vocab)))
-                docs.append(d)
-                tfs.append(tf)
+            counts = Counter(tokens)
+            terms.extend(vocab.setdefault(word, len(vocab)) for word in counts)
+            tfs.extend(counts.values())
+            docs.extend([d] * len(counts))
         terms, docs, tfs = (np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
                             for a in (terms, docs, tfs))
         order = np.argsort(terms, kind="stable")  # postings by term, documents ascending within a term
