@@ -3,8 +3,8 @@ stage over a corpus (SciFact, the other BEIR sets, BRIGHT) matches published BM2
 
 Reading order: the analyzer (`analyze`: Lucene's stopwords, possessives, the Porter stemmer), `LuceneBM25` (`rank_bm25`
 with Lucene's idf: the reference), `InvertedBM25` (the same scores from an inverted index, for corpora of millions of
-documents and BRIGHT's queries of hundreds of words), the cached index, retrieval. It knows nothing of the project's records: documents and queries are plain
-{id: text} dicts, results plain (docid, score) lists.
+documents and BRIGHT's queries of hundreds of words), the cached index, retrieval. It knows nothing of the project's
+records: documents and queries are plain {id: text} dicts, results plain (docid, score) lists.
 
     python data.py bm25 --dataset scifact        # nDCG@10 0.6768 via `python eval.py --dataset scifact --model bm25`
 """

@@ -20,6 +20,14 @@ The homes and their formats, which the loaders in data.py follow:
   `gold_ids`; `excluded_ids` is ["N/A"] when none). Reading parquet takes pyarrow, so each file is converted once,
   when fetched, to JSON lines of the same columns (documents.jsonl, examples.jsonl), which the standard library reads.
 
+Other homes, not used: prebuilt BM25 runs (Pyserini's run.beir.bm25-flat.<name>.txt; castorini/rank_llm_data's
+retrieve_results/BM25/retrieve_results_{covid,news}_top100.jsonl) carry docids without text, or cover two of the seven
+sets, so the project runs its own BM25 over each corpus as it does for SciFact (0.6768; Anserini flat 0.6789). For
+BRIGHT, REARANK's own code reads a tarball of Pyserini-format files (huggingface.co/datasets/le723z/bright_tar:
+pyserini_corpus/<domain>.jsonl `{"id", "contents"}`, pyserini_queries/<domain>.tsv,
+runs_bm25/bm25.<domain>.filtered.trec), and anserini-tools holds BRIGHT's qrels and excluded ids
+(qrels/qrels.bright-<domain>.txt, exclude.bright-<domain>.txt); xlangai/BRIGHT is the benchmark's own release.
+
 Reading order: `REMOTE` (a local path -> its home), `_fetch` (one file), `require` (a dataset's files).
 """
 
@@ -46,7 +54,8 @@ BRIGHT_DOMAINS = ("biology", "earth_science", "economics", "psychology", "roboti
 LICENSED = {
     "signal1m": "the tweet collection of Signal-1M related-tweet retrieval (Suarez et al., ECIR 2018), on request "
                 "from Signal AI: http://research.signalmedia.co/datasets/signal1m-tweetir.html",
-    "trec-news": "the TREC Washington Post Corpus (v2 or later), licensed from NIST: https://trec.nist.gov/data/wapost/",
+    "trec-news": "the TREC Washington Post Corpus (v2 or later), licensed from NIST: "
+                 "https://trec.nist.gov/data/wapost/",
     "robust04": "TREC Disks 4 and 5 minus the Congressional Record, licensed from NIST: "
                 "https://trec.nist.gov/data/cd45/index.html",
 }
@@ -130,7 +139,7 @@ def home(rel: str) -> str:
 
 
 def parquet_to_jsonl(src: Path, dest: Path) -> None:
-    """A parquet file's rows as JSON lines, its columns as keys (pyarrow reads parquet; the standard library does not)."""
+    """A parquet file's rows as JSON lines, its columns as keys (pyarrow reads parquet, the standard library not)."""
     import pyarrow.parquet as pq  # only where BRIGHT is fetched: pip install pyarrow
 
     with open(dest, "w", encoding="utf-8") as f:

@@ -244,7 +244,8 @@ def test_suite_runs_each_dataset_with_the_suites_settings_and_resumes(tmp_path, 
     for domain in suite.SUITES["bright"][:2]:
         bright_files(root, domain)
     offline(monkeypatch)
-    argv = ["--suite", "bright", "--model", "bm25", "--top-k", "2", "--data-dir", str(root), "--out", str(tmp_path / "o")]
+    argv = ["--suite", "bright", "--model", "bm25", "--top-k", "2", "--data-dir", str(root),
+            "--out", str(tmp_path / "o")]
     ev.main(argv)
     first = json.loads((tmp_path / "o/suite.json").read_text())
     assert [r["status"] for r in first["rows"]][:3] == ["ok", "ok", "missing"]
