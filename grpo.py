@@ -134,6 +134,9 @@ class Config:
                               "never)", nonneg_int)
     eval_batch_size: int = arg(8, "prompts per generate call in held-out evaluation", positive_int)
     save_every: int = arg(25, "checkpoint every N steps (also at the end and on Ctrl-C)", nonneg_int)
+    save_optimizer: str = arg("on", "off: checkpoint/ without the optimizer state (a 7B run's 30.5 GB of moments), "
+                                    "for a small disk; a --resume then restarts Adam's moments from zero",
+                              choices=("on", "off"))
     dump_every: int = arg(10, "write the completions of one group to <out>/episodes.jsonl every N steps (0 = "
                               "never)", nonneg_int)
     out: str = arg("runs/grpo", "output directory: config.json, metrics.jsonl, eval.jsonl, episodes.jsonl, "
