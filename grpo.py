@@ -326,6 +326,7 @@ def setup(cfg: Config, explicit: set[str] | None):
 
     if dist.is_main() or not cfg.overwrite:  # only the main process deletes what --overwrite replaces
         check_out(cfg)  # before anything is written: never replace a run by mistake
+    dist.use_local_gpu()  # before the plan reads the device's free memory
     plan_memory(cfg, explicit)
     cuda = torch.cuda.is_available()
     # cpu=True on a machine without CUDA, else torchrun's ranks are ignored
@@ -360,9 +361,9 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
-    # generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; under DDP,
-    # whose wrapper it bypasses, gradients are exchanged by `dist.grad_sync` (the wrapper's part: equal initial weights)
+    model, optimizer = dist.prepare(accelerator, model, make_optimizer(model, cfg))
+    # generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; on several
+    # processes it is not wrapped in DDP: gradients are exchanged by `dist.grad_sync`
     policy = accelerator.unwrap_model(model)
 
     # --- resume: weights, optimizer and RNG states from <out>/checkpoint/; the logs cut back to its step
