@@ -13,7 +13,7 @@ plan at the paper's shape, then eval.py's generation speed. Every figure goes to
    weights would hardly stop anyway). Two steps each, a save, and at 512 tokens a --resume for one more step.
    Printed per step: peak memory of each phase (rollout / reference / policy update, the allocator's peak, reset
    between phases) against the plan's figure for it, the time of each, and the fraction of watched weights the
-   first step moved. The saves use --save-optimizer off: the GPU machine's 64 GiB disk holds 45.6 GB at once that
+   first step moved. The saves use --save-optimizer off: the GPU machine's 64 GiB disk holds 45.7 GB at once that
    way (checkpoint/ 15.2 GB + model/ 15.2 GB, the old checkpoint kept while the new one is written), not the
    107 GB a save with BF16AdamW's moments needs (memory.py's disk line says so, and grpo.py would stop). The reward
    is a hash of the text (`text_reward`): random weights earn no REARANK reward, and equal rewards move nothing.
