@@ -372,7 +372,7 @@ class Disk:
     replaces: bool  # a save replaces an earlier one (several saves this run, or a resumed run's folders)
     held: int  # bytes already in --out's checkpoint/ and model/ (a resumed run): replaced, so they come back
     free: int
-    where: str  # the existing folder whose filesystem --out is on
+    where: str  # --out as given (its free space is its nearest existing folder's)
 
     @property
     def save(self) -> int:
@@ -414,12 +414,12 @@ def size(n: int) -> str:
 DISK_HEADROOM = 0.95  # the tokenizer files, the logs, the filesystem's own reserve
 
 
-def free_disk(out: str) -> tuple[int, str]:
-    """Free bytes of the filesystem --out will be on, and the nearest existing folder on the way to it."""
+def free_disk(out: str) -> int:
+    """Free bytes of the filesystem --out will be on: its nearest existing folder's (--out may not exist yet)."""
     where = Path(out).absolute()
     while not where.exists():
         where = where.parent
-    return shutil.disk_usage(where).free, str(where)
+    return shutil.disk_usage(where).free
 
 
 def folder_bytes(*folders: Path) -> int:
@@ -433,8 +433,7 @@ def disk_plan(shape: Shape, s: Settings, cuda: bool, out: str, save_optimizer: b
     optimizer = optimizer_bytes(n, s, cuda) if save_optimizer else 0
     export = n * 2 if cuda else weights  # checkpoint.export_dtype
     held = folder_bytes(Path(out) / "checkpoint", Path(out) / "model")
-    free, where = free_disk(out)
-    return Disk(weights, optimizer, export, replaces or held > 0, held, free, where)
+    return Disk(weights, optimizer, export, replaces or held > 0, held, free_disk(out), out)
 
 
 def what_fits_on_disk(disk: Disk) -> str:
