@@ -17,8 +17,10 @@ chunks of positions. Flags the user gave always win; `--memory off` takes them a
 The arithmetic, per phase of a step (the peak is the largest):
 - rollout:   weights + optimizer state + autocast's bf16 casts of fp32 weights (its cache lives for the rollout's
              context) + a resident reference + the KV cache of B*G rows of P + C positions.
-- reference: weights + optimizer state + the reference (offloaded: brought in for its no-grad pass).
-- training:  weights + gradients + optimizer state + a resident reference + activations + one chunk's logits, and
+- reference: weights + optimizer state + the reference (offloaded: brought in for its no-grad pass) + the pass's
+             working set (the prompt's keys/values, one layer's tensors: `no_grad_pass_bytes`).
+- training:  weights + gradients + optimizer state + a resident reference + activations + one chunk's logits + one
+             layer's activation gradients during its backward, and
              without checkpointing autocast's cast weights (the graphs save them: cached, one copy for all passes;
              with checkpointing grpo.py turns the cache off, and each layer's casts live only while it runs).
 
