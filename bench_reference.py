@@ -4,8 +4,8 @@
 
 One rollout batch is sampled once (DL21 training sets of `--size` passages, rollout.rollout, the embedded model), then
 rollout.Reference.logprobs (what one training step runs) is timed for each placement in turn, `--repeats` times, best
-wall-clock and CPU seconds printed. On CPU "offload" moves the model from the CPU to the CPU: the two must cost the
-same, and the figure is the pass itself. On CUDA the offloaded figure adds the two transfers.
+wall-clock and CPU seconds printed. On CPU "offload" copies the weights within CPU memory for the pass (as it copies
+them to a GPU), so its figure adds that copy. On CUDA it adds the copy in from pinned memory.
 """
 
 import argparse

@@ -206,7 +206,7 @@ def write_checkpoint(dest: Path, model, optimizer, step: int, rngs: list[dict], 
     """Everything the next step depends on, as data only (safetensors and JSON; nothing that runs code when read):
 
         model.safetensors      the weights in their training dtype (tied weights once; state.json lists the aliases)
-        optimizer.safetensors  the optimizer's tensors (moments, AdamW's step counts)
+        optimizer.safetensors  the optimizer's tensors (moments, AdamW's step counts); not with --save-optimizer off
         rng.safetensors        torch's (and CUDA's) generator states (rng.rank{r}.safetensors: process r's, when
                                several processes trained; `rngs` holds one state per process)
         state.json             the step (it fixes the data position, see augment.batch_indices), python's and numpy's
@@ -220,9 +220,11 @@ def write_checkpoint(dest: Path, model, optimizer, step: int, rngs: list[dict], 
     weights, tied = unique_tensors(model.state_dict())
     save_file(weights, tmp / "model.safetensors")
     del weights
-    opt_tensors, opt_data = optimizer_to_data(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    del opt_tensors
+    opt_data = None  # --save-optimizer off: no optimizer state (a resumed run restarts the moments)
+    if cfg.save_optimizer == "on":
+        opt_tensors, opt_data = optimizer_to_data(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        del opt_tensors
     rng_data = []
     for r, rng in enumerate(rngs):
         rng_tensors, data = rng_to_data(rng)
@@ -284,16 +286,21 @@ def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, list[dict]]:
         raise DataError(f"{path}: the weights of another model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                         f"other shape or dtype {differ[:3]}): resume with the --model and dtype flags of that run")
     path = folder / "optimizer.safetensors"
-    opt_state = optimizer_from_data(read_tensors(path), state["optimizer"])
+    opt_state = None if state["optimizer"] is None else optimizer_from_data(read_tensors(path), state["optimizer"])
     rng_tensors = [read_tensors(folder / "rng.safetensors")]
     ranks = range(1, 1 + len(state.get("rng_ranks", [])))
     rng_tensors += [read_tensors(folder / f"rng.rank{r}.safetensors") for r in ranks]
     model.load_state_dict(weights)
     del weights, expected  # the loaded copy is freed at once, not held for the whole run
-    try:
-        optimizer.load_state_dict(opt_state)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise DataError(f"{path}: not this run's optimizer state ({e}): resume with the flags of that run") from None
+    if opt_state is None:
+        print(f"resume: {folder} holds no optimizer state (saved with --save-optimizer off): Adam's moments restart "
+              "from zero, so the steps differ from an uninterrupted run's")
+    else:
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise DataError(f"{path}: not this run's optimizer state ({e}): resume with the flags of that "
+                            "run") from None
     del opt_state
     datas = [state["rng"]] + state.get("rng_ranks", [])
     return state["step"], [rng_from_data(t, d) for t, d in zip(rng_tensors, datas)]

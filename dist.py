@@ -62,6 +62,15 @@ def init(timeout: timedelta = WAIT):
     return state
 
 
+def use_local_gpu() -> None:
+    """On CUDA, make this process's GPU (LOCAL_RANK) the current device before anything else touches CUDA: else every
+    rank opens a context on GPU 0 (~0.5 GB each) and the memory plan reads GPU 0's free memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def quiet_unless_main() -> None:
     """One log on stdout, the main process's: the others' prints go nowhere (errors still reach stderr)."""
     if not is_main():
@@ -186,6 +195,29 @@ def check_world(accelerator, batch_size: int) -> None:
                         "(with --bf16-weights a 7B model fits 80 GB per GPU)")
 
 
+def prepare(accelerator, model, optimizer):
+    """accelerator.prepare(model, optimizer), without DDP's wrapper on several processes: its reducer allocates
+    gradient buckets as large as all the gradients (+15.2 GB at 7B in bf16), which this loop never uses, since it runs
+    the bare module and sums the gradients itself (`grad_sync`). The model keeps Accelerate's device placement and
+    autocast forward (`evaluation_mode` skips only the wrapper); the wrapper's other part, the same initial weights
+    on every process, is `broadcast_params`. FSDP shards the model in its wrapper, so it keeps it."""
+    if accelerator.num_processes == 1 or is_fsdp(accelerator):
+        return accelerator.prepare(model, optimizer)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    broadcast_params(model)
+    return model, accelerator.prepare_optimizer(optimizer)
+
+
+def broadcast_params(model) -> None:
+    """Rank 0's weights and buffers on every rank (what DDP's constructor does): the replicas start equal."""
+    if world_size() == 1:
+        return
+    import torch.distributed as td
+
+    for t in [*model.parameters(), *model.buffers()]:
+        td.broadcast(t.data, src=0)
+
+
 @contextlib.contextmanager
 def gathered_params(accelerator, model):
     """Generation under FSDP: every process holds only a shard of each weight, so the weights are gathered whole
@@ -219,22 +251,17 @@ def grad_sync(accelerator, model):
     """One gradient exchange per update, however many backward passes it takes.
 
     DDP all-reduces in the backward of every forward made through its wrapper, and `prefix.group_backward` makes
-    several a step (one per micro-batch, then the shared prompt's), whose sum is the gradient. So the loop runs the
-    bare module (which DDP's hooks ignore; `no_sync` says so outright) and the gradients are summed over the processes
-    once after (`all_reduce_grads`). Each process's loss is its share of the global loss (divided by the global
-    token count), so the sum, not DDP's mean, is the gradient one process computes over the whole batch.
+    several a step (one per micro-batch, then the shared prompt's), whose sum is the gradient. So the model is not
+    wrapped (`prepare`) and the gradients are summed over the processes once after (`all_reduce_grads`). Each
+    process's loss is its share of the global loss (divided by the global token count), so the sum, not DDP's mean,
+    is the gradient one process computes over the whole batch.
     FSDP reduce-scatters in every backward itself (its no_sync would keep whole unsharded gradients on every GPU) and
     averages over the processes: multiplying by their number makes that average the sum.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        with accelerator.no_sync(model):
-            yield
-        all_reduce_grads(model.parameters())
-        return
     yield
-    if is_fsdp(accelerator) and accelerator.num_processes > 1:
+    if accelerator.num_processes > 1 and not is_fsdp(accelerator):
+        all_reduce_grads(model.parameters())
+    elif is_fsdp(accelerator) and accelerator.num_processes > 1:
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(accelerator.num_processes)

@@ -134,6 +134,9 @@ class Config:
                               "never)", nonneg_int)
     eval_batch_size: int = arg(8, "prompts per generate call in held-out evaluation", positive_int)
     save_every: int = arg(25, "checkpoint every N steps (also at the end and on Ctrl-C)", nonneg_int)
+    save_optimizer: str = arg("on", "off: checkpoint/ without the optimizer state (a 7B run's 30.5 GB of moments), "
+                                    "for a small disk; a --resume then restarts Adam's moments from zero",
+                              choices=("on", "off"))
     dump_every: int = arg(10, "write the completions of one group to <out>/episodes.jsonl every N steps (0 = "
                               "never)", nonneg_int)
     out: str = arg("runs/grpo", "output directory: config.json, metrics.jsonl, eval.jsonl, episodes.jsonl, "
@@ -323,6 +326,7 @@ def setup(cfg: Config, explicit: set[str] | None):
 
     if dist.is_main() or not cfg.overwrite:  # only the main process deletes what --overwrite replaces
         check_out(cfg)  # before anything is written: never replace a run by mistake
+    dist.use_local_gpu()  # before the plan reads the device's free memory
     plan_memory(cfg, explicit)
     cuda = torch.cuda.is_available()
     # cpu=True on a machine without CUDA, else torchrun's ranks are ignored
@@ -357,9 +361,9 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
-    # generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; under DDP,
-    # whose wrapper it bypasses, gradients are exchanged by `dist.grad_sync` (the wrapper's part: equal initial weights)
+    model, optimizer = dist.prepare(accelerator, model, make_optimizer(model, cfg))
+    # generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; on several
+    # processes it is not wrapped in DDP: gradients are exchanged by `dist.grad_sync`
     policy = accelerator.unwrap_model(model)
 
     # --- resume: weights, optimizer and RNG states from <out>/checkpoint/; the logs cut back to its step

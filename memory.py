@@ -4,6 +4,10 @@
     python memory.py --config qwen2.5-7b --gpu-gb 141 --beta 0.001
     python memory.py --config path/to/model --gpu-gb 24 --size 5      # any local HF checkpoint's config.json
 
+It ends with the disk line: the bytes one save writes under --out (checkpoint/: the weights and the optimizer state;
+model/: the export) and the most the run needs at once (checkpoint.replace_dir keeps the old folder until the new one
+is whole), against the free space there; grpo.py stops before loading when they do not fit (`check_disk`).
+
 grpo.py calls `plan_run` first thing: it prints the table below and, with `--memory auto` (the default), fills in the
 settings the user did not give: fp32 master weights if they fit, else bf16 weights (BF16AdamW, stochastic rounding);
 no activation checkpointing and all G completions per micro-batch if that fits, else the cheapest mix of a smaller
@@ -13,8 +17,10 @@ chunks of positions. Flags the user gave always win; `--memory off` takes them a
 The arithmetic, per phase of a step (the peak is the largest):
 - rollout:   weights + optimizer state + autocast's bf16 casts of fp32 weights (its cache lives for the rollout's
              context) + a resident reference + the KV cache of B*G rows of P + C positions.
-- reference: weights + optimizer state + the reference (offloaded: brought in for its no-grad pass).
-- training:  weights + gradients + optimizer state + a resident reference + activations + one chunk's logits, and
+- reference: weights + optimizer state + the reference (offloaded: brought in for its no-grad pass) + the pass's
+             working set (the prompt's keys/values, one layer's tensors: `no_grad_pass_bytes`).
+- training:  weights + gradients + optimizer state + a resident reference + activations + one chunk's logits + one
+             layer's activation gradients during its backward, and
              without checkpointing autocast's cast weights (the graphs save them: cached, one copy for all passes;
              with checkpointing grpo.py turns the cache off, and each layer's casts live only while it runs).
 
@@ -37,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from data import DataError
 from model_shape import PUBLISHED, Shape, published_config, shape_of
@@ -98,6 +106,8 @@ class Plan:
     activations: int
     logits: int  # one chunk's logits, all their copies
     budget: int
+    backward_temps: int = 0  # one layer's activation gradients during its backward (training)
+    pass_temps: int = 0  # a no-grad log-prob pass's working set: the prompt's keys/values, one layer's tensors
 
     @property
     def rollout(self) -> int:
@@ -106,13 +116,14 @@ class Plan:
 
     @property
     def reference_pass(self) -> int:
-        return self.weights + self.optimizer + self.reference + self.logits
+        return self.weights + self.optimizer + self.reference + self.logits + self.pass_temps
 
     @property
     def training(self) -> int:
         resident = self.reference if self.settings.reference == "resident" else 0
         casts = 0 if self.settings.checkpointing else self.casts
-        return self.weights + self.grads + self.optimizer + resident + casts + self.activations + self.logits
+        return (self.weights + self.grads + self.optimizer + resident + casts + self.activations + self.logits
+                + self.backward_temps)
 
     @property
     def peak(self) -> int:
@@ -138,6 +149,10 @@ class Plan:
              f"prompt {w.prompt_tokens} once + {self.settings.micro_batch or w.group_size} x {w.max_new_tokens + 1}, "
              f"checkpointing {'on' if self.settings.checkpointing else 'off'}"),
             ("logits", gb(self.logits), f"chunks of {self.settings.logits_chunk or 'all'} positions"),
+            ("backward temps", gb(self.backward_temps),
+             "one layer's activation gradients" + (" beside its recompute" if self.settings.checkpointing else "")),
+            ("no-grad pass temps", gb(self.pass_temps),
+             "reference pass: the prompt's keys/values, one layer's tensors"),
             ("peak: rollout", gb(self.rollout), ""),
             ("peak: reference", gb(self.reference_pass), "" if w.beta > 0 else "no reference (beta 0)"),
             ("peak: training", gb(self.training), ""),
@@ -226,8 +241,24 @@ def estimate(shape: Shape, work: Workload, s: Settings, budget: int) -> Plan:
     activations += prefix_kv
     positions = s.logits_chunk or (C + 1)
     logits = rows * min(positions, C + 1) * shape.vocab * (compute + 12)  # bf16 out, fp32 copy, exp temp, grad
+    # the backward of a layer holds the gradients of its saved activations (recomputed first, with checkpointing):
+    # about as many bytes as the layer's activations themselves
+    backward_temps = max(prompt_layer, completion_layer)
+    pass_temps = no_grad_pass_bytes(shape, work, rows, 2 if work.cuda else 4) if s.reference != "none" else 0
     return Plan(shape, work, s, N * wbytes, N * wbytes, optimizer_bytes(N, s, work.cuda), casts, reference,
-                kv_cache, activations, logits, budget)
+                kv_cache, activations, logits, budget, backward_temps=backward_temps, pass_temps=pass_temps)
+
+
+def no_grad_pass_bytes(shape: Shape, work: Workload, rows: int, dtype: int) -> int:
+    """The working set of a no-grad log-prob pass (the reference's) beside its weights and logits: the prompt's keys
+    and values for every layer (prefix.py runs the prompt once and keeps them for the completions), and one layer's
+    tensors for a micro-batch of completions (nothing is saved, each layer's intermediates die with it), keys and
+    values repeated to every head over the prompt's positions too."""
+    P, C = work.prompt_tokens, work.max_new_tokens
+    prompt_kv = P * shape.layers * 2 * shape.kv_dim * dtype
+    layer = rows * (C + 1) * token_activation_bytes(shape, dtype, dtype) + rows * (P + C + 1) * key_activation_bytes(
+        shape, dtype)
+    return prompt_kv + layer
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -290,12 +321,22 @@ def reasons(plan: Plan, given: dict, work: Workload) -> list[str]:
     if "micro_batch" not in given and s.micro_batch:
         out.append(f"micro-batch {s.micro_batch}: all {work.group_size} completions at once do not fit")
     if "reference" not in given and s.reference != "none":
-        out.append(f"reference {s.reference}: " + ("it fits beside the policy" if s.reference == "resident" else
-                                                   "a resident bf16 copy does not fit without checkpointing"))
+        out.append(f"reference {s.reference}: " + reference_reason(s, work))
     if "logits_chunk" not in given:
         out.append(f"logits in chunks of {s.logits_chunk} positions: one fp32 chunk <= "
                    f"{LOGITS_CHUNK_BYTES / 2**20:.0f} MiB")
     return out
+
+
+def reference_reason(s: Settings, work: Workload) -> str:
+    """Why the plan put the reference where it did, as `preference` ranks the plans: a resident reference is
+    preferred at the same checkpointing setting, checkpointing off is preferred to a resident reference."""
+    if s.reference == "resident":
+        return "it fits beside the policy"
+    copy = "a resident bf16 copy" if work.cuda else "a resident fp32 copy"
+    if s.checkpointing:
+        return f"{copy} does not fit, even with checkpointing"
+    return f"{copy} does not fit without checkpointing, and offloading costs less than its recompute"
 
 
 def what_would_fit(shape: Shape, work: Workload, budget: int, given: dict) -> str:
@@ -316,6 +357,109 @@ def what_would_fit(shape: Shape, work: Workload, budget: int, given: dict) -> st
             parts.append(f"or --max-new-tokens {c}")
             break
     return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the disk: what the run's saves write under --out
+
+
+@dataclass(frozen=True)
+class Disk:
+    """The bytes one save writes under --out (checkpoint.save_checkpoint), the most the run needs at once, and the
+    free space there."""
+
+    weights: int  # checkpoint/model.safetensors: the weights in their training dtype
+    optimizer: int  # checkpoint/optimizer.safetensors (0 with --save-optimizer off)
+    export: int  # model/: the weights in checkpoint.export_dtype (bf16 on CUDA, the training dtype on CPU)
+    replaces: bool  # a save replaces an earlier one (several saves this run, or a resumed run's folders)
+    held: int  # bytes already in --out's checkpoint/ and model/ (a resumed run): replaced, so they come back
+    free: int
+    where: str  # --out as given (its free space is its nearest existing folder's)
+
+    @property
+    def save(self) -> int:
+        return self.weights + self.optimizer + self.export
+
+    @property
+    def at_once(self) -> int:
+        """checkpoint.replace_dir keeps the old folder until the new one is whole: the new checkpoint/ is written
+        beside the old checkpoint/ and model/, then the new model/ beside the old one."""
+        return self.save + (max(self.weights + self.optimizer, self.export) if self.replaces else 0)
+
+    @property
+    def need(self) -> int:
+        return max(0, self.at_once - self.held)
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.free * DISK_HEADROOM
+
+    def line(self) -> str:
+        ckpt = f"checkpoint/ {size(self.weights + self.optimizer)}: weights {size(self.weights)}" + (
+            f" + optimizer state {size(self.optimizer)}" if self.optimizer else " (no optimizer state)")
+        held = f", {size(self.held)} of it already there" if self.held else ""
+        return (f"disk: one save writes {size(self.save)} ({ckpt}; model/ {size(self.export)}); at most "
+                f"{size(self.at_once)} at once" + (" (the old checkpoint kept until the new one is whole)"
+                                                   if self.replaces else "") +
+                f"{held}; {size(self.free)} free under {self.where}: {'fits' if self.fits else 'does NOT fit'}")
+
+
+def size(n: int) -> str:
+    """GB, or MB below a tenth of one (a tiny model's saves).
+
+    >>> size(60_900_000_000), size(6_300_000)
+    ('60.9 GB', '6.3 MB')
+    """
+    return gb(n) if n >= GB / 10 else f"{n / 1e6:.1f} MB"
+
+
+DISK_HEADROOM = 0.95  # the tokenizer files, the logs, the filesystem's own reserve
+
+
+def free_disk(out: str) -> int:
+    """Free bytes of the filesystem --out will be on: its nearest existing folder's (--out may not exist yet)."""
+    where = Path(out).absolute()
+    while not where.exists():
+        where = where.parent
+    return shutil.disk_usage(where).free
+
+
+def folder_bytes(*folders: Path) -> int:
+    return sum(f.stat().st_size for d in folders if d.is_dir() for f in d.rglob("*") if f.is_file())
+
+
+def disk_plan(shape: Shape, s: Settings, cuda: bool, out: str, save_optimizer: bool, replaces: bool) -> Disk:
+    """What the saves of a run with settings `s` write under `out` (its checkpoint/ and model/ as they are now)."""
+    n = shape.params
+    weights = n * (2 if s.bf16_weights else 4)
+    optimizer = optimizer_bytes(n, s, cuda) if save_optimizer else 0
+    export = n * 2 if cuda else weights  # checkpoint.export_dtype
+    held = folder_bytes(Path(out) / "checkpoint", Path(out) / "model")
+    return Disk(weights, optimizer, export, replaces or held > 0, held, free_disk(out), out)
+
+
+def what_fits_on_disk(disk: Disk) -> str:
+    """For the error message: a bigger disk, and the settings that write less and would fit this one."""
+    parts = [f"--out on a disk with >= {size(int(disk.need / DISK_HEADROOM))} free"]
+    lean = replace(disk, optimizer=0)
+    if disk.optimizer and lean.fits:
+        parts.append(f"--save-optimizer off (checkpoint/ without Adam's moments: {size(lean.need)} at once; a "
+                     "--resume restarts the moments from zero)")
+    if disk.replaces and not disk.held and replace(disk, replaces=False).fits:
+        parts.append(f"--save-every 0 (one save, at the end: {size(disk.save)})")
+    return "; or ".join(parts)
+
+
+def check_disk(cfg, plan: Plan) -> Disk:
+    """Print what the run's saves need under --out and stop (PlanError) before any weight is loaded when the disk
+    cannot hold them: a run that trained for hours must not die writing its first or second checkpoint."""
+    replaces = 0 < cfg.save_every < cfg.steps  # a save before the last one: the last replaces it
+    disk = disk_plan(plan.shape, plan.settings, plan.work.cuda, cfg.out, cfg.save_optimizer == "on", replaces)
+    print(disk.line())
+    if not disk.fits:
+        raise PlanError(f"disk: the saves need {size(disk.need)} under {disk.where}, {size(disk.free)} free "
+                        f"({DISK_HEADROOM:.0%} usable); would fit: {what_fits_on_disk(disk)}")
+    return disk
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,7 +504,9 @@ def plan_memory(cfg, explicit: set[str] | None) -> Plan | None:
     except (OSError, ValueError) as e:
         print(f"memory plan: skipped, cannot read the model's config ({str(e).splitlines()[0][:200]})")
         return None
-    return plan_run(cfg, explicit, config, torch.cuda.is_available())
+    plan = plan_run(cfg, explicit, config, torch.cuda.is_available())
+    check_disk(cfg, plan)
+    return plan
 
 
 def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = None) -> Plan:
@@ -411,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--out", default="runs/grpo", help="where the run saves: the disk line checks its free space")
+    p.add_argument("--save-optimizer", default="on", choices=("on", "off"))
     args = p.parse_args(argv)
     shape = shape_of(published_config(args.config))
     work = Workload(args.batch_size, args.group_size, prompt_tokens(args.size), args.max_new_tokens, args.beta,
@@ -424,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
         print("nothing fits: " + what_would_fit(shape, work, budget, {}))
     for line in why:
         print(f"  chose {line}")
+    print(disk_plan(shape, plan.settings, not args.cpu, args.out, args.save_optimizer == "on", True).line())
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def make_optimizer(model, cfg):
     torch AdamW on CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.bf16_weights:
-        return BF16AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return BF16AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
     if torch.cuda.is_available():
         import bitsandbytes as bnb
 
@@ -30,7 +30,7 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
     """Write fp32 `src` into bf16 `dst`, rounding up or down at random with probability proportional to closeness, so
     the rounding is unbiased and updates far below bf16's spacing still add up (Gupta et al., 2015).
 
@@ -38,7 +38,7 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
     rounds away from zero with the right probability for negative numbers too).
     """
     bits = src.contiguous().view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=bits.dtype, device=bits.device, generator=generator)
     dst.copy_(((bits + noise) & -65536).view(torch.float32))  # the low 16 bits are 0: the cast to bf16 is exact
 
 
@@ -49,18 +49,34 @@ class BF16AdamW(torch.optim.Optimizer):
 
     The moments need the stochastic rounding too: v's 0.1 % decay a step (beta2 = 0.999) is below half a bf16
     spacing (0.39 %), so round-to-nearest leaves v where it was and it stops tracking g^2 (0.25 of the truth after
-    3,000 steps of a constant gradient, issue 10); rounded at random, v decays right on average."""
+    3,000 steps of a constant gradient, issue 10); rounded at random, v decays right on average.
+
+    The rounding's random numbers are a function of (seed, step, parameter), drawn from a generator of their own: on
+    several processes every replica rounds the same all-reduced update the same way, so the replicas stay bitwise
+    equal (each process's own sampling generator would make them drift apart from the first step); and a resumed run
+    rounds as an uninterrupted one, the step being in the optimizer state."""
 
     CHUNK = 1 << 24  # elements per fp32 temporary: a 545M-parameter embedding must not need 4 fp32 copies at once
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 seed: int = 0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def rounding_generator(self, device: torch.device, step: int, index: int) -> torch.Generator:
+        """The generator of parameter `index`'s rounding at `step`: seeded from (seed, step, index) alone."""
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device)
+        return self.generators[device].manual_seed(((self.seed * 1_000_003 + step) * 1_000_003 + index) % 2**63)
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        index = -1  # the parameter's place in the groups: its rounding generator's seed
         for group in self.param_groups:
             (b1, b2), lr = group["betas"], group["lr"]
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 state = self.state[p]
@@ -68,15 +84,16 @@ class BF16AdamW(torch.optim.Optimizer):
                     state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
                 state["step"] += 1
                 c1, c2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
+                gen = self.rounding_generator(p.device, state["step"], index)
                 views = (t.view(-1).split(self.CHUNK) for t in (p, p.grad, state["m"], state["v"]))
                 for w, g, m, v in zip(*views):
                     g = g.float()
                     m32 = m.float().mul_(b1).add_(g, alpha=1 - b1)
                     v32 = v.float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                    stochastic_round_(m, m32)
-                    stochastic_round_(v, v32)
+                    stochastic_round_(m, m32, gen)
+                    stochastic_round_(v, v32, gen)
                     update = (m32 / c1) / ((v32 / c2).sqrt() + group["eps"])
-                    stochastic_round_(w, w.float() * (1 - lr * group["weight_decay"]) - lr * update)
+                    stochastic_round_(w, w.float() * (1 - lr * group["weight_decay"]) - lr * update, gen)
 
 
 def weight_sample(params: list[torch.Tensor], per_tensor: int = 1024) -> list[torch.Tensor]:

@@ -1,6 +1,7 @@
 """What tests/test_dist.py starts with `torchrun --nproc_per_node 2` (and with plain python, to compare).
 
     python tests/dist_worker.py grpo CONFIG.json          # grpo.train on a tiny model, sampling made per-prompt
+    python tests/dist_worker.py grpo-replicas CONFIG.json # the same, then each rank's weights written out
     python tests/dist_worker.py eval EVAL_ARGS...          # eval.main with a fake model (no weights)
 
 grpo: a rollout samples its prompts' completions together, so which prompts share a process changes the random
@@ -71,6 +72,30 @@ def run_grpo(config_path: str) -> None:
     grpo.train(grpo.Config(**json.loads(Path(config_path).read_text())))
 
 
+def run_grpo_replicas(config_path: str) -> None:
+    """run_grpo, then this rank's final weights in <out>.rank{r}.safetensors and the model the update saw (wrapped in
+    DDP or not) in <out>.rank{r}.json: the replicas are compared bitwise."""
+    import grpo
+    import dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel
+
+    seen = {}
+    real = grpo.update
+
+    def update(accelerator, model, *args, **kwargs):
+        seen["model"] = model
+        return real(accelerator, model, *args, **kwargs)
+
+    grpo.update = update
+    run_grpo(config_path)
+    model, out = seen["model"], json.loads(Path(config_path).read_text())["out"]
+    policy = getattr(model, "module", model)
+    save_file({k: v.detach().clone() for k, v in policy.state_dict().items()}, f"{out}.rank{dist.rank()}.safetensors")
+    ddp = isinstance(model, DistributedDataParallel)
+    Path(f"{out}.rank{dist.rank()}.json").write_text(json.dumps({"ddp": ddp}))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # eval
 
@@ -117,4 +142,5 @@ def run_eval(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    {"grpo": lambda: run_grpo(sys.argv[2]), "eval": lambda: run_eval(sys.argv[2:])}[sys.argv[1]]()
+    {"grpo": lambda: run_grpo(sys.argv[2]), "grpo-replicas": lambda: run_grpo_replicas(sys.argv[2]),
+     "eval": lambda: run_eval(sys.argv[2:])}[sys.argv[1]]()

@@ -207,3 +207,47 @@ def read_checkpoint(folder):
 
     files = {f.name.removesuffix(".safetensors"): load_file(f) for f in folder.glob("*.safetensors")}
     return {"state": json.loads((folder / "state.json").read_text()), **files}
+
+
+def test_two_processes_with_bf16_weights_keep_bitwise_equal_replicas_without_a_ddp_wrapper(tiny_dir, tmp_path):
+    """BF16AdamW rounds each all-reduced update at random: with the same generator on every rank the replicas stay
+    bitwise equal (each rank's own sampling generator made them drift apart from step 1). The loop sums gradients
+    itself, so the model is not wrapped in DDP, whose reducer would hold gradient buckets as large as the gradients."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "two"
+    config = grpo_config(tiny_dir, toy_instances(tmp_path / "train.jsonl"), out, 3, bf16_weights=True)
+    launch(2, "grpo-replicas", str(config))
+    ranks = [load_file(f"{out}.rank{r}.safetensors") for r in range(2)]
+    assert [json.loads(Path(f"{out}.rank{r}.json").read_text())["ddp"] for r in range(2)] == [False, False]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    initial = load_file(tiny_dir / "model.safetensors")
+    moved = [k for k in initial if not torch.equal(initial[k].to(torch.bfloat16), ranks[0][k])]
+    assert moved and ranks[0][moved[0]].dtype == torch.bfloat16  # it trained, in bf16
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_each_rank_takes_its_gpu_before_the_plan_reads_the_free_memory(tiny_dir, tmp_path, monkeypatch):
+    """The plan reads torch.cuda.mem_get_info(): on the current device, which must be this rank's (LOCAL_RANK) by
+    then, or every rank opens a context on GPU 0 and plans against GPU 0's free memory (faked CUDA calls)."""
+    import grpo
+
+    calls = []
+
+    class Planned(Exception):
+        pass
+
+    def mem_get_info(*args):
+        calls.append("mem_get_info")
+        raise Planned
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(f"set_device {d}"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    with pytest.raises(Planned):
+        grpo.main(["--model", str(tiny_dir), "--train-file", str(toy_instances(tmp_path / "t.jsonl")),
+                   "--out", str(tmp_path / "run")])  # fmt: skip
+    assert calls == ["set_device 1", "mem_get_info"]

@@ -180,15 +180,21 @@ def test_offloaded_reference_gives_the_resident_log_probs_and_is_a_frozen_copy()
         initial = rollout.group_logprobs(policy, ro, cfg)
     resident = rollout.Reference(policy, "cpu", "resident")
     offloaded = rollout.Reference(policy, "cpu", "offload")
-    moves = []
-    real_to = offloaded.model.to
-    offloaded.model.to = lambda *a, **k: (moves.append(str(a[0])), real_to(*a, **k))[1]
+    host = [t.data_ptr() for t in offloaded.tensors()]
+    lm_head = offloaded.model.lm_head
+    ran_on = []  # the storage the pass read: a copy brought in, as a GPU's would be, never the CPU copy itself
+    lm_head.register_forward_pre_hook(lambda m, args: ran_on.append(m.weight.data_ptr()))
     with torch.no_grad():
         for p in policy.parameters():  # the policy trains on; the reference must keep the initial weights
             p.add_(0.1)
-    a, b = resident.logprobs(ro, cfg), offloaded.logprobs(ro, cfg)
-    assert all(torch.equal(x, y) for x, y in zip(a, b)) and all(torch.equal(x, y) for x, y in zip(a, initial))
-    assert moves == ["cpu", "cpu"]  # to the device for the pass, then home to the CPU
+    a = resident.logprobs(ro, cfg)
+    for _ in range(2):  # two steps: one CPU copy for the run, and the model points back at it after each pass
+        b = offloaded.logprobs(ro, cfg)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) and all(torch.equal(x, y) for x, y in zip(a, initial))
+        assert [t.data_ptr() for t in offloaded.tensors()] == host
+    assert ran_on and lm_head.weight.data_ptr() not in ran_on
+    # pinned where CUDA can copy from it asynchronously; plain memory without CUDA (pinning needs the driver)
+    assert all(t.is_pinned() == torch.cuda.is_available() for t in offloaded.tensors())
     ref = offloaded.model
     assert ref.lm_head.weight is ref.model.embed_tokens.weight  # tied weights stay one tensor
     assert not any(p.requires_grad for p in ref.parameters())

@@ -197,3 +197,29 @@ def test_the_cli_prints_the_plan(capsys):
     memory.main(["--config", "qwen2.5-7b", "--gpu-gb", "80", "--beta", "0.001"])
     out = capsys.readouterr().out
     assert "7.62 B" in out and "fits" in out and "bf16 weights" in out
+
+
+def test_the_reason_given_for_an_offloaded_reference_is_true():
+    def resident_fits(budget, checkpointing, bf16):
+        return any(memory.estimate(seven_b(), PAPER, Settings(bf16, checkpointing, 0 if mb == 8 else mb,
+                                                              memory.auto_logits_chunk(seven_b(), mb), "resident"),
+                                   budget).fits for mb in memory.micro_batches(8))
+
+    plan, why = memory.choose(seven_b(), PAPER, int(80e9), {})  # checkpointing on, the reference offloaded
+    line = next(x for x in why if x.startswith("reference offload"))
+    assert plan.settings.checkpointing and line.endswith("does not fit, even with checkpointing")
+    assert not resident_fits(int(80e9), True, True)
+    plan, why = memory.choose(seven_b(), PAPER, int(141e9), {})  # checkpointing off, the reference offloaded
+    line = next(x for x in why if x.startswith("reference offload"))
+    assert not plan.settings.checkpointing and "does not fit without checkpointing" in line
+    assert not resident_fits(int(141e9), False, False)
+
+
+def test_the_plan_counts_the_backward_and_the_reference_pass_temporaries():
+    plan, _ = memory.choose(seven_b(), PAPER, int(80e9), {})
+    assert plan.settings.checkpointing and plan.settings.reference == "offload"
+    assert 0.5e9 < plan.backward_temps < 3e9 and 0.5e9 < plan.pass_temps < 3e9  # ~1 GB each at 7B
+    assert plan.training == (plan.weights + plan.grads + plan.optimizer + plan.activations + plan.logits
+                             + plan.backward_temps)
+    assert plan.reference_pass == plan.weights + plan.optimizer + plan.reference + plan.logits + plan.pass_temps
+    assert "backward temps" in plan.table() and "no-grad pass temps" in plan.table()
