@@ -57,7 +57,13 @@ class BF16AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        """One AdamW step; `closure` re-evaluates the loss, as torch's optimizers take it (Accelerate's
+        AcceleratedOptimizer always passes one, None by default). Returns its loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             (b1, b2), lr = group["betas"], group["lr"]
             for p in group["params"]:
@@ -77,6 +83,7 @@ class BF16AdamW(torch.optim.Optimizer):
                     stochastic_round_(v, v32)
                     update = (m32 / c1) / ((v32 / c2).sqrt() + group["eps"])
                     stochastic_round_(w, w.float() * (1 - lr * group["weight_decay"]) - lr * update)
+        return loss
 
 
 def weight_sample(params: list[torch.Tensor], per_tensor: int = 1024) -> list[torch.Tensor]:

@@ -326,6 +326,19 @@ def test_bf16_weights_with_stochastic_rounding_move_at_lr_1e_6():
     assert 1e-3 < moved < 0.5
 
 
+def test_bf16_adamw_steps_under_accelerate_which_passes_a_closure():
+    # accelerator.prepare wraps the optimizer; AcceleratedOptimizer.step calls optimizer.step(closure), as torch allows
+    from accelerate import Accelerator
+
+    model = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    model, opt = Accelerator(cpu=True).prepare(model, BF16AdamW(model.parameters(), lr=0.1))
+    model(torch.ones(1, 4, dtype=torch.bfloat16)).sum().backward()
+    before = model.weight.detach().clone()
+    opt.step()  # closure=None: the Accelerate way
+    assert not torch.equal(model.weight, before)
+    assert opt.optimizer.step(lambda: torch.tensor(1.5)) == 1.5  # a closure's loss comes back, as torch's optimizers
+
+
 def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatch):
     from data import Query, Ranking
 
