@@ -172,30 +172,57 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return kept, tied
 
 
+def flat_items(entry: dict, path: tuple[str, ...] = ()):
+    """(path, value) of every leaf of a nested dict: bitsandbytes nests each parameter's 8-bit state one level down.
+
+    >>> list(flat_items({"step": 2, "quant": {"qmap1": 0}}))
+    [(('step',), 2), (('quant', 'qmap1'), 0)]
+    """
+    for name, value in entry.items():
+        assert "." not in str(name), f"optimizer state key {name!r}: the checkpoint joins keys with '.'"
+        if isinstance(value, dict):
+            yield from flat_items(value, (*path, str(name)))
+        else:
+            yield (*path, str(name)), value
+
+
+def nested_set(entry: dict, path: list[str] | tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        entry = entry.setdefault(name, {})
+    entry[path[-1]] = value
+
+
 def optimizer_to_data(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """optimizer.state_dict() split into its tensors ("param.name" -> tensor, for safetensors) and plain data (the
     numbers of each parameter's state and the param groups, for JSON): nothing in it needs a pickle.
 
+    Nested state (bitsandbytes 0.50: "__bnb_optimizer_quant_state__" -> {state1, qmap1, absmax1, ...}) is flattened to
+    "param.outer.inner"; a tensor several parameters share (8-bit Adam's qmap1/qmap2 quantisation tables: one tensor
+    for every parameter, which safetensors refuses to store twice) is stored once and listed under "shared".
+
     >>> t, d = optimizer_to_data({"state": {0: {"step": 3, "m": torch.zeros(2)}}, "param_groups": [{"lr": 0.1}]})
     >>> list(t), d
-    (['0.m'], {'numbers': {'0': {'step': 3}}, 'param_groups': [{'lr': 0.1}]})
+    (['0.m'], {'numbers': {'0': {'step': 3}}, 'param_groups': [{'lr': 0.1}], 'shared': {}})
     """
     tensors, numbers = {}, {}
     for i, entry in state["state"].items():
-        for name, value in entry.items():
+        for path, value in flat_items(entry):
             if torch.is_tensor(value):
-                tensors[f"{i}.{name}"] = value.detach().contiguous()
+                tensors[".".join((str(i), *path))] = value
             else:
-                numbers.setdefault(str(i), {})[name] = value
-    return tensors, {"numbers": numbers, "param_groups": state["param_groups"]}
+                nested_set(numbers.setdefault(str(i), {}), path, value)
+    kept, shared = unique_tensors(tensors)
+    return kept, {"numbers": numbers, "param_groups": state["param_groups"], "shared": shared}
 
 
 def optimizer_from_data(tensors: dict[str, torch.Tensor], data: dict) -> dict:
-    """The inverse of optimizer_to_data: a state dict for optimizer.load_state_dict."""
+    """The inverse of optimizer_to_data: a state dict for optimizer.load_state_dict (shared tensors shared again)."""
     state: dict[int, dict] = {int(i): dict(v) for i, v in data["numbers"].items()}
+    for alias, name in data.get("shared", {}).items():
+        tensors[alias] = tensors[name]
     for key, t in tensors.items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = t
+        i, *path = key.split(".")
+        nested_set(state.setdefault(int(i), {}), path, t)
     return {"state": state, "param_groups": data["param_groups"]}
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -206,7 +233,8 @@ def write_checkpoint(dest: Path, model, optimizer, step: int, rngs: list[dict], 
     """Everything the next step depends on, as data only (safetensors and JSON; nothing that runs code when read):
 
         model.safetensors      the weights in their training dtype (tied weights once; state.json lists the aliases)
-        optimizer.safetensors  the optimizer's tensors (moments, AdamW's step counts)
+        optimizer.safetensors  the optimizer's tensors (moments, AdamW's step counts; 8-bit Adam's quantised moments,
+                               their scales and its quantisation tables, stored once)
         rng.safetensors        torch's (and CUDA's) generator states (rng.rank{r}.safetensors: process r's, when
                                several processes trained; `rngs` holds one state per process)
         state.json             the step (it fixes the data position, see augment.batch_indices), python's and numpy's

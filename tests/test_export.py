@@ -106,10 +106,20 @@ def other_model(path):
     save_file({"weight": big.weight.detach(), "bias": big.bias.detach()}, path)
 
 
+def other_vocabulary(path):
+    # the same names, the embedding of another tokenizer: load_state_dict would stop with a size-mismatch traceback
+    weights = load_file(path)
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = torch.zeros(embed.shape[0] + 8, embed.shape[1], dtype=embed.dtype)
+    save_file(weights, path)
+
+
 @pytest.mark.parametrize("name, damage, says", [
     ("model.safetensors", truncate, "not a readable safetensors file"),
     ("model.safetensors", pickle_file, "not a readable safetensors file"),
     ("model.safetensors", other_model, "the weights of another model"),
+    ("model.safetensors", other_vocabulary, "the weights of another model .*other shape or dtype "
+                                            r"\['model.embed_tokens.weight'"),
     ("optimizer.safetensors", truncate, "not a readable safetensors file"),
     ("state.json", truncate, "not JSON"),
 ])
@@ -146,6 +156,43 @@ def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(trained, monk
     monkeypatch.undo()
     assert snapshot(out / "checkpoint") == files  # step 1's checkpoint, byte for byte
     assert resume()["step"] == 2  # and it still resumes
+
+
+def test_8bit_adam_state_round_trips_through_a_checkpoint_exactly(tmp_path):
+    # bitsandbytes 0.50 runs AdamW8bit on the CPU too, so this is its real state: per parameter a nested
+    # "__bnb_optimizer_quant_state__" dict (uint8 moments, absmax scales, and the qmap1/qmap2 tables that every 8-bit
+    # parameter shares: one tensor, which safetensors refuses to store twice); parameters under 4,096 entries keep
+    # 32-bit moments
+    import bitsandbytes as bnb
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(300, 32), torch.nn.Linear(32, 300))  # 9,600 entries: 8-bit
+        return model, bnb.optim.AdamW8bit(model.parameters(), lr=1e-2)
+
+    def step(model, opt):
+        model(torch.arange(7)).logsumexp(-1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    model, opt = model_and_optimizer()
+    step(model, opt), step(model, opt)
+    saved = opt.state_dict()
+    quant = saved["state"][0]["__bnb_optimizer_quant_state__"]
+    assert quant["qmap1"] is saved["state"][1]["__bnb_optimizer_quant_state__"]["qmap1"]  # the shape of the problem
+    checkpoint.write_checkpoint(tmp_path / "ckpt", model, opt, 2, [checkpoint.rng_state()], grpo.Config())
+
+    fresh, fresh_opt = model_and_optimizer()
+    assert checkpoint.load_checkpoint(tmp_path / "ckpt", fresh, fresh_opt)[0] == 2
+    loaded = fresh_opt.state_dict()
+    assert loaded["param_groups"] == json.loads(json.dumps(saved["param_groups"]))
+    for i, entry in saved["state"].items():
+        want, got = dict(checkpoint.flat_items(entry)), dict(checkpoint.flat_items(loaded["state"][i]))
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert torch.equal(got[key], value) if torch.is_tensor(value) else got[key] == value, (i, key)
+    step(model, opt), step(fresh, fresh_opt)  # and the next step is the same step
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
 
 
 def test_a_crash_between_the_two_renames_leaves_the_old_folder_to_resume_from(tmp_path, monkeypatch):
