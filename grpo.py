@@ -316,6 +316,20 @@ def update(accelerator, model, optimizer, ro: Rollout, adv: torch.Tensor, old_lo
 # the loop
 
 
+def prepare(accelerator, model, optimizer):
+    """accelerator.prepare, and the bare policy every pass runs on: (model, optimizer, policy).
+
+    generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; under DDP, whose
+    wrapper it bypasses, gradients are exchanged by `dist.grad_sync` (the wrapper's part: equal initial weights).
+    With mixed precision, prepare also wraps model.forward in an autocast built once with the weight cache on; every
+    pass here runs inside its own `accelerator.autocast`, and the wrapper would turn the cache back on inside
+    `update`'s cache_enabled=False (15 GB of cached bf16 casts at 7B with checkpointing), so the policy gets its
+    original forward back (keep_fp32_wrapper=False).
+    """
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+
 def setup(cfg: Config, explicit: set[str] | None):
     """Everything before the data: the --out guard, the memory plan, the processes (an Accelerator: bf16 autocast on
     CUDA, the weights keep their dtype), the config saved and printed, the seeds. Returns the Accelerator."""
@@ -357,10 +371,7 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
-    # generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; under DDP,
-    # whose wrapper it bypasses, gradients are exchanged by `dist.grad_sync` (the wrapper's part: equal initial weights)
-    policy = accelerator.unwrap_model(model)
+    model, optimizer, policy = prepare(accelerator, model, make_optimizer(model, cfg))
 
     # --- resume: weights, optimizer and RNG states from <out>/checkpoint/; the logs cut back to its step
     start = resume(out, policy, optimizer, rank, world) if cfg.resume else 0

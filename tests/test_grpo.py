@@ -339,6 +339,37 @@ def test_bf16_adamw_steps_under_accelerate_which_passes_a_closure():
     assert opt.optimizer.step(lambda: torch.tensor(1.5)) == 1.5  # a closure's loss comes back, as torch's optimizers
 
 
+@pytest.fixture
+def bf16_accelerator():
+    """An Accelerator with bf16 autocast, as grpo.setup makes on CUDA (CPU autocast has the same weight cache).
+    Accelerate's state is one per process: reset it around, so the other tests' fp32 Accelerators still build."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield Accelerator(cpu=True, mixed_precision="bf16")
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_update_runs_the_policy_without_autocasts_weight_cache_when_checkpointing(bf16_accelerator, checkpointing):
+    # prepare wraps model.forward in an autocast built with the cache on; inside update's cache_enabled=False that
+    # wrapper would cache the bf16 casts of every fp32 weight again, to the end of the update (15 GB at 7B)
+    model = tiny_model(100).train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model, opt, policy = grpo.prepare(bf16_accelerator, model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    seen = []  # (autocast on, its cache on) inside each decoder layer's forward, as the policy's passes run it
+    for layer in policy.model.layers:
+        layer.register_forward_pre_hook(lambda *_: seen.append((torch.is_autocast_enabled("cpu"),
+                                                                torch.is_autocast_cache_enabled())))
+    ro = hand_rollout(100, G=2)
+    cfg = grpo.Config(gradient_checkpointing=checkpointing, beta=0.0)
+    grpo.update(bf16_accelerator, model, opt, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), None, None, cfg)
+    assert seen and {on for on, _ in seen} == {True}  # the passes ran under autocast
+    assert {cache for _, cache in seen} == {not checkpointing}  # the prompt's pass (prefix.prompt_forward) included
+
+
 def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatch):
     from data import Query, Ranking
 
