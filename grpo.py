@@ -64,7 +64,7 @@ import torch
 
 import dist
 from augment import batch_indices
-from backend import ModelError, load_model
+from backend import ModelError, cast_model, load_model
 from checkpoint import CtrlC, check_out, resume, rng_state, save_checkpoint, set_rng_state, update_model_card
 from cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int, positive_float, positive_int
 from data import DATASETS, TEST_SETS, DataError
@@ -367,7 +367,7 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 
     # --- model: fp32 master weights (or bf16 ones with stochastic rounding), optimizer, optional frozen reference
     model, tokenizer = load_model(cfg.model)
-    model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
+    cast_model(model, torch.bfloat16 if cfg.bf16_weights else torch.float32)  # RoPE's frequencies stay fp32
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built

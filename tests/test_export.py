@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import grpo
 import rollout
-from backend import generate_tokens, load_model
+from backend import cast_model, generate_tokens, load_model, rotary_buffers
 from data import DataError
 from rearank import build_prompt
 from reward import Reward
@@ -239,6 +239,23 @@ def test_offloaded_reference_gives_the_resident_log_probs_and_is_a_frozen_copy()
     ref = offloaded.model
     assert ref.lm_head.weight is ref.model.embed_tokens.weight  # tied weights stay one tensor
     assert not any(p.requires_grad for p in ref.parameters())
+
+
+def test_bf16_weights_and_a_bf16_reference_keep_ropes_frequencies_in_fp32():
+    # model.to(bf16) casts buffers too; RoPE's inverse frequencies in bf16 put position 2,600 radians off
+    policy, fp32 = tiny_model(100), tiny_model(100)
+    cast_model(policy, torch.bfloat16)
+    assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
+    reference = rollout.frozen_copy(policy, "cpu", torch.bfloat16)  # the CUDA reference's dtype
+    x, position = torch.zeros(1, 1, 32, dtype=torch.bfloat16), torch.tensor([[2600]])
+    want = fp32.model.rotary_emb(x.float(), position)
+    for model in (policy, reference):
+        rotary = rotary_buffers(model)
+        assert {name.rpartition(".")[2] for name in rotary} == {"inv_freq", "original_inv_freq"}
+        assert all(b.dtype == torch.float32 and torch.equal(b, fp32.model.rotary_emb.inv_freq) for b in rotary.values())
+        assert not set(rotary) & set(model.state_dict())  # still not saved with the weights
+        cos, sin = model.model.rotary_emb(x, position)
+        assert torch.equal(cos, want[0].to(torch.bfloat16)) and torch.equal(sin, want[1].to(torch.bfloat16))
 
 
 def test_beta_0_builds_no_reference_and_the_default_beta_gives_a_kl(tiny_dir, tmp_path, monkeypatch):
