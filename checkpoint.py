@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import DataError, check_out_dir
+from files import DataError, check_out_dir, read_json
 from runlog import read_jsonl
 
 CHECKPOINT_FORMAT = "rearank-grpo-checkpoint/1"  # state.json says which layout it is; anything else is refused
@@ -49,6 +49,34 @@ def check_out(cfg) -> None:
         path = out / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     print(f"--overwrite: deleted {', '.join(held)} from {out}")
+
+
+# what a resumed run may set otherwise than the run it continues: how long and how often (the step count and the
+# intervals), where things are (--out, --data-dir), and how a step is computed, not what: the memory plan's choices
+# other than the weights' dtype (checkpointing, micro-batch, logits chunks, where the reference lives; a bigger GPU
+# may pick others) and the held-out evaluation's batch. Everything else (model, data, lr, beta, seed, ...) is the run.
+RESUME_MAY_CHANGE = ("steps", "save_every", "eval_every", "dump_every", "resume", "overwrite", "out", "data_dir",
+                     "memory", "memory_gb", "gradient_checkpointing", "micro_batch", "logits_chunk", "reference",
+                     "eval_batch_size")
+
+
+def check_resume_config(cfg) -> None:
+    """--resume continues the run <out>/config.json describes: settings typed now that differ from its own (another
+    --lr, --size or model) are refused, naming each, unless RESUME_MAY_CHANGE lists them. `cfg` is resolved (after
+    the memory plan), as config.json was written."""
+    path = Path(cfg.out) / "config.json"
+    if not cfg.resume or not path.is_file():
+        return
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise DataError(f"{path}: not a run's config (a JSON object expected); the file is damaged")
+    now = json.loads(json.dumps(asdict(cfg)))  # as config.json holds it (tuples as lists)
+    differ = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if differ:
+        what = "; ".join(f"--{k.replace('_', '-')} {saved[k]!r} there, {now[k]!r} now" for k in differ)
+        raise DataError(f"{path}: --resume continues this run with its own settings, and these differ: {what}. Resume "
+                        "with that run's settings (only --steps, --save-every, --eval-every, --dump-every, --out, "
+                        "--data-dir and memory settings but --bf16-weights may change), or start a new --out")
 
 
 class CtrlC:

@@ -65,7 +65,9 @@ import torch
 import dist
 from augment import batch_indices
 from backend import ModelError, cast_model, load_model
-from checkpoint import CtrlC, check_out, resume, rng_state, save_checkpoint, set_rng_state, update_model_card
+from checkpoint import (
+    CtrlC, check_out, check_resume_config, resume, rng_state, save_checkpoint, set_rng_state, update_model_card,
+)
 from cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int, positive_float, positive_int
 from data import DATASETS, TEST_SETS, DataError
 from files import check_file
@@ -338,6 +340,7 @@ def setup(cfg: Config, explicit: set[str] | None):
     if dist.is_main() or not cfg.overwrite:  # only the main process deletes what --overwrite replaces
         check_out(cfg)  # before anything is written: never replace a run by mistake
     plan_memory(cfg, explicit)
+    check_resume_config(cfg)  # after the plan, which resolves the settings config.json holds resolved
     cuda = torch.cuda.is_available()
     # cpu=True on a machine without CUDA, else torchrun's ranks are ignored
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")

@@ -132,6 +132,17 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_naming_the_file(trained, nam
     assert snapshot(out / "checkpoint") == files and (out / "metrics.jsonl").read_text() == metrics  # untouched
 
 
+def test_resume_refuses_settings_that_differ_from_the_runs_own_and_names_them(trained):
+    out, resume = trained
+    config = (out / "config.json").read_text()
+    with pytest.raises(DataError, match=r"config.json: --resume continues this run with its own settings, and these "
+                                        r"differ: --clip-eps 0.2 there, 0.3 now; --seed 0 there, 3 now\. Resume"):
+        resume(clip_eps=0.3, seed=3, micro_batch=1)  # the micro-batch may change: not named
+    assert (out / "config.json").read_text() == config  # refused before anything was written
+    assert resume(micro_batch=1, gradient_checkpointing=True, eval_batch_size=2)["step"] == 2  # these may change
+    assert json.loads((out / "config.json").read_text())["micro_batch"] == 1  # and the run's config says so now
+
+
 def test_an_old_pickled_checkpoint_is_never_unpickled(tiny_dir, tmp_path):
     out = tmp_path / "old"
     out.mkdir()
