@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 
 
-def make_optimizer(model, cfg):
+def make_optimizer(model, cfg, cuda: bool | None = None):
     """BF16AdamW with --bf16-weights; else bitsandbytes 8-bit AdamW on CUDA (2 bytes of state a parameter, not 8),
-    torch AdamW on CPU."""
+    torch AdamW on CPU. `cuda` None: whether CUDA is available; True on CPU builds the 8-bit AdamW a CUDA run gets
+    (bitsandbytes 0.50 runs it on the CPU too: tests/test_plan_matrix.py trains with it there)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.bf16_weights:
         return BF16AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
