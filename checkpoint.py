@@ -10,7 +10,8 @@ reranker as a Hugging Face model that eval.py loads.
 Finished work is never lost: an --out that holds a run is continued only with --resume and replaced only with
 --overwrite (`check_out`); both folders are written beside the old one and renamed into place (`replace_dir`), so a
 crash or kill -9 leaves the previous checkpoint whole; a damaged or foreign checkpoint is refused with the file named,
-and left as it is; --resume continues a run with its own settings (`check_resume_config`). The first Ctrl-C finishes the step, checkpoints and stops (`CtrlC`).
+and left as it is; --resume continues a run with its own settings (`check_resume_config`). The first Ctrl-C finishes
+the step, checkpoints and stops (`CtrlC`).
 
 Reading order: after runlog.py (the model card quotes the last held-out evaluation from eval.jsonl); grpo.py imports
 it. `cfg` below is grpo.Config (this module sits under grpo.py, so it takes the config without importing it).
