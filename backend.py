@@ -2,7 +2,8 @@
 generating completions for chat prompts with HF `generate`, for evaluation (greedy) and GRPO rollouts (sampled).
 
 Reading order: the model names, `smollm2_dir` (GGUF -> a cached HF checkpoint), `check_loadable` (fail fast offline),
-`keep_freed_memory` (a CPU allocator setting), `load_model`, then generation: `generate_tokens` (one batched call;
+`keep_freed_memory` (a CPU allocator setting), `load_model`, `cast_model` (a dtype for the weights, RoPE's
+frequencies kept fp32), then generation: `generate_tokens` (one batched call;
 each prompt prefilled once, see prefill.py) with its stop handling (`stop_lengths`, `answer_stop`), and `HFGenerator`,
 the `Generate` that rearank.rerank and setwise.setwise_rerank call.
 
@@ -162,6 +163,27 @@ def load_model(name: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+ROTARY_BUFFERS = ("inv_freq", "original_inv_freq")  # RoPE's inverse frequencies (transformers' *RotaryEmbedding)
+
+
+def rotary_buffers(model) -> dict:
+    """{name: buffer} of the model's RoPE inverse frequencies."""
+    return {name: b for name, b in model.named_buffers() if name.rpartition(".")[2] in ROTARY_BUFFERS}
+
+
+def cast_model(model, dtype):
+    """model.to(dtype), except RoPE's inverse frequencies, which stay in their own dtype (fp32, as from_pretrained
+    makes them): in bf16 each is off by up to 0.2 % (8 bits of mantissa), an error the position multiplies, so by
+    position 2,600 some angles are off by radians and training would see other positions than the exported model,
+    which reloads them in fp32."""
+    keep = {name: b.detach().clone() for name, b in rotary_buffers(model).items()}
+    model.to(dtype)
+    for name, b in keep.items():
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, b)  # still a (non-persistent) buffer of its module
+    return model
 
 
 @dataclass

@@ -10,7 +10,8 @@ reranker as a Hugging Face model that eval.py loads.
 Finished work is never lost: an --out that holds a run is continued only with --resume and replaced only with
 --overwrite (`check_out`); both folders are written beside the old one and renamed into place (`replace_dir`), so a
 crash or kill -9 leaves the previous checkpoint whole; a damaged or foreign checkpoint is refused with the file named,
-and left as it is. The first Ctrl-C finishes the step, checkpoints and stops (`CtrlC`).
+and left as it is; --resume continues a run with its own settings (`check_resume_config`). The first Ctrl-C finishes
+the step, checkpoints and stops (`CtrlC`).
 
 Reading order: after runlog.py (the model card quotes the last held-out evaluation from eval.jsonl); grpo.py imports
 it. `cfg` below is grpo.Config (this module sits under grpo.py, so it takes the config without importing it).
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import DataError, check_out_dir
+from files import DataError, check_out_dir, read_json
 from runlog import read_jsonl
 
 CHECKPOINT_FORMAT = "rearank-grpo-checkpoint/1"  # state.json says which layout it is; anything else is refused
@@ -49,6 +50,34 @@ def check_out(cfg) -> None:
         path = out / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     print(f"--overwrite: deleted {', '.join(held)} from {out}")
+
+
+# what a resumed run may set otherwise than the run it continues: how long and how often (the step count and the
+# intervals), where things are (--out, --data-dir), and how a step is computed, not what: the memory plan's choices
+# other than the weights' dtype (checkpointing, micro-batch, logits chunks, where the reference lives; a bigger GPU
+# may pick others) and the held-out evaluation's batch. Everything else (model, data, lr, beta, seed, ...) is the run.
+RESUME_MAY_CHANGE = ("steps", "save_every", "eval_every", "dump_every", "resume", "overwrite", "out", "data_dir",
+                     "memory", "memory_gb", "gradient_checkpointing", "micro_batch", "logits_chunk", "reference",
+                     "eval_batch_size")
+
+
+def check_resume_config(cfg) -> None:
+    """--resume continues the run <out>/config.json describes: settings typed now that differ from its own (another
+    --lr, --size or model) are refused, naming each, unless RESUME_MAY_CHANGE lists them. `cfg` is resolved (after
+    the memory plan), as config.json was written."""
+    path = Path(cfg.out) / "config.json"
+    if not cfg.resume or not path.is_file():
+        return
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise DataError(f"{path}: not a run's config (a JSON object expected); the file is damaged")
+    now = json.loads(json.dumps(asdict(cfg)))  # as config.json holds it (tuples as lists)
+    differ = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if differ:
+        what = "; ".join(f"--{k.replace('_', '-')} {saved[k]!r} there, {now[k]!r} now" for k in differ)
+        raise DataError(f"{path}: --resume continues this run with its own settings, and these differ: {what}. Resume "
+                        "with that run's settings (only --steps, --save-every, --eval-every, --dump-every, --out, "
+                        "--data-dir and memory settings but --bf16-weights may change), or start a new --out")
 
 
 class CtrlC:
@@ -172,30 +201,57 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return kept, tied
 
 
+def flat_items(entry: dict, path: tuple[str, ...] = ()):
+    """(path, value) of every leaf of a nested dict: bitsandbytes nests each parameter's 8-bit state one level down.
+
+    >>> list(flat_items({"step": 2, "quant": {"qmap1": 0}}))
+    [(('step',), 2), (('quant', 'qmap1'), 0)]
+    """
+    for name, value in entry.items():
+        assert "." not in str(name), f"optimizer state key {name!r}: the checkpoint joins keys with '.'"
+        if isinstance(value, dict):
+            yield from flat_items(value, (*path, str(name)))
+        else:
+            yield (*path, str(name)), value
+
+
+def nested_set(entry: dict, path: list[str] | tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        entry = entry.setdefault(name, {})
+    entry[path[-1]] = value
+
+
 def optimizer_to_data(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """optimizer.state_dict() split into its tensors ("param.name" -> tensor, for safetensors) and plain data (the
     numbers of each parameter's state and the param groups, for JSON): nothing in it needs a pickle.
 
+    Nested state (bitsandbytes 0.50: "__bnb_optimizer_quant_state__" -> {state1, qmap1, absmax1, ...}) is flattened to
+    "param.outer.inner"; a tensor several parameters share (8-bit Adam's qmap1/qmap2 quantisation tables: one tensor
+    for every parameter, which safetensors refuses to store twice) is stored once and listed under "shared".
+
     >>> t, d = optimizer_to_data({"state": {0: {"step": 3, "m": torch.zeros(2)}}, "param_groups": [{"lr": 0.1}]})
     >>> list(t), d
-    (['0.m'], {'numbers': {'0': {'step': 3}}, 'param_groups': [{'lr': 0.1}]})
+    (['0.m'], {'numbers': {'0': {'step': 3}}, 'param_groups': [{'lr': 0.1}], 'shared': {}})
     """
     tensors, numbers = {}, {}
     for i, entry in state["state"].items():
-        for name, value in entry.items():
+        for path, value in flat_items(entry):
             if torch.is_tensor(value):
-                tensors[f"{i}.{name}"] = value.detach().contiguous()
+                tensors[".".join((str(i), *path))] = value
             else:
-                numbers.setdefault(str(i), {})[name] = value
-    return tensors, {"numbers": numbers, "param_groups": state["param_groups"]}
+                nested_set(numbers.setdefault(str(i), {}), path, value)
+    kept, shared = unique_tensors(tensors)
+    return kept, {"numbers": numbers, "param_groups": state["param_groups"], "shared": shared}
 
 
 def optimizer_from_data(tensors: dict[str, torch.Tensor], data: dict) -> dict:
-    """The inverse of optimizer_to_data: a state dict for optimizer.load_state_dict."""
+    """The inverse of optimizer_to_data: a state dict for optimizer.load_state_dict (shared tensors shared again)."""
     state: dict[int, dict] = {int(i): dict(v) for i, v in data["numbers"].items()}
+    for alias, name in data.get("shared", {}).items():
+        tensors[alias] = tensors[name]
     for key, t in tensors.items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = t
+        i, *path = key.split(".")
+        nested_set(state.setdefault(int(i), {}), path, t)
     return {"state": state, "param_groups": data["param_groups"]}
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -206,7 +262,8 @@ def write_checkpoint(dest: Path, model, optimizer, step: int, rngs: list[dict], 
     """Everything the next step depends on, as data only (safetensors and JSON; nothing that runs code when read):
 
         model.safetensors      the weights in their training dtype (tied weights once; state.json lists the aliases)
-        optimizer.safetensors  the optimizer's tensors (moments, AdamW's step counts); not with --save-optimizer off
+        optimizer.safetensors  the optimizer's tensors (moments, AdamW's step counts; 8-bit Adam's quantised moments,
+                               their scales and its quantisation tables, stored once); not with --save-optimizer off
         rng.safetensors        torch's (and CUDA's) generator states (rng.rank{r}.safetensors: process r's, when
                                several processes trained; `rngs` holds one state per process)
         state.json             the step (it fixes the data position, see augment.batch_indices), python's and numpy's

@@ -64,8 +64,10 @@ import torch
 
 import dist
 from augment import batch_indices
-from backend import ModelError, load_model
-from checkpoint import CtrlC, check_out, resume, rng_state, save_checkpoint, set_rng_state, update_model_card
+from backend import ModelError, cast_model, load_model
+from checkpoint import (
+    CtrlC, check_out, check_resume_config, resume, rng_state, save_checkpoint, set_rng_state, update_model_card,
+)
 from cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int, positive_float, positive_int
 from data import DATASETS, TEST_SETS, DataError
 from files import check_file
@@ -319,6 +321,20 @@ def update(accelerator, model, optimizer, ro: Rollout, adv: torch.Tensor, old_lo
 # the loop
 
 
+def prepare(accelerator, model, optimizer):
+    """accelerator.prepare, and the bare policy every pass runs on: (model, optimizer, policy).
+
+    generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; on several
+    processes it is not wrapped in DDP (`dist.prepare`): gradients are exchanged by `dist.grad_sync`.
+    With mixed precision, prepare also wraps model.forward in an autocast built once with the weight cache on; every
+    pass here runs inside its own `accelerator.autocast`, and the wrapper would turn the cache back on inside
+    `update`'s cache_enabled=False (15 GB of cached bf16 casts at 7B with checkpointing), so the policy gets its
+    original forward back (keep_fp32_wrapper=False).
+    """
+    model, optimizer = dist.prepare(accelerator, model, optimizer)
+    return model, optimizer, accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+
 def setup(cfg: Config, explicit: set[str] | None):
     """Everything before the data: the --out guard, the memory plan, the processes (an Accelerator: bf16 autocast on
     CUDA, the weights keep their dtype), the config saved and printed, the seeds. Returns the Accelerator."""
@@ -328,6 +344,7 @@ def setup(cfg: Config, explicit: set[str] | None):
         check_out(cfg)  # before anything is written: never replace a run by mistake
     dist.use_local_gpu()  # before the plan reads the device's free memory
     plan_memory(cfg, explicit)
+    check_resume_config(cfg)  # after the plan, which resolves the settings config.json holds resolved
     cuda = torch.cuda.is_available()
     # cpu=True on a machine without CUDA, else torchrun's ranks are ignored
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
@@ -357,14 +374,11 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 
     # --- model: fp32 master weights (or bf16 ones with stochastic rounding), optimizer, optional frozen reference
     model, tokenizer = load_model(cfg.model)
-    model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
+    cast_model(model, torch.bfloat16 if cfg.bf16_weights else torch.float32)  # RoPE's frequencies stay fp32
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built
-    model, optimizer = dist.prepare(accelerator, model, make_optimizer(model, cfg))
-    # generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; on several
-    # processes it is not wrapped in DDP: gradients are exchanged by `dist.grad_sync`
-    policy = accelerator.unwrap_model(model)
+    model, optimizer, policy = prepare(accelerator, model, make_optimizer(model, cfg))
 
     # --- resume: weights, optimizer and RNG states from <out>/checkpoint/; the logs cut back to its step
     start = resume(out, policy, optimizer, rank, world) if cfg.resume else 0

@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 
 
-def make_optimizer(model, cfg):
+def make_optimizer(model, cfg, cuda: bool | None = None):
     """BF16AdamW with --bf16-weights; else bitsandbytes 8-bit AdamW on CUDA (2 bytes of state a parameter, not 8),
-    torch AdamW on CPU."""
+    torch AdamW on CPU. `cuda` None: whether CUDA is available; True on CPU builds the 8-bit AdamW a CUDA run gets
+    (bitsandbytes 0.50 runs it on the CPU too: tests/test_plan_matrix.py trains with it there)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.bf16_weights:
         return BF16AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -72,6 +73,12 @@ class BF16AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One AdamW step; `closure` re-evaluates the loss, as torch's optimizers take it (Accelerate's
+        AcceleratedOptimizer always passes one, None by default). Returns its loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         index = -1  # the parameter's place in the groups: its rounding generator's seed
         for group in self.param_groups:
             (b1, b2), lr = group["betas"], group["lr"]
@@ -94,6 +101,7 @@ class BF16AdamW(torch.optim.Optimizer):
                     stochastic_round_(v, v32, gen)
                     update = (m32 / c1) / ((v32 / c2).sqrt() + group["eps"])
                     stochastic_round_(w, w.float() * (1 - lr * group["weight_decay"]) - lr * update, gen)
+        return loss
 
 
 def weight_sample(params: list[torch.Tensor], per_tensor: int = 1024) -> list[torch.Tensor]:

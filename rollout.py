@@ -28,7 +28,7 @@ import torch
 
 import dist
 from augment import AugmentStats, TrainInstance, augment, augment_setwise, make_instance, read_instances
-from backend import generate_tokens
+from backend import generate_tokens, rotary_buffers
 from data import DataError, Dataset, load_dataset
 from prefix import completion_logprobs, unpadded
 from rearank import ANSWER_END, build_prompt
@@ -178,10 +178,13 @@ def reference_placement(choice: str, cuda: bool, ref_bytes: int, device_bytes: i
 def frozen_copy(model, device, dtype: torch.dtype):
     """A no-grad copy of `model` with its floating-point tensors in `dtype` on `device`, made tensor by tensor, so
     no second full copy ever sits on the model's own device (deepcopy would first clone a 7B model on the GPU).
-    Tied weights stay tied: deepcopy's memo maps each original tensor to its one copy."""
+    Tied weights stay tied: deepcopy's memo maps each original tensor to its one copy. RoPE's inverse frequencies keep
+    their dtype (fp32), as backend.cast_model keeps the policy's."""
     memo: dict = {}
+    rotary = {id(b) for b in rotary_buffers(model).values()}
     for t in [*model.parameters(), *model.buffers()]:
-        c = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+        cast = t.is_floating_point() and id(t) not in rotary
+        c = t.detach().to(device=device, dtype=dtype if cast else t.dtype, copy=True)
         memo[id(t)] = torch.nn.Parameter(c, requires_grad=False) if isinstance(t, torch.nn.Parameter) else c
     return copy.deepcopy(model, memo).eval().requires_grad_(False)
 

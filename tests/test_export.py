@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import grpo
 import rollout
-from backend import generate_tokens, load_model
+from backend import cast_model, generate_tokens, load_model, rotary_buffers
 from data import DataError
 from rearank import build_prompt
 from reward import Reward
@@ -106,10 +106,20 @@ def other_model(path):
     save_file({"weight": big.weight.detach(), "bias": big.bias.detach()}, path)
 
 
+def other_vocabulary(path):
+    # the same names, the embedding of another tokenizer: load_state_dict would stop with a size-mismatch traceback
+    weights = load_file(path)
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = torch.zeros(embed.shape[0] + 8, embed.shape[1], dtype=embed.dtype)
+    save_file(weights, path)
+
+
 @pytest.mark.parametrize("name, damage, says", [
     ("model.safetensors", truncate, "not a readable safetensors file"),
     ("model.safetensors", pickle_file, "not a readable safetensors file"),
     ("model.safetensors", other_model, "the weights of another model"),
+    ("model.safetensors", other_vocabulary, "the weights of another model .*other shape or dtype "
+                                            r"\['model.embed_tokens.weight'"),
     ("optimizer.safetensors", truncate, "not a readable safetensors file"),
     ("state.json", truncate, "not JSON"),
 ])
@@ -120,6 +130,17 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_naming_the_file(trained, nam
     with pytest.raises(DataError, match=f"{out / 'checkpoint' / name}: {says}"):
         resume()
     assert snapshot(out / "checkpoint") == files and (out / "metrics.jsonl").read_text() == metrics  # untouched
+
+
+def test_resume_refuses_settings_that_differ_from_the_runs_own_and_names_them(trained):
+    out, resume = trained
+    config = (out / "config.json").read_text()
+    with pytest.raises(DataError, match=r"config.json: --resume continues this run with its own settings, and these "
+                                        r"differ: --clip-eps 0.2 there, 0.3 now; --seed 0 there, 3 now\. Resume"):
+        resume(clip_eps=0.3, seed=3, micro_batch=1)  # the micro-batch may change: not named
+    assert (out / "config.json").read_text() == config  # refused before anything was written
+    assert resume(micro_batch=1, gradient_checkpointing=True, eval_batch_size=2)["step"] == 2  # these may change
+    assert json.loads((out / "config.json").read_text())["micro_batch"] == 1  # and the run's config says so now
 
 
 def test_an_old_pickled_checkpoint_is_never_unpickled(tiny_dir, tmp_path):
@@ -146,6 +167,43 @@ def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(trained, monk
     monkeypatch.undo()
     assert snapshot(out / "checkpoint") == files  # step 1's checkpoint, byte for byte
     assert resume()["step"] == 2  # and it still resumes
+
+
+def test_8bit_adam_state_round_trips_through_a_checkpoint_exactly(tmp_path):
+    # bitsandbytes 0.50 runs AdamW8bit on the CPU too, so this is its real state: per parameter a nested
+    # "__bnb_optimizer_quant_state__" dict (uint8 moments, absmax scales, and the qmap1/qmap2 tables that every 8-bit
+    # parameter shares: one tensor, which safetensors refuses to store twice); parameters under 4,096 entries keep
+    # 32-bit moments
+    import bitsandbytes as bnb
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(300, 32), torch.nn.Linear(32, 300))  # 9,600 entries: 8-bit
+        return model, bnb.optim.AdamW8bit(model.parameters(), lr=1e-2)
+
+    def step(model, opt):
+        model(torch.arange(7)).logsumexp(-1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    model, opt = model_and_optimizer()
+    step(model, opt), step(model, opt)
+    saved = opt.state_dict()
+    quant = saved["state"][0]["__bnb_optimizer_quant_state__"]
+    assert quant["qmap1"] is saved["state"][1]["__bnb_optimizer_quant_state__"]["qmap1"]  # the shape of the problem
+    checkpoint.write_checkpoint(tmp_path / "ckpt", model, opt, 2, [checkpoint.rng_state()], grpo.Config())
+
+    fresh, fresh_opt = model_and_optimizer()
+    assert checkpoint.load_checkpoint(tmp_path / "ckpt", fresh, fresh_opt)[0] == 2
+    loaded = fresh_opt.state_dict()
+    assert loaded["param_groups"] == json.loads(json.dumps(saved["param_groups"]))
+    for i, entry in saved["state"].items():
+        want, got = dict(checkpoint.flat_items(entry)), dict(checkpoint.flat_items(loaded["state"][i]))
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert torch.equal(got[key], value) if torch.is_tensor(value) else got[key] == value, (i, key)
+    step(model, opt), step(fresh, fresh_opt)  # and the next step is the same step
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
 
 
 def test_a_crash_between_the_two_renames_leaves_the_old_folder_to_resume_from(tmp_path, monkeypatch):
@@ -198,6 +256,23 @@ def test_offloaded_reference_gives_the_resident_log_probs_and_is_a_frozen_copy()
     ref = offloaded.model
     assert ref.lm_head.weight is ref.model.embed_tokens.weight  # tied weights stay one tensor
     assert not any(p.requires_grad for p in ref.parameters())
+
+
+def test_bf16_weights_and_a_bf16_reference_keep_ropes_frequencies_in_fp32():
+    # model.to(bf16) casts buffers too; RoPE's inverse frequencies in bf16 put position 2,600 radians off
+    policy, fp32 = tiny_model(100), tiny_model(100)
+    cast_model(policy, torch.bfloat16)
+    assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
+    reference = rollout.frozen_copy(policy, "cpu", torch.bfloat16)  # the CUDA reference's dtype
+    x, position = torch.zeros(1, 1, 32, dtype=torch.bfloat16), torch.tensor([[2600]])
+    want = fp32.model.rotary_emb(x.float(), position)
+    for model in (policy, reference):
+        rotary = rotary_buffers(model)
+        assert {name.rpartition(".")[2] for name in rotary} == {"inv_freq", "original_inv_freq"}
+        assert all(b.dtype == torch.float32 and torch.equal(b, fp32.model.rotary_emb.inv_freq) for b in rotary.values())
+        assert not set(rotary) & set(model.state_dict())  # still not saved with the weights
+        cos, sin = model.model.rotary_emb(x, position)
+        assert torch.equal(cos, want[0].to(torch.bfloat16)) and torch.equal(sin, want[1].to(torch.bfloat16))
 
 
 def test_beta_0_builds_no_reference_and_the_default_beta_gives_a_kl(tiny_dir, tmp_path, monkeypatch):

@@ -33,13 +33,14 @@ def tokenizer():
     return tok
 
 
-def tiny_model(vocab_size: int, seed: int = 0):
+def tiny_model(vocab_size: int, seed: int = 0, intermediate_size: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval()
 
 
@@ -324,6 +325,50 @@ def test_bf16_weights_with_stochastic_rounding_move_at_lr_1e_6():
     # each weight moves one bf16 spacing with probability ~ 1e-6 / spacing: a few percent of a small model's weights
     moved = one_step(tiny_model(100).to(torch.bfloat16), optimizer=BF16AdamW)
     assert 1e-3 < moved < 0.5
+
+
+def test_bf16_adamw_steps_under_accelerate_which_passes_a_closure():
+    # accelerator.prepare wraps the optimizer; AcceleratedOptimizer.step calls optimizer.step(closure), as torch allows
+    from accelerate import Accelerator
+
+    model = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    model, opt = Accelerator(cpu=True).prepare(model, BF16AdamW(model.parameters(), lr=0.1))
+    model(torch.ones(1, 4, dtype=torch.bfloat16)).sum().backward()
+    before = model.weight.detach().clone()
+    opt.step()  # closure=None: the Accelerate way
+    assert not torch.equal(model.weight, before)
+    assert opt.optimizer.step(lambda: torch.tensor(1.5)) == 1.5  # a closure's loss comes back, as torch's optimizers
+
+
+@pytest.fixture
+def bf16_accelerator():
+    """An Accelerator with bf16 autocast, as grpo.setup makes on CUDA (CPU autocast has the same weight cache).
+    Accelerate's state is one per process: reset it around, so the other tests' fp32 Accelerators still build."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield Accelerator(cpu=True, mixed_precision="bf16")
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_update_runs_the_policy_without_autocasts_weight_cache_when_checkpointing(bf16_accelerator, checkpointing):
+    # prepare wraps model.forward in an autocast built with the cache on; inside update's cache_enabled=False that
+    # wrapper would cache the bf16 casts of every fp32 weight again, to the end of the update (15 GB at 7B)
+    model = tiny_model(100).train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model, opt, policy = grpo.prepare(bf16_accelerator, model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    seen = []  # (autocast on, its cache on) inside each decoder layer's forward, as the policy's passes run it
+    for layer in policy.model.layers:
+        layer.register_forward_pre_hook(lambda *_: seen.append((torch.is_autocast_enabled("cpu"),
+                                                                torch.is_autocast_cache_enabled())))
+    ro = hand_rollout(100, G=2)
+    cfg = grpo.Config(gradient_checkpointing=checkpointing, beta=0.0)
+    grpo.update(bf16_accelerator, model, opt, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), None, None, cfg)
+    assert seen and {on for on, _ in seen} == {True}  # the passes ran under autocast
+    assert {cache for _, cache in seen} == {not checkpointing}  # the prompt's pass (prefix.prompt_forward) included
 
 
 def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatch):
