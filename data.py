@@ -14,8 +14,9 @@ Datasets by name (see DATASETS): dl19, dl20 (TREC DL BM25 top-100, test sets), d
 the training seeds; never a test set), scifact (BEIR test split) and scifact-train, for which the project runs its own
 BM25 (bm25.py) over the corpus. Training sets are drawn from these datasets by augment.py.
 
-The data directory is --data-dir, else $REARANK_DATA, else ./data. Missing files are fetched from their public homes
-(download.py) when the machine is online; offline, the error lists what is missing and where it goes.
+The data directory is --data-dir, else $REARANK_DATA, else ./data. Missing files of ./data are fetched from their
+public homes (download.py) when the machine is online; offline, the error lists what is missing and where it goes. A
+directory the user named (--data-dir, $REARANK_DATA) is never fetched into: a missing file there is an error at once.
 
 Reading order: the records, the metric, the small readers and writers (TREC, RankGPT JSON, BEIR, JSONL records), the
 data directory, the registry (`DATASETS`, `load_dataset`), the command line.
@@ -348,19 +349,20 @@ def data_dir(explicit: str | Path | None = None) -> Path:
 # the registry
 
 
-def _trec_dl(year: str, folder: str) -> Callable[[Path], Dataset]:
-    def load(root: Path) -> Dataset:
-        run, qrels = require(root, [f"{folder}/bm25_top100_{year}.rankgpt.json", f"{folder}/qrels.{year}-passage.txt"])
+def _trec_dl(year: str, folder: str) -> Callable[[Path, bool], Dataset]:
+    def load(root: Path, fetch: bool) -> Dataset:
+        run, qrels = require(root, [f"{folder}/bm25_top100_{year}.rankgpt.json", f"{folder}/qrels.{year}-passage.txt"],
+                             fetch)
         note = "training/dev queries: never a test set" if year == "dl21" else ""
         return Dataset(year, load_rankgpt(run), load_qrels(qrels), note)
 
     return load
 
 
-def _scifact(split: str) -> Callable[[Path], Dataset]:
-    def load(root: Path) -> Dataset:
+def _scifact(split: str) -> Callable[[Path, bool], Dataset]:
+    def load(root: Path, fetch: bool) -> Dataset:
         corpus_p, queries_p, qrels_p = require(
-            root, ["beir_scifact/corpus.jsonl", "beir_scifact/queries.jsonl", f"beir_scifact/qrels/{split}.tsv"]
+            root, ["beir_scifact/corpus.jsonl", "beir_scifact/queries.jsonl", f"beir_scifact/qrels/{split}.tsv"], fetch
         )
         qrels = load_qrels(qrels_p)
         queries = load_beir_queries(queries_p)
@@ -375,7 +377,7 @@ def _scifact(split: str) -> Callable[[Path], Dataset]:
     return load
 
 
-DATASETS: dict[str, Callable[[Path], Dataset]] = {
+DATASETS: dict[str, Callable[[Path, bool], Dataset]] = {
     "dl19": _trec_dl("dl19", "trec_dl"),
     "dl20": _trec_dl("dl20", "trec_dl"),
     "dl21": _trec_dl("dl21", "trec_dl21_msmarco_v2"),
@@ -390,7 +392,8 @@ TEST_SETS = ("dl19", "dl20", "scifact")
 def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return DATASETS[name](data_dir(root))
+    named = bool(root or os.environ.get("REARANK_DATA"))  # a directory the user named is complete: no fetching
+    return DATASETS[name](data_dir(root), not named)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ data.py's registry asks `require` for a dataset's files. Those not in the data d
 homes (the rank_llm_data dataset on the Hugging Face Hub, anserini-tools on GitHub, the BEIR zip); offline, one error
 lists every missing file and where it goes.
 
-Reading order: `REMOTE` (a local path -> its home), `_fetch` (one file), `require` (a dataset's files).
+Reading order: `REMOTE` (a local path -> its home), `_fetch` (one file), `home` (a file's home in words), `require` (a
+dataset's files).
 """
 
 import sys
@@ -54,16 +55,30 @@ def _fetch(root: Path, rel: str) -> None:
             dest.write_bytes(z.read(src))
 
 
-def require(root: Path, rels: list[str]) -> list[Path]:
-    """The paths of `rels` under `root`, fetching the missing ones; offline, one error that lists them all."""
+def home(rel: str) -> str:
+    """Where the data file `rel` comes from, as a user would fetch it by hand."""
+    kind, src = REMOTE[rel]
+    return {"hf": f"{src} of the Hugging Face dataset {RANK_LLM_DATA}", "url": src,
+            "beir": f"{src} of {SCIFACT_URL}"}[kind]
+
+
+def require(root: Path, rels: list[str], fetch: bool = True) -> list[Path]:
+    """The paths of `rels` under `root`, fetching the missing ones; offline, one error that lists them all. With
+    fetch False (a data directory the user named) a missing file is an error at once: a local path needs no network."""
     missing = [r for r in rels if not (root / r).exists()]
+    if missing and not fetch:
+        raise DataError(
+            f"missing data files in {root} (the data directory given by --data-dir or $REARANK_DATA, which is never "
+            "fetched into):\n" + "\n".join(f"  {root / r}   (from {home(r)})" for r in missing)
+            + "\nPut the files there, or unset --data-dir and $REARANK_DATA to fetch them into ./data."
+        )
     failed = []
     for rel in missing:
         try:
             print(f"data: fetching {rel} ...", file=sys.stderr)
             _fetch(root, rel)
         except Exception as e:  # offline, hub down, proxy: we only need to say what to do next
-            failed.append(f"  {root / rel}   (from {REMOTE[rel][1]}; {type(e).__name__})")
+            failed.append(f"  {root / rel}   (from {home(rel)}; {type(e).__name__})")
     if failed:
         raise DataError(
             "missing data files, and fetching them failed (offline?):\n"
