@@ -204,8 +204,13 @@ BROKEN_INSTANCES = {
 }
 
 
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the bad input was reported")
+
+
 @pytest.mark.parametrize("case", BROKEN_INSTANCES)
-def test_broken_training_instances(case, tmp_path, capsys):
+def test_broken_training_instances(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grpo, "load_model", no_model)
     make, needle = BROKEN_INSTANCES[case]
     good = good_instance()
     path = write(tmp_path / "train.jsonl", json.dumps(good) + "\n" + make(good) + "\n")
@@ -314,11 +319,8 @@ def test_grpo_eval_qids_file(tmp_path, capsys):
 
 
 def test_grpo_resume_without_a_checkpoint_says_so_before_loading(data_root, tmp_path, monkeypatch, capsys):
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the missing checkpoint was reported")
-
-    monkeypatch.setattr(grpo, "load_model", no_loading)
-    monkeypatch.setattr(grpo, "plan_memory", no_loading)
+    monkeypatch.setattr(grpo, "load_model", no_model)
+    monkeypatch.setattr(grpo, "plan_memory", no_model)
     write(tmp_path / "run" / "metrics.jsonl", '{"step": 1}\n')
     for out in (tmp_path / "run", tmp_path / "none"):
         code, text = cli(grpo.main, ["--resume", "--model", "smollm2", "--data-dir", data_root, "--out", out], capsys)
