@@ -3,6 +3,7 @@
     pip install --no-deps trl && pip install datasets    # benchmark only: TRL is not a project requirement
     python bench_trl.py --size 20 --group-size 8 --max-new-tokens 256 --micro-batch 2   # P ~ 2300, C = 256, G = 8
     python bench_trl.py --size 3 --group-size 4 --max-new-tokens 16                   # a quick look
+    python bench_trl.py --sides ours,ours-repeat --size 3 --group-size 2 --max-new-tokens 8   # without TRL
 
 Three sides, one after another, each in its own process (so peak memory is its own): `ours` (grpo.py, each group's
 prompt run once: prefix.py), `ours-repeat` (grpo.py --repeat-prompt: the prompt repeated per completion, as TRL
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import resource
 import subprocess
@@ -50,9 +52,10 @@ def run_ours(args, repeat_prompt: bool) -> dict:
     rollout.generate_tokens = functools.partial(rollout.generate_tokens, min_new_tokens=args.max_new_tokens)  # C fixed
     with tempfile.TemporaryDirectory() as tmp:
         write_instances(Path(tmp) / "train.jsonl", [instance(args)])
+        # --out a fresh folder beside the training file: grpo.py refuses an --out that holds files of a run
         cfg = grpo.Config(model=args.model, train_file=str(Path(tmp) / "train.jsonl"), steps=1, batch_size=1,
                           group_size=args.group_size, max_new_tokens=args.max_new_tokens, lr=1e-6, beta=0.0,
-                          eval_every=0, save_every=0, dump_every=0, out=tmp, seed=args.seed,
+                          eval_every=0, save_every=0, dump_every=0, out=str(Path(tmp) / "run"), seed=args.seed,
                           repeat_prompt=repeat_prompt, micro_batch=args.micro_batch)
         m = grpo.train(cfg)
     return {"step_s": m["gen_s"] + m["train_s"], "gen_s": m["gen_s"], "train_s": m["train_s"],
@@ -130,8 +133,14 @@ def main() -> None:
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         print("RESULT " + json.dumps(result))
         return
+    sides = args.sides.split(",")
+    if unknown := [x for x in sides if x not in SIDES]:
+        p.error(f"--sides {args.sides}: unknown side {unknown[0]!r}; choose among {', '.join(SIDES)}")
+    if "trl" in sides and importlib.util.find_spec("trl") is None:  # say so before the other sides run for minutes
+        sys.exit("error: the trl side needs TRL (pip install --no-deps trl && pip install datasets); or compare our "
+                 "two sides alone: --sides ours,ours-repeat")
     results = {}
-    for impl in args.sides.split(","):  # one after another: each side has the machine to itself
+    for impl in sides:  # one after another: each side has the machine to itself
         cmd = [sys.executable, __file__, "--impl", impl] + sys.argv[1:]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

@@ -40,8 +40,11 @@ def check_out(cfg) -> None:
     """Finished work is never lost: an --out holding a run is continued only with --resume, replaced only with
     --overwrite (which deletes it here, checkpoint included, so a later --resume cannot pick up the old run)."""
     out = check_out_dir(cfg.out, create=False)
+    if cfg.resume:  # here, before the plan, the data and the models: a missing checkpoint is known at once
+        check_checkpoint(out, find_checkpoint(out))
+        return
     held = sorted(p.name for p in out.iterdir() if p.name != "config.json") if out.is_dir() else []
-    if not held or cfg.resume:
+    if not held:
         return
     if not cfg.overwrite:
         raise DataError(f"{out} holds a training run ({', '.join(held[:6])}): continue it with --resume, use a new "

@@ -16,8 +16,9 @@ table (trec-covid, nfcorpus, dbpedia-entity; signal1m, trec-news, robust04, whos
 the twelve BRIGHT domains (biology, ..., theoremqa_theorems: download.BRIGHT_DOMAINS), for all of which the project
 runs its own BM25 (bm25.py) over the corpus. Training sets are drawn from these datasets by augment.py.
 
-The data directory is --data-dir, else $REARANK_DATA, else ./data. Missing files are fetched from their public homes
-(download.py) when the machine is online; offline, the error lists what is missing and where it goes.
+The data directory is --data-dir, else $REARANK_DATA, else ./data. Missing files of ./data are fetched from their
+public homes (download.py) when the machine is online; offline, the error lists what is missing and where it goes. A
+directory the user named (--data-dir, $REARANK_DATA) is never fetched into: a missing file there is an error at once.
 
 Reading order: the records, the metric, the small readers and writers (TREC, RankGPT JSON, BEIR, JSONL records), the
 data directory, the registry (`DATASETS`, `load_dataset`), the command line.
@@ -395,9 +396,10 @@ def data_dir(explicit: str | Path | None = None) -> Path:
 # the registry
 
 
-def _trec_dl(year: str, folder: str) -> Callable[[Path], Dataset]:
-    def load(root: Path) -> Dataset:
-        run, qrels = require(root, [f"{folder}/bm25_top100_{year}.rankgpt.json", f"{folder}/qrels.{year}-passage.txt"])
+def _trec_dl(year: str, folder: str) -> Callable[[Path, bool], Dataset]:
+    def load(root: Path, fetch: bool) -> Dataset:
+        run, qrels = require(root, [f"{folder}/bm25_top100_{year}.rankgpt.json", f"{folder}/qrels.{year}-passage.txt"],
+                             fetch)
         note = "training/dev queries: never a test set" if year == "dl21" else ""
         return Dataset(year, load_rankgpt(run), load_qrels(qrels), note)
 
@@ -411,19 +413,19 @@ def _bm25_rankings(corpus: dict[str, str], queries: dict[str, str], name: str,
     return [Ranking(Query(q, queries[q]), [Candidate(d, corpus[d], s) for d, s in hits[q]]) for q in hits]
 
 
-def _beir(name: str, split: str = "test") -> Callable[[Path], Dataset]:
+def _beir(name: str, split: str = "test") -> Callable[[Path, bool], Dataset]:
     """A BEIR set: the zip's layout (beir_<name>/corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or for the licensed
     three, Anserini's topics and qrels beside the corpus.jsonl the user converted (download.LICENSED)."""
 
-    def load(root: Path) -> Dataset:
+    def load(root: Path, fetch: bool) -> Dataset:
         folder = f"beir_{name}"
         if name in LICENSED:
             queries_p, qrels_p, corpus_p = require(root, [f"{folder}/topics.test.tsv.gz", f"{folder}/qrels.test.txt",
-                                                          f"{folder}/corpus.jsonl"])
+                                                          f"{folder}/corpus.jsonl"], fetch)
             queries = load_topics(queries_p)
         else:
             corpus_p, queries_p, qrels_p = require(
-                root, [f"{folder}/corpus.jsonl", f"{folder}/queries.jsonl", f"{folder}/qrels/{split}.tsv"]
+                root, [f"{folder}/corpus.jsonl", f"{folder}/queries.jsonl", f"{folder}/qrels/{split}.tsv"], fetch
             )
             queries = load_beir_queries(queries_p)
         qrels = load_qrels(qrels_p)
@@ -436,12 +438,13 @@ def _beir(name: str, split: str = "test") -> Callable[[Path], Dataset]:
     return load
 
 
-def _bright(domain: str) -> Callable[[Path], Dataset]:
+def _bright(domain: str) -> Callable[[Path, bool], Dataset]:
     """A BRIGHT domain: its documents and examples (bright/<domain>/*.jsonl, converted from the Hub's parquet), our
     BM25 over the documents with each query's excluded_ids left out, the gold ids as binary judgments."""
 
-    def load(root: Path) -> Dataset:
-        docs_p, examples_p = require(root, [f"bright/{domain}/documents.jsonl", f"bright/{domain}/examples.jsonl"])
+    def load(root: Path, fetch: bool) -> Dataset:
+        docs_p, examples_p = require(root, [f"bright/{domain}/documents.jsonl", f"bright/{domain}/examples.jsonl"],
+                                     fetch)
         queries, qrels, excluded = load_bright_examples(examples_p)
         rankings = _bm25_rankings(load_bright_documents(docs_p), queries, f"bright-{domain}", excluded)
         return Dataset(domain, rankings, qrels)
@@ -449,7 +452,7 @@ def _bright(domain: str) -> Callable[[Path], Dataset]:
     return load
 
 
-DATASETS: dict[str, Callable[[Path], Dataset]] = {
+DATASETS: dict[str, Callable[[Path, bool], Dataset]] = {
     "dl19": _trec_dl("dl19", "trec_dl"),
     "dl20": _trec_dl("dl20", "trec_dl"),
     "dl21": _trec_dl("dl21", "trec_dl21_msmarco_v2"),
@@ -467,7 +470,8 @@ TEST_SETS = tuple(name for name in DATASETS if name not in ("dl21", "scifact-tra
 def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return DATASETS[name](data_dir(root))
+    named = bool(root or os.environ.get("REARANK_DATA"))  # a directory the user named is complete: no fetching
+    return DATASETS[name](data_dir(root), not named)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

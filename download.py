@@ -28,7 +28,8 @@ pyserini_corpus/<domain>.jsonl `{"id", "contents"}`, pyserini_queries/<domain>.t
 runs_bm25/bm25.<domain>.filtered.trec), and anserini-tools holds BRIGHT's qrels and excluded ids
 (qrels/qrels.bright-<domain>.txt, exclude.bright-<domain>.txt); xlangai/BRIGHT is the benchmark's own release.
 
-Reading order: `REMOTE` (a local path -> its home), `_fetch` (one file), `require` (a dataset's files).
+Reading order: `REMOTE` (a local path -> its home), `_fetch` (one file), `home` (a file's home in words), `require` (a
+dataset's files).
 """
 
 import json
@@ -147,9 +148,17 @@ def parquet_to_jsonl(src: Path, dest: Path) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def require(root: Path, rels: list[str]) -> list[Path]:
-    """The paths of `rels` under `root`, fetching the missing ones; offline, one error that lists them all."""
+
+def require(root: Path, rels: list[str], fetch: bool = True) -> list[Path]:
+    """The paths of `rels` under `root`, fetching the missing ones; offline, one error that lists them all. With
+    fetch False (a data directory the user named) a missing file is an error at once: a local path needs no network."""
     missing = [r for r in rels if not (root / r).exists()]
+    if missing and not fetch:
+        raise DataError(
+            f"missing data files in {root} (the data directory given by --data-dir or $REARANK_DATA, which is never "
+            "fetched into):\n" + "\n".join(f"  {root / r}   (from {home(r)})" for r in missing)
+            + "\nPut the files there, or unset --data-dir and $REARANK_DATA to fetch them into ./data."
+        )
     failed = []
     for rel in missing:
         if REMOTE[rel][0] == "licensed":

@@ -78,7 +78,7 @@ from rearank import MAX_CHARS
 from reward import RANK_REWARDS
 from rollout import (
     REFERENCE_PLACEMENTS, TASKS, Rollout, configured_task, evaluate, frozen_logprobs, gather_rollouts, held_out,
-    make_reference, rollout, training_sets,
+    make_reference, read_qids, rollout, training_sets,
 )
 from runlog import append_jsonl, episodes, log_line, plot, read_jsonl, rewind_logs, step_record
 
@@ -131,7 +131,8 @@ class Config:
     eval_size: int = arg(20, "held-out window size N (the top-N candidates of each query)", positive_int)
     eval_queries: int = arg(0, "held-out queries to use (0 = all judged ones)", nonneg_int)
     eval_qids: str = arg("", "only these held-out queries: comma-separated qids or a file with one qid a line (a "
-                             "validation split of the training dataset; keep them out of --train-file)")
+                             "validation split of the training dataset; keep them out of --train-file); a value "
+                             "with a '/' or a suffix such as .txt is a file")
     eval_every: int = arg(25, "held-out evaluation every N steps, plus before the first and after the last (0 = "
                               "never)", nonneg_int)
     eval_batch_size: int = arg(8, "prompts per generate call in held-out evaluation", positive_int)
@@ -194,6 +195,11 @@ def config_problem(cfg: Config) -> str:
     elif cfg.dataset in TEST_SETS:
         return (f"--dataset {cfg.dataset} is a test set: training on it makes its evaluation meaningless; use dl21 or "
                 "scifact-train (or a --train-file from `augment.py --allow-test-set`)")
+    if cfg.eval_qids:
+        try:
+            read_qids(cfg.eval_qids)
+        except DataError as e:
+            return f"--eval-qids {e}"
     if cfg.eval_every and cfg.eval_dataset not in DATASETS:
         return f"--eval-dataset {cfg.eval_dataset!r}: choose one of {', '.join(DATASETS)}"
     if cfg.eval_every and not cfg.train_file and cfg.eval_dataset == cfg.dataset:

@@ -44,9 +44,11 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from cli import positive_float
 from data import DataError
 from model_shape import PUBLISHED, Shape, published_config, shape_of
 
@@ -547,10 +549,41 @@ def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = N
     return plan
 
 
+def config_for(name: str):
+    """memory.py's --config: a shipped name (PUBLISHED, or the embedded smollm2), a local directory holding a
+    config.json, or a hub id that is cached or reachable; anything else is a DataError that says what to pass, in a
+    second rather than after the Hub's retries."""
+    from backend import SMOLLM2, ModelError, check_loadable, smollm2_dir
+
+    shipped = f"a shipped config ({', '.join([*PUBLISHED, SMOLLM2])})"
+    if name == SMOLLM2:
+        name = str(smollm2_dir())
+    elif Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise DataError(f"--config {name}: the directory holds no config.json; pass {shipped} or a model directory")
+    elif name not in PUBLISHED:
+        try:
+            check_loadable(name)
+        except ModelError:
+            raise DataError(f"--config {name!r}: not {shipped}, not a local directory with a config.json, and not a "
+                            "hub id this machine has cached or can reach; pass one of those (a hub id needs the "
+                            "Hub online)") from None
+    try:
+        return published_config(name)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--config {name}: cannot read its config ({str(e).splitlines()[0][:200]})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        plan_cli(argv)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+def plan_cli(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="qwen2.5-7b", help=f"{', '.join(PUBLISHED)}, or a model directory / hub id")
-    p.add_argument("--gpu-gb", type=float, default=80.0, help="free device memory in GB")
+    p.add_argument("--gpu-gb", type=positive_float, default=80.0, help="free device memory in GB")
     p.add_argument("--cpu", action="store_true", help="plan for a CPU run (no autocast, torch AdamW)")
     p.add_argument("--beta", type=float, default=0.001)
     p.add_argument("--size", type=int, default=20, help="passages per prompt")
@@ -560,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/grpo", help="where the run saves: the disk line checks its free space")
     p.add_argument("--save-optimizer", default="on", choices=("on", "off"))
     args = p.parse_args(argv)
-    shape = shape_of(published_config(args.config))
+    shape = shape_of(config_for(args.config))
     work = Workload(args.batch_size, args.group_size, prompt_tokens(args.size), args.max_new_tokens, args.beta,
                     not args.cpu)
     budget = int(args.gpu_gb * GB)
@@ -568,8 +601,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.config} on {args.gpu_gb:g} GB, beta {args.beta:g}, B {args.batch_size} x G {args.group_size}, "
           f"P {work.prompt_tokens} (--size {args.size}), C {args.max_new_tokens}")
     print(f"plan: {plan.settings.describe(args.group_size)}\n{plan.table()}")
-    if not plan.fits:
-        print("nothing fits: " + what_would_fit(shape, work, budget, {}))
+    if not plan.fits:  # a script that plans before it trains must see the failure
+        raise DataError("nothing fits: " + what_would_fit(shape, work, budget, {}))
     for line in why:
         print(f"  chose {line}")
     print(disk_plan(shape, plan.settings, not args.cpu, args.out, args.save_optimizer == "on", True).line())

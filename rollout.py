@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import dist
 from augment import AugmentStats, TrainInstance, augment, augment_setwise, make_instance, read_instances
 from backend import generate_tokens, rotary_buffers
 from data import DataError, Dataset, load_dataset
+from files import check_file, lines
 from prefix import completion_logprobs, unpadded
 from rearank import ANSWER_END, build_prompt
 from reward import Reward, rerank_reward, setwise_set_reward
@@ -276,11 +278,25 @@ def held_out(cfg) -> list[TrainInstance]:
     return [make_instance(r.query, r.candidates[: cfg.eval_size], ds.qrels[r.query.qid]) for r in judged]
 
 
+def names_a_file(spec: str) -> bool:
+    """Whether --eval-qids `spec` is a file rather than qids: it exists, or it looks like a path (a '/' or a
+    file-name suffix such as .txt, .tsv, .qids), so a mistyped file is an error, not a query id.
+
+    >>> [names_a_file(s) for s in ("1037798,104861", "q1", "splits/val", "missing.txt")]
+    [False, False, True, True]
+    """
+    return Path(spec).exists() or "/" in spec or re.search(r"\.[A-Za-z]\w*$", spec) is not None
+
+
 def read_qids(spec: str) -> set[str]:
     """Qids from a comma-separated list or from a file with one qid a line (blank lines skipped)."""
-    path = Path(spec)
-    text = path.read_text() if path.is_file() else spec.replace(",", "\n")
-    return {line.strip() for line in text.splitlines() if line.strip()}
+    if names_a_file(spec):
+        qids = {line for _, line in lines(check_file(spec))}
+    else:
+        qids = {q.strip() for q in spec.split(",") if q.strip()}
+    if not qids:
+        raise DataError(f"{spec}: no query ids in it")
+    return qids
 
 
 @torch.no_grad()

@@ -16,11 +16,14 @@ import pytest
 import augment
 import checkpoint
 import data
+import download
 import eval as ev
 import grpo
+import memory
 import runlog
 from data import Candidate, DataError
 from evalconfig import default_out
+from files import atomic_write
 from traces import RESUME_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,12 +195,22 @@ BROKEN_INSTANCES = {
                   ":2: not a training instance (candidate 0: 'text' must be a string)"),
     "grades of another length": (lambda r: json.dumps({**r, "grades": [1]}), ":2: not a training instance (1 grades"),
     "r_star NaN": (lambda r: json.dumps({**r, "r_star": float("nan")}), ":2: not a training instance ('r_init'"),
+    "candidate score NaN": (lambda r: json.dumps({**r, "candidates": [{**r["candidates"][0], "score": float("nan")},
+                                                                    r["candidates"][1]]}),
+                            ":2: not a training instance (candidate 0: 'score' must be a finite number)"),
+    "candidate score Infinity": (lambda r: json.dumps({**r, "candidates": [r["candidates"][0], {
+        **r["candidates"][1], "score": float("inf")}]}), ":2: not a training instance (candidate 1: 'score' must be"),
     "an unknown field": (lambda r: json.dumps({**r, "label": 1}), ":2: not a training instance (unknown field label"),
 }
 
 
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the bad input was reported")
+
+
 @pytest.mark.parametrize("case", BROKEN_INSTANCES)
-def test_broken_training_instances(case, tmp_path, capsys):
+def test_broken_training_instances(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grpo, "load_model", no_model)
     make, needle = BROKEN_INSTANCES[case]
     good = good_instance()
     path = write(tmp_path / "train.jsonl", json.dumps(good) + "\n" + make(good) + "\n")
@@ -264,6 +277,9 @@ GRPO_FLAGS = {
     "--resume --overwrite": "--resume continues the run in --out, --overwrite deletes it",
     "--memory on": "argument --memory: invalid choice: 'on'",  # any value but off once meant auto, silently
     "--reference gpu": "argument --reference: invalid choice: 'gpu'",
+    "--eval-qids missing.txt": "--eval-qids missing.txt: file not found",  # once read as the query id 'missing.txt'
+    "--eval-qids splits/val": "--eval-qids splits/val: file not found",
+    "--eval-qids ,": "--eval-qids ,: no query ids in it",
 }
 
 
@@ -291,6 +307,58 @@ def test_augment_flags(flags, tmp_path, capsys):
     code, text = cli(augment.main, [*flags.split(), "--out", tmp_path / "t.jsonl"], capsys)
     assert code == 2 and AUGMENT_FLAGS[flags] in text, text
     assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_grpo_eval_qids_file(tmp_path, capsys):
+    empty = write(tmp_path / "val.qids", "\n")
+    code, text = cli(grpo.main, ["--eval-qids", empty], capsys)
+    assert code == 2 and f"--eval-qids {empty}: no query ids in it" in text
+    code, text = cli(grpo.main, ["--eval-qids", tmp_path], capsys)
+    assert code == 2 and f"--eval-qids {tmp_path}: is a directory" in text
+    assert grpo.read_qids(str(write(tmp_path / "v.txt", "q1\n\nq7\n"))) == {"q1", "q7"} == grpo.read_qids("q1, q7")
+
+
+def test_grpo_resume_without_a_checkpoint_says_so_before_loading(data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grpo, "load_model", no_model)
+    monkeypatch.setattr(grpo, "plan_memory", no_model)
+    write(tmp_path / "run" / "metrics.jsonl", '{"step": 1}\n')
+    for out in (tmp_path / "run", tmp_path / "none"):
+        code, text = cli(grpo.main, ["--resume", "--model", "smollm2", "--data-dir", data_root, "--out", out], capsys)
+        assert code == 1 and f"--resume: {out / 'checkpoint'} not found; start without --resume" in text
+
+
+def test_a_missing_file_under_a_named_data_dir_fails_at_once(tmp_path, monkeypatch, capsys):
+    def network(root, rel):
+        raise AssertionError("tried the network for a data directory the user named")
+
+    monkeypatch.setattr(download, "_fetch", network)
+    code, text = cli(ev.main, ["--dataset", "dl19", "--model", "bm25", "--data-dir", tmp_path, "--out",
+                               tmp_path / "o"], capsys)  # fmt: skip
+    assert code == 1 and f"missing data files in {tmp_path}" in text
+    assert str(tmp_path / "trec_dl/qrels.dl19-passage.txt") in text
+
+
+MEMORY_CLI = {
+    "--gpu-gb -5": (2, "argument --gpu-gb: '-5' is not a positive number"),  # once planned "of -5.0 GB free"
+    "--gpu-gb 0": (2, "argument --gpu-gb: '0' is not a positive number"),
+    "--config nonexistent-model": (1, "error: --config 'nonexistent-model': not a shipped config (qwen2.5-7b, "
+                                      "smollm2), not a local directory with a config.json, and not a hub id"),
+    "--config {tmp}": (1, "error: --config {tmp}: the directory holds no config.json"),
+    "--gpu-gb 1": (1, "error: nothing fits: the leanest settings need"),  # a script must see it failed
+}
+
+
+@pytest.mark.parametrize("flags", MEMORY_CLI)
+def test_memory_cli(flags, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):  # the Hub unreachable, as on a machine without network (no retries to wait for)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
+    expected_code, needle = MEMORY_CLI[flags]
+    code, text = cli(memory.main, flags.replace("{tmp}", str(tmp_path)).split(), capsys)
+    assert code == expected_code and needle.replace("{tmp}", str(tmp_path)) in text, text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -340,6 +408,33 @@ def test_eval_refuses_an_out_with_other_settings_or_another_kind(data_root, tmp_
     assert (out / "run.trec").read_text() == before[1]
     bm25_eval(data_root, out, "--top-k", "30", "--overwrite")
     assert json.loads((out / "metrics.json").read_text())["config"]["top_k"] == 30
+
+
+@pytest.mark.parametrize("mode", ["w", "wb"])
+def test_atomic_write_interrupted_keeps_the_old_file(mode, tmp_path):
+    path = write(tmp_path / "metrics.json", "finished work")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(path, mode) as f:
+            f.write(b"half" if "b" in mode else "half")
+            f.flush()
+            assert path.read_text() == "finished work"  # nothing reaches `path` before the block ends
+            raise KeyboardInterrupt
+    assert path.read_text() == "finished work" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_eval_refuses_an_out_judged_by_other_qrels(data_root, tmp_path, capsys):
+    run, out = write(tmp_path / "r.trec", RUN), tmp_path / "o"
+    mine, other = write(tmp_path / "q.txt", QRELS), write(tmp_path / "q2.txt", QRELS.replace("b 0", "b 2"))
+    dl19 = data_root / "trec_dl/qrels.dl19-passage.txt"
+    copy = write(tmp_path / "dl19-copy.txt", dl19.read_bytes())  # another --qrels, whatever it holds
+    for first, second in ((["--run", run, "--qrels", mine], ["--run", run, "--qrels", other]),
+                          (["--dataset", "dl19", "--model", "bm25", "--limit", "3", "--qrels", dl19],
+                           ["--dataset", "dl19", "--model", "bm25", "--limit", "3", "--qrels", copy])):
+        ev.main([*map(str, first), "--data-dir", str(data_root), "--out", str(out), "--overwrite"])
+        before = (out / "metrics.json").read_text()
+        code, text = cli(ev.main, [*second, "--data-dir", data_root, "--out", out], capsys)
+        assert code == 1 and f"{out} holds a finished evaluation made with other settings" in text and "qrels" in text
+        assert (out / "metrics.json").read_text() == before
 
 
 def test_eval_out_that_is_a_file(tmp_path, capsys):

@@ -32,12 +32,30 @@ def test_missing_files_offline_say_what_and_where(tmp_path, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(download, "_fetch", offline)
+    monkeypatch.delenv("REARANK_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default ./data: the one directory files are fetched into
     with pytest.raises(DataError) as e:
-        data.load_dataset("dl19", tmp_path)
+        data.load_dataset("dl19")
     msg = str(e.value)
-    assert str(tmp_path / "trec_dl/bm25_top100_dl19.rankgpt.json") in msg
-    assert str(tmp_path / "trec_dl/qrels.dl19-passage.txt") in msg
+    assert "fetching them failed" in msg
+    assert "data/trec_dl/bm25_top100_dl19.rankgpt.json" in msg and "data/trec_dl/qrels.dl19-passage.txt" in msg
     assert "--data-dir" in msg
+
+
+@pytest.mark.parametrize("named_by", ["--data-dir", "$REARANK_DATA"])
+def test_a_named_data_dir_is_never_fetched_into(named_by, tmp_path, monkeypatch):
+    def network(root, rel):
+        raise AssertionError(f"fetched {rel} into a data directory the user named")
+
+    monkeypatch.setattr(download, "_fetch", network)
+    monkeypatch.setenv("REARANK_DATA", str(tmp_path))
+    with pytest.raises(DataError) as e:
+        data.load_dataset("dl21", tmp_path if named_by == "--data-dir" else None)
+    msg = str(e.value)
+    assert f"missing data files in {tmp_path}" in msg and "never fetched into" in msg
+    assert f"{tmp_path / 'trec_dl21_msmarco_v2/bm25_top100_dl21.rankgpt.json'}   (from https://huggingface.co/" \
+           "datasets/castorini/rank_llm_data: retrieve_results/BM25/retrieve_results_dl21_top100.json)" in msg
+    assert "qrels.dl21-passage.txt   (from https://raw.githubusercontent.com/castorini/anserini-tools/" in msg
 
 
 def test_data_dir_precedence(monkeypatch, tmp_path):

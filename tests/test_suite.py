@@ -6,6 +6,7 @@ import json
 import random
 import urllib.error
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,13 @@ def offline(monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+
+
+def default_data(tmp_path, monkeypatch):
+    """The default ./data under tmp_path: the one data directory files are fetched into (a named one never is)."""
+    monkeypatch.delenv("REARANK_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return Path("data")
 
 
 def write_jsonl(path, records):
@@ -67,8 +75,8 @@ def beir_zip(remote, name):
 def test_beir_set_fetched_from_its_zip_and_ranked_by_our_bm25(tmp_path, monkeypatch, name):
     beir_zip(tmp_path / "remote", name)
     monkeypatch.setattr(download, "BEIR_URL", (tmp_path / "remote").as_uri() + "/")
-    root = tmp_path / "data"
-    ds = data.load_dataset(name, root)
+    root = default_data(tmp_path, monkeypatch)
+    ds = data.load_dataset(name)
     assert (root / f"beir_{name}" / f"{name}.zip").exists() and (root / f"beir_{name}/qrels/test.tsv").exists()
     assert ds.name == name and ds.qrels == {"PLAIN-1": {"MED-1": 2, "MED-4": 0}, "PLAIN-2": {"MED-2": 1, "MED-3": 2}}
     by_qid = {r.query.qid: r for r in ds.rankings}
@@ -81,12 +89,12 @@ def test_beir_set_fetched_from_its_zip_and_ranked_by_our_bm25(tmp_path, monkeypa
 
 def test_licensed_sets_say_what_to_obtain_and_where_and_leave_nothing_behind(tmp_path, monkeypatch):
     offline(monkeypatch)
-    root = tmp_path / "data"
+    root = default_data(tmp_path, monkeypatch)
     root.mkdir()
     for name, licence in [("robust04", "trec.nist.gov/data/cd45"), ("trec-news", "trec.nist.gov/data/wapost"),
                           ("signal1m", "Signal-1M")]:
         with pytest.raises(DataError) as e:
-            data.load_dataset(name, root)
+            data.load_dataset(name)
         msg = str(e.value)
         assert f"{root / f'beir_{name}/corpus.jsonl'}   (not public: obtain" in msg and licence in msg
         assert str(root / f"beir_{name}/qrels.test.txt") in msg and f"qrels.beir-v1.0.0-{name}.test.txt" in msg
@@ -105,12 +113,12 @@ def test_licensed_set_with_anserini_topics_and_qrels_and_the_users_corpus(tmp_pa
     for rel in ("beir_trec-news/topics.test.tsv.gz", "beir_trec-news/qrels.test.txt"):
         kind, url = download.REMOTE[rel]
         monkeypatch.setitem(download.REMOTE, rel, (kind, url.replace(download.ANSERINI_URL, remote.as_uri() + "/")))
-    root = tmp_path / "data"
+    root = default_data(tmp_path, monkeypatch)
     write_jsonl(root / "beir_trec-news/corpus.jsonl", [
         {"_id": "wp-1", "title": "Minor league pay", "text": "Baseball minor leaguers earn below the poverty line."},
         {"_id": "wp-2", "title": "Weather", "text": "Rain today."},
         {"_id": "wp-3", "title": "Opioids", "text": "Congress probes opioid distributors."}])
-    ds = data.load_dataset("trec-news", root)
+    ds = data.load_dataset("trec-news")
     assert ds.qrels == {"826": {"wp-1": 4, "wp-2": 0}, "827": {"wp-3": 2}}
     assert [r.candidates[0].docid for r in ds.rankings] == ["wp-1", "wp-3"]
     assert ds.rankings[0].query.text == "Baseball minor leaguers below the poverty line"
@@ -169,7 +177,8 @@ def test_bright_fetch_converts_the_hubs_parquet_to_json_lines(tmp_path, monkeypa
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
-    ds = data.load_dataset("pony", tmp_path / "data")
+    default_data(tmp_path, monkeypatch)
+    ds = data.load_dataset("pony")
     assert ds.qrels == {"0": {"d/a.txt": 1}} and ds.rankings[0].docids()[0] == "d/a.txt"
 
 
