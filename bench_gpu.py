@@ -261,10 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if not (assets / "train.jsonl").is_file():
         raise SystemExit(f"error: {assets} holds no prepared files: run `python bench_gpu.py --prepare` first")
+    if not args.tiny and not torch.cuda.is_available():  # a 7B-shaped model on the CPU would take hours
+        raise SystemExit("error: the GPU check needs CUDA; on a CPU run its small twin: python bench_gpu.py --tiny")
     import grpo
     from model_shape import published_config
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    device = torch.device("cpu" if args.tiny else "cuda")
     lengths = [int(x) for x in (args.lengths or ("4,8" if args.tiny else "512,2048")).split(",")]
     group_size = args.group_size or (2 if args.tiny else 8)
     typed = sys.argv[1:] if argv is None else argv

@@ -280,6 +280,13 @@ def run_suite(cfg: EvalConfig) -> None:
         from backend import default_model
 
         cfg.model = default_model()
+    from backend import SMOLLM2, ModelError, check_loadable
+
+    if cfg.model not in ("bm25", SMOLLM2):  # a model that cannot load ends the suite now, not once per dataset
+        try:
+            check_loadable(cfg.model)
+        except ModelError as e:
+            sys.exit(f"error: {e}")
     root = check_out_dir(Path(cfg.out) if cfg.out else default_out(replace(cfg, dataset=f"suite-{cfg.suite}")),
                          create=False)
     rows = []

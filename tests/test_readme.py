@@ -194,6 +194,20 @@ CASES: dict[str, Case] = {
     "python bench_prefix.py --prompt-len 512 --completion-len 64 --group-size 4 --threads 1": Case(
         "python bench_prefix.py --prompt-len 512 --completion-len 64 --group-size 4 --threads 1 --prompt-len 32 "
         "--completion-len 4 --group-size 2 --repeats 1", "a 32-token prompt, 2 x 4 tokens"),
+    "python eval.py --suite standard --model le723z/Rearank-7B": Case(
+        "python eval.py --suite standard --model le723z/Rearank-7B", OFFLINE,
+        fails="cannot load model 'le723z/Rearank-7B': it is not a local directory"),
+    "python eval.py --suite bright --model le723z/Rearank-7B": Case(
+        "python eval.py --suite bright --model le723z/Rearank-7B", OFFLINE,
+        fails="cannot load model 'le723z/Rearank-7B': it is not a local directory"),
+    "python eval.py --suite standard --model bm25": Case("python eval.py --suite standard --model bm25"),
+    "python data.py list": Case("python data.py list"),
+    "python bench_gpu.py --prepare": Case("python bench_gpu.py --prepare"),
+    "python bench_gpu.py --out gpu.json": Case(
+        "python bench_gpu.py --out gpu.json", "a GPU check; without CUDA it stops at once and names its CPU twin",
+        fails="the GPU check needs CUDA", needs=("python bench_gpu.py --prepare",)),
+    "python bench_gpu.py --tiny --out tiny.json": Case(
+        "python bench_gpu.py --tiny --out tiny.json", needs=("python bench_gpu.py --prepare",)),
     "python -m pytest -q -s tests/test_kill.py": Case(None, "a test file of the suite: it runs there"),
     "python eval.py ... --out B": Case(None, "the torchrun command's one-process twin, elided ('...'); "
                                              f"{DIST}test_two_process_eval_writes_what_one_process_writes runs both"),
