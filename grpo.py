@@ -93,8 +93,10 @@ class Config:
     prompt: str = arg("rearank", "listwise prompt, for training and held-out evaluation alike: rearank (reasoning "
                                  "in <think>, the list in <answer>) or rankgpt (the list alone; the format terms then "
                                  "never fire unless --list-format)", choices=tuple(MAX_CHARS))
-    list_format: bool = arg(False, "a departure, off by default: format2 rewards a completion that opens with a "
-                                   "ranking list '[a] > [b]' (no tags), so the RankGPT prompt gets a format term too")
+    list_format: bool = arg(False, "a departure, off by default: format2 pays only for an answer that opens with a "
+                                   "complete permutation of the window's ids '[3] > [1] > [2]' (tags not needed), so "
+                                   "the RankGPT prompt gets a format term too and copying the prompt's example "
+                                   "'[1] > [2]' earns nothing")
     rank_reward: str = arg("normalised", "listwise rank term: normalised (r_rerank - r_init) / (r* - r_init), the "
                                          "default; difference r_rerank - r_init; ndcg r_rerank (the paper's ablation)",
                        choices=tuple(RANK_REWARDS))
