@@ -67,7 +67,7 @@ from augment import batch_indices
 from backend import ModelError, load_model
 from checkpoint import CtrlC, check_out, resume, rng_state, save_checkpoint, set_rng_state, update_model_card
 from cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int, positive_float, positive_int
-from data import DATASETS, TEST_SETS, DataError
+from data import DATASETS, FIRST_STAGE_ORDERS, TEST_SETS, DataError
 from files import check_file
 from memory import plan_memory
 from optimizer import make_optimizer, moved_fraction, weight_sample
@@ -130,6 +130,8 @@ class Config:
     eval_dataset: str = arg("dl19", "held-out dataset: its top-N windows are scored greedily (never a training set)")
     eval_size: int = arg(20, "held-out window size N (the top-N candidates of each query)", positive_int)
     eval_queries: int = arg(0, "held-out queries to use (0 = all judged ones)", nonneg_int)
+    eval_order: str = arg("given", "the order the held-out top-N is shown in (eval.py --first-stage-order): given, "
+                                   "shuffled (by --seed and the qid) or reversed", choices=FIRST_STAGE_ORDERS)
     eval_qids: str = arg("", "only these held-out queries: comma-separated qids or a file with one qid a line (a "
                              "validation split of the training dataset; keep them out of --train-file)")
     eval_every: int = arg(25, "held-out evaluation every N steps, plus before the first and after the last (0 = "
