@@ -229,6 +229,7 @@ EVAL_FLAGS = {
     "--max-new-tokens 0": "argument --max-new-tokens: '0' is not a positive integer",
     "--seed -1": "argument --seed: '-1' is not a non-negative integer",
     "--method pointwise": "argument --method: invalid choice",
+    "--first-stage-order sideways": "argument --first-stage-order: invalid choice: 'sideways'",
 }
 
 
@@ -264,6 +265,7 @@ GRPO_FLAGS = {
     "--resume --overwrite": "--resume continues the run in --out, --overwrite deletes it",
     "--memory on": "argument --memory: invalid choice: 'on'",  # any value but off once meant auto, silently
     "--reference gpu": "argument --reference: invalid choice: 'gpu'",
+    "--eval-order sideways": "argument --eval-order: invalid choice: 'sideways'",
 }
 
 
