@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,37 @@ def ndcg_bounds(docids: Sequence[str], judged: Mapping[str, int], k: int = 10) -
     """
     best = sorted(docids, key=lambda d: -max(judged.get(d, 0), 0))  # stable: ties keep the initial order
     return ndcg_at_k(docids, judged, k), ndcg_at_k(best, judged, k)
+
+
+# the order a reranker is shown the first stage's top-k in (eval.py --first-stage-order)
+FIRST_STAGE_ORDERS = ("given", "shuffled", "reversed")
+
+
+def reorder(items: Sequence, how: str, seed: int, qid: str) -> list:
+    """One query's first-stage list in the order a reranker will see it: "given" keeps it, "reversed" turns it over,
+    "shuffled" draws a permutation from (seed, qid) alone, so a query gets the same shuffle whatever else runs with it
+    (--limit, several processes, the same list read from a run file).
+
+    Keeping a shuffled list's order then earns only the shuffled list's nDCG: what a reranker adds beyond it is its
+    own judgment of relevance, not the first stage's order passed through.
+
+    >>> [reorder("abcde", how, seed, "q1") for how, seed in (("reversed", 0), ("shuffled", 0), ("shuffled", 1))]
+    [['e', 'd', 'c', 'b', 'a'], ['b', 'e', 'a', 'c', 'd'], ['b', 'd', 'a', 'c', 'e']]
+    """
+    if how == "given":
+        return list(items)
+    if how == "reversed":
+        return list(reversed(items))
+    if how == "shuffled":
+        out = list(items)
+        random.Random(f"{seed} {qid}").shuffle(out)  # a str seed is hashed (sha512): the same on every machine
+        return out
+    raise ValueError(f"unknown first-stage order {how!r}; choose one of {', '.join(FIRST_STAGE_ORDERS)}")
+
+
+def first_stage(ranking: Ranking, top_k: int | None, how: str = "given", seed: int = 0) -> Ranking:
+    """The top-k candidates of `ranking`, reordered as `reorder` says (the list a reranker is given)."""
+    return Ranking(ranking.query, reorder(ranking.candidates[:top_k], how, seed, ranking.query.qid))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

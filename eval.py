@@ -37,12 +37,18 @@ from pathlib import Path
 import dist
 from cli import dataclass_parser
 from data import (
+    Candidate,
     DataError,
     Dataset,
+    Query,
     Ranking,
+    first_stage,
     load_dataset,
     load_qrels,
     load_rankgpt,
+    load_run,
+    reorder,
+    trec_order,
     write_run,
 )
 from evalconfig import EvalConfig, default_out, prepare_out, slug
@@ -51,6 +57,7 @@ from rearank import answer_format, window_spans
 from scoring import (
     Evaluation,
     compare,
+    evaluate,
     evaluate_rankings,
     evaluate_run_file,
     format_comparison,
@@ -83,10 +90,24 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         p.error("--suite evaluates each dataset against its own judgments: --qrels would replace them all")
     if args.against and not args.report:
         p.error("--against needs --report")
+    if args.first_stage_order != "given" and (args.compare or args.report):
+        p.error("--first-stage-order reorders a first stage before it is scored or reranked; --compare and --report "
+                "read finished runs (evaluate each run with it, then compare or draw their --out folders)")
     if args.step > args.window:
         p.error(f"--step {args.step} is larger than --window {args.window}: the windows would skip passages")
     command = shlex.join(["python", "eval.py", *(sys.argv[1:] if argv is None else argv)])
     return EvalConfig(**vars(args), command=command)
+
+
+def score_reordered_run(cfg: EvalConfig, out: Path) -> Evaluation:
+    """A --run file with each query's list (in trec_eval's order) reordered as --first-stage-order says, scored, and
+    written to out/run.trec with scores falling with the new rank (trec_eval sorts by score)."""
+    ranked = {qid: reorder(trec_order(scores), cfg.first_stage_order, cfg.seed, qid)
+              for qid, scores in load_run(cfg.run).items()}
+    write_run(out / "run.trec", [Ranking(Query(q, ""), [Candidate(d, "") for d in ds]) for q, ds in ranked.items()],
+              tag=f"{slug(cfg.run)}-{cfg.first_stage_order}")
+    print(f"wrote {out / 'run.trec'} ({cfg.run}, each query's list {cfg.first_stage_order})")
+    return evaluate(ranked, load_qrels(cfg.qrels))
 
 
 def check_judged(ev: Evaluation, what: str) -> None:
@@ -326,10 +347,13 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not dist.is_main() and (cfg.run or cfg.model == "bm25"):
             return  # nothing to split: the main process does it all
-        if cfg.run:  # score a run file as it is: no reranking, no run written back
+        if cfg.run:  # score a run file as it is (or reordered): no reranking
             out = Path(cfg.out) if cfg.out else default_out(cfg)
             prepare_out(out, cfg)
-            ev = evaluate_run_file(cfg.run, load_qrels(cfg.qrels))
+            if cfg.first_stage_order == "given":
+                ev = evaluate_run_file(cfg.run, load_qrels(cfg.qrels))
+            else:
+                ev = score_reordered_run(cfg, out)
             check_judged(ev, f"{cfg.run} against {cfg.qrels}")
             print_metrics(ev)
             save_metrics(out / "metrics.json", cfg, ev)
@@ -344,8 +368,10 @@ def main(argv: list[str] | None = None) -> None:
             prepare_out(out, cfg)  # before the data and the model load: a refused --out fails at once
         t = time.time()
         ds = load_input(cfg)
-        rankings = [type(r)(r.query, r.candidates[: cfg.top_k]) for r in ds.rankings[: cfg.limit]]
-        print(f"{ds.name}: {len(rankings)} queries, top-{cfg.top_k} candidates (loaded in {time.time() - t:.1f}s)")
+        rankings = [first_stage(r, cfg.top_k, cfg.first_stage_order, cfg.seed) for r in ds.rankings[: cfg.limit]]
+        order = {"given": "", "reversed": ", reversed", "shuffled": f", shuffled (seed {cfg.seed})"}
+        print(f"{ds.name}: {len(rankings)} queries, top-{cfg.top_k} candidates{order[cfg.first_stage_order]} "
+              f"(loaded in {time.time() - t:.1f}s)")
         if ds.note:
             print(f"note: {ds.name} is {ds.note}")
         first = evaluate_rankings(rankings, ds.qrels)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli import arg, nonneg_int, positive_int
-from data import DataError
+from data import FIRST_STAGE_ORDERS, DataError
 from files import check_out_dir, read_json
 from rearank import MAX_CHARS
 
@@ -53,6 +53,10 @@ class EvalConfig:
                                   "reasons first)", choices=("listwise", "setwise"))
     prompt: str = arg("rearank", "REARANK (reasoning) or RankGPT", choices=sorted(MAX_CHARS))
     top_k: int = arg(100, "candidates per query to consider", positive_int)
+    first_stage_order: str = arg("given", "the order the top-k is shown to the reranker in (and scored in as the first "
+                                          "stage): given, shuffled (by --seed and the qid) or reversed; keeping a "
+                                          "shuffled order then earns only the shuffled list's nDCG",
+                                 choices=FIRST_STAGE_ORDERS)
     window: int = arg(20, "passages per window", positive_int)
     step: int = arg(10, "how far the window moves up each time (<= --window)", positive_int)
     batch_size: int | None = arg(None, "windows (of different queries) generated together (default: 8 on CPU; on "
@@ -62,8 +66,8 @@ class EvalConfig:
     max_new_tokens: int = arg(2048, "generation budget per window, as the paper's", positive_int)
     num_child: int = arg(19, "setwise: children per heap node (a call shows 1 + this)", positive_int)
     k: int = arg(10, "setwise: how many top documents the heap sort extracts", positive_int)
-    seed: int = arg(0, "setwise: seed of the per-call document shuffles; --compare: seed of the resampling",
-                    nonneg_int)
+    seed: int = arg(0, "--first-stage-order shuffled: seed of the shuffle; setwise: seed of the per-call document "
+                       "shuffles; --compare: seed of the resampling", nonneg_int)
     out: str | None = arg(None, "output directory (default: runs/<dataset>-<model>, then the settings that differ "
                                 "from the defaults, e.g. runs/dl19-smollm2-top20-limit2-tok256)")
     compare: list[str] | None = arg(None, "compare two runs (TREC files or eval.py --out directories) query by "
@@ -86,37 +90,49 @@ def path_tag(*paths: str | None) -> str:
 
 # how each setting shows in a default --out name when it differs from its default
 NAME_PARTS = {"prompt": "{}", "top_k": "top{}", "window": "win{}", "step": "step{}", "limit": "limit{}",
-              "max_new_tokens": "tok{}", "num_child": "child{}", "k": "k{}", "seed": "seed{}"}
+              "max_new_tokens": "tok{}", "num_child": "child{}", "k": "k{}", "first_stage_order": "{}",
+              "seed": "seed{}"}
 
 
 def output_keys(cfg: EvalConfig) -> tuple[str, ...]:
-    """The settings that change what this evaluation writes: inputs, model, and the knobs its method reads."""
+    """The settings that change what this evaluation writes: inputs, model, the first stage's order (and the seed
+    of its shuffle), and the knobs its method reads."""
+    order = ("first_stage_order",) + (("seed",) if cfg.first_stage_order == "shuffled" else ())
     if cfg.run:
-        return ("run", "qrels")
-    keys = ("dataset", "candidates", "qrels", "model", "top_k", "limit")
+        return ("run", "qrels") + order
+    keys = ("dataset", "candidates", "qrels", "model", "top_k", "limit") + order
     if cfg.model == "bm25":
         return keys
     keys += ("method", "prompt", "max_new_tokens")
-    return keys + (("window", "step") if cfg.method == "listwise" else ("num_child", "k", "seed"))
+    return tuple(dict.fromkeys(keys + (("window", "step") if cfg.method == "listwise" else ("num_child", "k", "seed"))))
 
 
 def default_out(cfg: EvalConfig) -> Path:
-    """runs/<input>-<model>[-setwise], then each setting that differs from its default (--model resolved first).
+    """runs/<input>-<model>[-setwise] (a --run file: runs/<run>-<digest>), then each setting that differs from its
+    default (--model resolved first).
 
     >>> str(default_out(EvalConfig(dataset="dl19", model="smollm2", top_k=20, limit=2, max_new_tokens=256)))
     'runs/dl19-smollm2-top20-limit2-tok256'
+    >>> str(default_out(EvalConfig(dataset="dl19", model="bm25", first_stage_order="shuffled", seed=1)))
+    'runs/dl19-bm25-shuffled-seed1'
     """
     if cfg.run:
-        return Path("runs") / f"{slug(cfg.run)}-{path_tag(cfg.run, cfg.qrels)}"
-    if cfg.dataset:
-        name = cfg.dataset + (f"-qrels{path_tag(cfg.qrels)}" if cfg.qrels else "")
+        parts = [f"{slug(cfg.run)}-{path_tag(cfg.run, cfg.qrels)}"]
+    elif cfg.dataset:
+        parts = [cfg.dataset + (f"-qrels{path_tag(cfg.qrels)}" if cfg.qrels else "")]
     else:
-        name = f"{slug(cfg.candidates)}-{path_tag(cfg.candidates, cfg.qrels)}"
-    parts = [name, slug(cfg.model)] + (["setwise"] if cfg.method == "setwise" else [])
+        parts = [f"{slug(cfg.candidates)}-{path_tag(cfg.candidates, cfg.qrels)}"]
+    if not cfg.run:
+        parts += [slug(cfg.model)] + (["setwise"] if cfg.method == "setwise" else [])
     defaults = EvalConfig()
     parts += [fmt.format(getattr(cfg, k)) for k, fmt in NAME_PARTS.items()
               if k in output_keys(cfg) and getattr(cfg, k) != getattr(defaults, k)]
     return Path("runs") / "-".join(parts)
+
+
+def saved(config: dict, key: str):
+    """A setting as a saved config holds it; one saved before the setting existed had its default."""
+    return config.get(key, getattr(EvalConfig(), key))
 
 
 OUTPUTS = ("run.trec", "metrics.json", "traces.jsonl", "rerank_config.json", "report.html")
@@ -136,7 +152,7 @@ def prepare_out(out: Path, cfg: EvalConfig) -> None:
     before = record.get("config") if isinstance(record, dict) else None
     if not isinstance(before, dict):
         raise DataError(f"{out / 'metrics.json'}: not an eval.py metrics file; use another --out, or --overwrite")
-    changed = {k: (before.get(k), getattr(cfg, k)) for k in output_keys(cfg) if before.get(k) != getattr(cfg, k)}
+    changed = {k: (saved(before, k), getattr(cfg, k)) for k in output_keys(cfg) if saved(before, k) != getattr(cfg, k)}
     if changed:
         raise DataError(
             f"{out} holds a finished evaluation made with other settings {changed} (before, now): use a new --out "

@@ -69,7 +69,7 @@ from checkpoint import (
     CtrlC, check_out, check_resume_config, resume, rng_state, save_checkpoint, set_rng_state, update_model_card,
 )
 from cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int, positive_float, positive_int
-from data import DATASETS, TEST_SETS, DataError
+from data import DATASETS, FIRST_STAGE_ORDERS, TEST_SETS, DataError
 from files import check_file
 from memory import plan_memory
 from optimizer import make_optimizer, moved_fraction, weight_sample
@@ -95,8 +95,10 @@ class Config:
     prompt: str = arg("rearank", "listwise prompt, for training and held-out evaluation alike: rearank (reasoning "
                                  "in <think>, the list in <answer>) or rankgpt (the list alone; the format terms then "
                                  "never fire unless --list-format)", choices=tuple(MAX_CHARS))
-    list_format: bool = arg(False, "a departure, off by default: format2 rewards a completion that opens with a "
-                                   "ranking list '[a] > [b]' (no tags), so the RankGPT prompt gets a format term too")
+    list_format: bool = arg(False, "a departure, off by default: format2 pays only for an answer that opens with a "
+                                   "complete permutation of the window's ids '[3] > [1] > [2]' (tags not needed), so "
+                                   "the RankGPT prompt gets a format term too and copying the prompt's example "
+                                   "'[1] > [2]' earns nothing")
     rank_reward: str = arg("normalised", "listwise rank term: normalised (r_rerank - r_init) / (r* - r_init), the "
                                          "default; difference r_rerank - r_init; ndcg r_rerank (the paper's ablation)",
                        choices=tuple(RANK_REWARDS))
@@ -130,6 +132,8 @@ class Config:
     eval_dataset: str = arg("dl19", "held-out dataset: its top-N windows are scored greedily (never a training set)")
     eval_size: int = arg(20, "held-out window size N (the top-N candidates of each query)", positive_int)
     eval_queries: int = arg(0, "held-out queries to use (0 = all judged ones)", nonneg_int)
+    eval_order: str = arg("given", "the order the held-out top-N is shown in (eval.py --first-stage-order): given, "
+                                   "shuffled (by --seed and the qid) or reversed", choices=FIRST_STAGE_ORDERS)
     eval_qids: str = arg("", "only these held-out queries: comma-separated qids or a file with one qid a line (a "
                              "validation split of the training dataset; keep them out of --train-file); a value "
                              "with a '/' or a suffix such as .txt is a file")

@@ -15,6 +15,11 @@ Where the paper is silent, this module chooses (and tests/test_reward.py checks)
 2. r* == r_init (P already in its best order, or P holds nothing relevant): the ratio is undefined, so r_rank falls
    back to the plain difference r_rerank - r_init (the paper's second ablation): 0 if the model keeps a best order,
    negative by the nDCG it loses otherwise. It never rewards an improvement that cannot exist.
+3. format2 is the paper's syntax check by default (rearank.answer_format): an <answer> block that is a ranking list.
+   It also pays for a copy of the prompt's own example, `<answer> [1] > [2] </answer>`, on a window of any size; kept
+   as the paper specifies it, since its ablations were measured with it. `list_format=True` (`grpo.py --list-format`,
+   a departure) pays format2 only for a complete permutation of the window's ids at the start of the answer
+   (`complete_ranking`): a policy that copies the example, or names two ids and stops, earns no format credit.
 
 r_rank has no lower bound: when r* - r_init is small, spoiling the order costs a lot. That is the paper's formula;
 the augmentation filter (augment.py) keeps such sets rare.
@@ -41,7 +46,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 from data import ndcg_at_k, ndcg_bounds
-from rearank import answer_format, parse_ranking
+from rearank import answer_format, answer_text, parse_ranking
 from setwise import parse_setwise
 
 K = 10
@@ -74,6 +79,21 @@ def rank_gain(r_rerank: float, r_init: float, r_star: float) -> float:
 
 RANK_REWARDS = ("normalised", "difference", "ndcg")
 _OPENING_LIST = re.compile(r"\s*\[\d+\]\s*>\s*\[\d+\]")
+
+
+_OPENING_LIST_WHOLE = re.compile(r"\s*\[\d+\](?:\s*>\s*\[\d+\])*")
+
+
+def complete_ranking(text: str, n: int) -> bool:
+    """`text` opens with a ranking list that names each of the ids 1..n exactly once (what follows is not checked, so
+    an answer cut after its list still counts). The prompt's example `[1] > [2]` is complete only for a window of 2.
+
+    >>> complete_ranking("[3] > [1] > [2]", 3), complete_ranking("[1] > [2]", 3), complete_ranking("[3] > [1] > [3]", 3)
+    (True, False, False)
+    """
+    opening = _OPENING_LIST_WHOLE.match(text)
+    ids = [int(i) for i in re.findall(r"\d+", opening.group(0))] if opening else []
+    return sorted(ids) == list(range(1, n + 1))
 
 
 def opens_with_ranking_list(text: str) -> bool:
@@ -109,8 +129,10 @@ def rerank_reward(
 
     `judged` is the query's full judgments {docid: grade} (at least every positive one): the ideal DCG needs them.
     `variant` picks the rank term (`rank_term`); `Reward.rank` holds it.
-    `list_format` (a departure of this project, for the RankGPT prompt, which asks for no tags so REARANK's format
-    terms can never fire): format2 is 1 when the completion opens with a ranking list (`opens_with_ranking_list`).
+    `list_format` (a departure of this project, made for the RankGPT prompt, which asks for no tags so REARANK's
+    format terms can never fire): format2 is 1 only when the answer (`rearank.answer_text`: the <answer> block, else
+    what follows </think>, else the whole completion) opens with a complete permutation of the window's ids
+    (`complete_ranking`); format1 is unchanged.
 
     >>> r = rerank_reward("no answer at all", ["a", "b"], {"b": 3})  # initial order kept, no format credit
     >>> (r.rank, r.format1, r.format2, r.total)
@@ -121,7 +143,7 @@ def rerank_reward(
     r_rerank = ndcg_at_k([docids[i] for i in order], judged, k)
     rank = rank_term(r_rerank, r_init, r_star, variant)
     blocks, ranking_list = answer_format(text)
-    f1, f2 = float(blocks), float(opens_with_ranking_list(text) if list_format else ranking_list)
+    f1, f2 = float(blocks), float(complete_ranking(answer_text(text), len(docids)) if list_format else ranking_list)
     return Reward(rank, f1, f2, W_RANK * rank + W_FORMAT1 * f1 + W_FORMAT2 * f2, r_rerank)
 
 

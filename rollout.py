@@ -30,7 +30,7 @@ import torch
 import dist
 from augment import AugmentStats, TrainInstance, augment, augment_setwise, make_instance, read_instances
 from backend import generate_tokens, rotary_buffers
-from data import DataError, Dataset, load_dataset
+from data import DataError, Dataset, first_stage, load_dataset
 from files import check_file, lines
 from prefix import completion_logprobs, unpadded
 from rearank import ANSWER_END, build_prompt
@@ -264,7 +264,8 @@ def frozen_logprobs(policy, ref: Reference | None, ro: Rollout, cfg,
 
 
 def held_out(cfg) -> list[TrainInstance]:
-    """The top-`eval_size` candidates of each judged query of the held-out set, in first-stage order."""
+    """The top-`eval_size` candidates of each judged query of the held-out set, in first-stage order (or reordered
+    as `eval_order` says: data.first_stage, the lists eval.py --first-stage-order gives)."""
     ds = load_dataset(cfg.eval_dataset, cfg.data_dir or None)
     judged = [r for r in ds.rankings if ds.qrels.get(r.query.qid)]
     if cfg.eval_qids:
@@ -275,7 +276,8 @@ def held_out(cfg) -> list[TrainInstance]:
                             f"{sorted(missing)[:5]}")
     if cfg.eval_queries:
         judged = judged[: cfg.eval_queries]
-    return [make_instance(r.query, r.candidates[: cfg.eval_size], ds.qrels[r.query.qid]) for r in judged]
+    shown = [first_stage(r, cfg.eval_size, cfg.eval_order, cfg.seed) for r in judged]
+    return [make_instance(r.query, r.candidates, ds.qrels[r.query.qid]) for r in shown]
 
 
 def names_a_file(spec: str) -> bool:

@@ -4,7 +4,8 @@
 
 grpo.py writes three JSON-lines logs under --out, each record tagged with its `step`:
 
-    metrics.jsonl   one record a step (`step_record`): reward and its terms, zero-std groups, lengths, KL, times
+    metrics.jsonl   one record a step (`step_record`): reward and its terms, the rank term's within-group std,
+                    zero-std groups, lengths, KL, times
     eval.jsonl      one record a held-out evaluation (rollout.evaluate): greedy reward and nDCG@10
     episodes.jsonl  every --dump-every steps, one group's completions in full, with their rewards and advantages
 
@@ -30,7 +31,8 @@ from files import DataError
 def log_line(m: dict) -> str:
     return (
         f"step {m['step']}/{m['steps']} | reward {m['reward']:.3f}±{m['reward_std']:.3f} "
-        f"(rank {m['rank']:+.3f} f1 {m['format1']:.2f} f2 {m['format2']:.2f}) | zero-std {m['frac_zero_std']:.2f} | "
+        f"(rank {m['rank']:+.3f} in-group std {m.get('rank_group_std', 0.0):.3f} f1 {m['format1']:.2f} "
+        f"f2 {m['format2']:.2f}) | zero-std {m['frac_zero_std']:.2f} | "
         f"len {m['completion_len']:.0f} trunc {m['frac_truncated']:.2f} | kl {m['kl']:.3g} clip {m['clip_frac']:.3f} | "
         f"gnorm {m['grad_norm']:.3f} lr {m['lr']:.1e} | gen {m['gen_s']:.0f}s train {m['train_s']:.0f}s "
         f"(ref {m.get('ref_s', 0.0):.1f}s)"
@@ -42,6 +44,7 @@ def step_record(step: int, steps: int, seen, group_size: int, losses: list[float
     """What one step did, as the JSON object of metrics.jsonl: `seen` (rollout.Seen) holds every process's
     completions, `stats` grpo_loss's token means (of the last update), `seconds` gen_s, train_s and ref_s."""
     r = torch.tensor([x.total for x in seen.rewards])  # (B*G,) groups laid out one after another
+    rank = torch.tensor([x.rank for x in seen.rewards]).view(-1, group_size)  # (B, G)
     return {
         "step": step,
         "steps": steps,
@@ -52,6 +55,8 @@ def step_record(step: int, steps: int, seen, group_size: int, losses: list[float
         "format2": float(np.mean([x.format2 for x in seen.rewards])),
         "ndcg@10": float(np.mean([x.ndcg for x in seen.rewards])),
         "frac_zero_std": (r.view(-1, group_size).std(dim=1) == 0).float().mean().item(),  # groups teaching nothing
+        # how far apart the orders of one group score: near 0, the advantages come from the format terms or noise
+        "rank_group_std": rank.std(dim=1).mean().item(),
         "completion_len": torch.tensor(seen.lengths, dtype=torch.float32).mean().item(),
         "frac_truncated": float(np.mean(seen.truncated)),
         "loss": float(np.mean(losses)),
@@ -134,8 +139,9 @@ def plot(out: Path) -> Path:
     ax.plot(steps, smooth("reward"), lw=2, color="C0", label=f"moving average ({window} steps)")
     ax.set_title("training reward")
     ax = axes[1]
-    for key in ("rank", "format1", "format2", "frac_zero_std"):
-        ax.plot(steps, smooth(key), lw=1.5, label=key)
+    for key in ("rank", "rank_group_std", "format1", "format2", "frac_zero_std"):
+        if key in train[0]:  # logs written before a figure existed lack it
+            ax.plot(steps, smooth(key), lw=1.5, label=key)
     ax.set_title(f"reward terms, zero-std groups ({window}-step average)")
     ax = axes[2]
     ax.set_title("held-out nDCG@10 (greedy)")

@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Union
 
-from data import DataError, load_dataset, load_qrels, load_rankgpt, load_run, read_records, trec_order
+from data import DataError, first_stage, load_dataset, load_qrels, load_rankgpt, load_run, read_records, trec_order
 from evalconfig import EvalConfig
 from rearank import WindowTrace
 from scoring import evaluate
@@ -114,7 +114,7 @@ def read_run(out: str | Path) -> Run:
         qid = r.query.qid
         if qid not in per_query:
             continue  # unjudged: metrics.json counts it as skipped
-        first = [c.docid for c in r.candidates[: cfg.top_k]]
+        first = first_stage(r, cfg.top_k, cfg.first_stage_order, cfg.seed).docids()  # the list the reranker saw
         if qid not in ranked:
             raise DataError(f"{out}/run.trec: query {qid} of metrics.json is missing")
         queries.append(QueryView(

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import dist
 from data import DataError, Ranking, read_records
-from evalconfig import EvalConfig
+from evalconfig import EvalConfig, saved
 from files import read_json, write_text
 from rearank import WindowTrace, window_spans
 
 # the settings that change what the model is asked or how it answers: a resumed run must share them
-RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "window", "step", "max_new_tokens",
-               "num_child", "k", "seed")
+RESUME_KEYS = ("dataset", "candidates", "model", "method", "prompt", "top_k", "first_stage_order", "window", "step",
+               "max_new_tokens", "num_child", "k", "seed")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def check_resumable(out: Path, cfg: EvalConfig) -> None:
         before = read_json(path)
         if not isinstance(before, dict):
             raise DataError(f"{path}: not a settings object; use another --out, or --overwrite to start afresh")
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        changed = {k: (saved(before, k), v) for k, v in settings.items() if saved(before, k) != v}
         if changed:
             raise DataError(
                 f"{out}/traces.jsonl was made with other settings {changed} (before, now): rerun with those "

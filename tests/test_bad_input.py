@@ -242,6 +242,7 @@ EVAL_FLAGS = {
     "--max-new-tokens 0": "argument --max-new-tokens: '0' is not a positive integer",
     "--seed -1": "argument --seed: '-1' is not a non-negative integer",
     "--method pointwise": "argument --method: invalid choice",
+    "--first-stage-order sideways": "argument --first-stage-order: invalid choice: 'sideways'",
 }
 
 
@@ -280,6 +281,7 @@ GRPO_FLAGS = {
     "--eval-qids missing.txt": "--eval-qids missing.txt: file not found",  # once read as the query id 'missing.txt'
     "--eval-qids splits/val": "--eval-qids splits/val: file not found",
     "--eval-qids ,": "--eval-qids ,: no query ids in it",
+    "--eval-order sideways": "argument --eval-order: invalid choice: 'sideways'",
 }
 
 

@@ -431,9 +431,9 @@ def test_configured_task_binds_the_prompt_style_and_the_reward_variant(tmp_path)
     inst = toy_batch(1)[0]
     task = rollout.configured_task(grpo.Config(prompt="rankgpt", rank_reward="ndcg", list_format=True))
     assert task.prompt(inst)[0]["content"].startswith("You are RankGPT")
-    r = task.reward("[2] > [1] and so on", inst)
+    r = task.reward("[2] > [1] > [3] and so on", inst)  # the toy window holds 3 passages: each named once
     assert r.format2 == 1.0 and r.rank == pytest.approx(r.ndcg)  # raw nDCG as the rank term; a RankGPT list counts
-    plain = rollout.configured_task(grpo.Config()).reward("[2] > [1] and so on", inst)
+    plain = rollout.configured_task(grpo.Config()).reward("[2] > [1] > [3] and so on", inst)
     assert plain.format2 == 0.0 and plain.rank != pytest.approx(plain.ndcg)  # REARANK's reward: no <answer> block
     with pytest.raises(SystemExit):
         grpo.parse_args(["--method", "setwise", "--prompt", "rankgpt"])

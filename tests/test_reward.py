@@ -249,3 +249,36 @@ def test_augment_command_setwise(data_root, tmp_path, capsys):
     assert f"kept {len(insts)} setwise sets" in capsys.readouterr().out
     assert insts and all(len(i.candidates) == 20 and sum(g >= 2 for g in i.grades) == 1 for i in insts)
     assert all(sum(g > 0 for g in i.grades) == 1 for i in insts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --list-format: format2 pays only for a complete permutation of the window's ids
+
+R_CAB = (3 + 0 + 1 / log2(4)) / IDCG  # c, a, b
+RANK_CAB = (R_CAB - R_INIT) / (R_STAR - R_INIT)
+
+
+@pytest.mark.parametrize("text,rank,format2", [
+    ("[3] > [1] > [2]", RANK_CAB, 1.0),  # RankGPT's answer: no tags, each id once
+    (" [3]>[2]>[1] and then some prose [1]", 1.0, 1.0),  # what follows a complete list is not checked
+    ("[1] > [2]", 0.0, 0.0),  # the prompt's example copied: the initial order, and no format credit
+    ("[3] > [1]", RANK_CAB, 0.0),  # the parser appends b, but the list is not complete
+    ("[3] > [1] > [3]", RANK_CAB, 0.0),  # an id twice
+    ("[3] > [1] > [4]", RANK_CAB, 0.0),  # an id out of range
+    ("[3] > [1] > [2] > [1]", RANK_CAB, 0.0),  # every id, one of them twice
+    ("Passage [3] > [1] > [2]", RANK_CAB, 0.0),  # prose first: not an opening list
+])
+def test_list_format_pays_only_for_a_complete_permutation(text, rank, format2):
+    r = rerank_reward(text, DOCIDS, JUDGED, list_format=True)
+    assert (r.rank, r.format1, r.format2) == (pytest.approx(rank), 0.0, format2)
+    assert r.total == pytest.approx(0.8 * rank + 0.1 * format2)
+
+
+def test_the_papers_format2_pays_for_the_example_copy_and_list_format_does_not():
+    copy, complete = answer("[1] > [2]"), answer("[3] > [2] > [1]")
+    assert rerank_reward(copy, DOCIDS, JUDGED) == Reward(0.0, 1.0, 1.0, pytest.approx(0.2), pytest.approx(R_INIT))
+    assert rerank_reward(copy, DOCIDS, JUDGED, list_format=True) == Reward(0.0, 1.0, 0.0, pytest.approx(0.1),
+                                                                          pytest.approx(R_INIT))
+    # the REARANK answer block is what is read under --list-format too: the best order scores 1 in full
+    assert rerank_reward(complete, DOCIDS, JUDGED, list_format=True).total == pytest.approx(1.0)
+    assert rerank_reward("<think>x</think> <answer>[3] > [2]", DOCIDS, JUDGED, list_format=True).format2 == 0.0
