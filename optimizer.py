@@ -50,7 +50,7 @@ class BF16AdamW(torch.optim.Optimizer):
 
     The moments need the stochastic rounding too: v's 0.1 % decay a step (beta2 = 0.999) is below half a bf16
     spacing (0.39 %), so round-to-nearest leaves v where it was and it stops tracking g^2 (0.25 of the truth after
-    3,000 steps of a constant gradient, issue 10); rounded at random, v decays right on average.
+    3,000 steps of a constant gradient); rounded at random, v decays right on average.
 
     The rounding's random numbers are a function of (seed, step, parameter), drawn from a generator of their own: on
     several processes every replica rounds the same all-reduced update the same way, so the replicas stay bitwise
@@ -106,7 +106,7 @@ class BF16AdamW(torch.optim.Optimizer):
 
 def weight_sample(params: list[torch.Tensor], per_tensor: int = 1024) -> list[torch.Tensor]:
     """Up to `per_tensor` evenly spaced entries of each tensor, copied to the CPU: enough to see whether the weights
-    move, at a few MB for a 7B model (a copy of every 10th tensor took 5.4 GB of GPU memory, issue 10)."""
+    move, at a few MB for a 7B model (a copy of every 10th tensor would take 5.4 GB of GPU memory)."""
     out = []
     for p in params:
         flat = p.detach().reshape(-1)

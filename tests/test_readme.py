@@ -202,6 +202,10 @@ CASES: dict[str, Case] = {
         fails="cannot load model 'le723z/Rearank-7B': it is not a local directory"),
     "python eval.py --suite standard --model bm25": Case("python eval.py --suite standard --model bm25"),
     "python data.py list": Case("python data.py list"),
+    "python eval.py --dataset dl19 --model bm25 --first-stage-order shuffled --seed 0": Case(
+        "python eval.py --dataset dl19 --model bm25 --first-stage-order shuffled --seed 0"),
+    "python eval.py --dataset dl19 --model bm25 --first-stage-order reversed": Case(
+        "python eval.py --dataset dl19 --model bm25 --first-stage-order reversed"),
     "python bench_gpu.py --prepare": Case("python bench_gpu.py --prepare"),
     "python bench_gpu.py --out gpu.json": Case(
         "python bench_gpu.py --out gpu.json", "a GPU check; without CUDA it stops at once and names its CPU twin",
