@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 import dist
+import lora
 from augment import batch_indices
 from backend import ModelError, load_model
 from checkpoint import CtrlC, check_out, resume, rng_state, save_checkpoint, set_rng_state, update_model_card
@@ -70,6 +71,7 @@ from cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int,
 from data import DATASETS, TEST_SETS, DataError
 from files import check_file
 from memory import plan_memory
+from model_shape import LORA_TARGETS, parse_targets
 from optimizer import make_optimizer, moved_fraction, weight_sample
 from prefix import group_backward
 from rearank import MAX_CHARS
@@ -125,6 +127,11 @@ class Config:
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     bf16_weights: bool = arg(False, "bf16 weights updated with stochastic rounding (BF16AdamW): what fits a 7B model "
                                     "on 80 GB")
+    lora_rank: int = arg(0, "train LoRA adapters of this rank on a frozen base instead of every weight (lora.py; "
+                            "Rank-R1: 16); 0 = full fine-tuning, the paper's method", nonneg_int)
+    lora_alpha: float = arg(32.0, "LoRA scale: each adapted linear adds (alpha / rank) B A x", positive_float)
+    lora_targets: str = arg(",".join(LORA_TARGETS), "linears that get adapters, comma-separated module names (default: "
+                                                    "every linear of attention and MLP, as Rank-R1)")
     eval_dataset: str = arg("dl19", "held-out dataset: its top-N windows are scored greedily (never a training set)")
     eval_size: int = arg(20, "held-out window size N (the top-N candidates of each query)", positive_int)
     eval_queries: int = arg(0, "held-out queries to use (0 = all judged ones)", nonneg_int)
@@ -193,6 +200,23 @@ def config_problem(cfg: Config) -> str:
         return f"--eval-dataset {cfg.eval_dataset!r}: choose one of {', '.join(DATASETS)}"
     if cfg.eval_every and not cfg.train_file and cfg.eval_dataset == cfg.dataset:
         return f"--eval-dataset {cfg.eval_dataset} is also the training --dataset: held-out means not trained on"
+    return lora_problem(cfg)
+
+
+def lora_problem(cfg: Config) -> str:
+    """What is wrong with the LoRA flags given together with the others, or ""."""
+    if not cfg.lora_rank:
+        if (cfg.lora_alpha, cfg.lora_targets) != (Config.lora_alpha, Config.lora_targets):
+            return "--lora-alpha and --lora-targets shape LoRA adapters: they need --lora-rank > 0"
+        return ""
+    if not parse_targets(cfg.lora_targets):
+        return "--lora-targets: name at least one linear module, e.g. q_proj,v_proj"
+    if cfg.reference != "auto":
+        return (f"--reference {cfg.reference}: with --lora-rank the KL's reference is the base with the adapters "
+                "switched off, the same weights as the policy's: there is no copy to place; drop --reference")
+    if cfg.bf16_weights:
+        return ("--bf16-weights trains every weight in bf16; with --lora-rank the base is frozen (bf16 on CUDA "
+                "already) and the adapters stay fp32: drop --bf16-weights")
     return ""
 
 
@@ -353,17 +377,22 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 
     # --- model: fp32 master weights (or bf16 ones with stochastic rounding), optimizer, optional frozen reference
     model, tokenizer = load_model(cfg.model)
-    model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
+    if cfg.lora_rank:  # a frozen base (bf16 on CUDA) and fp32 adapters, the only trainable weights (lora.py)
+        model = lora.wrap(model, cfg)
+    else:
+        model.to(torch.bfloat16 if cfg.bf16_weights else torch.float32)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built
+    ref = None  # --beta 0: no reference is ever built; with LoRA it is the base itself, adapters off
+    if cfg.beta > 0:
+        ref = lora.make_reference(model) if cfg.lora_rank else make_reference(model, cfg)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
     # generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; under DDP,
     # whose wrapper it bypasses, gradients are exchanged by `dist.grad_sync` (the wrapper's part: equal initial weights)
     policy = accelerator.unwrap_model(model)
 
     # --- resume: weights, optimizer and RNG states from <out>/checkpoint/; the logs cut back to its step
-    start = resume(out, policy, optimizer, rank, world) if cfg.resume else 0
+    start = resume(out, lora.checkpointed(policy, cfg), optimizer, rank, world) if cfg.resume else 0
     rewind_logs(out, start, write=main)
 
     def held_out_eval(step: int) -> None:  # greedy; each process scores its block of the windows
@@ -426,7 +455,8 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or stop.requested:
                 rngs = dist.gather(rng_state())  # each process's sampling continues where it stopped
                 if main:
-                    save_checkpoint(out, policy, tokenizer, optimizer, step + 1, rngs, cfg)
+                    save = lora.save if cfg.lora_rank else save_checkpoint  # LoRA: adapters, merged model
+                    save(out, policy, tokenizer, optimizer, step + 1, rngs, cfg)
             if stop.requested and not last:
                 print(f"stopped after step {step + 1}; continue with --resume")
                 break

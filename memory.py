@@ -40,13 +40,14 @@ import math
 from dataclasses import dataclass, fields, replace
 
 from data import DataError
-from model_shape import PUBLISHED, Shape, published_config, shape_of
+from model_shape import LORA_TARGETS, PUBLISHED, Shape, lora_parameters, parse_targets, published_config, shape_of
 
 GB = 1e9
 TEMPLATE_TOKENS = 300  # the REARANK prompt without passages (SmolLM2's tokenizer: ~280 on DL19/DL21)
 PASSAGE_TOKENS = 115  # per passage: DL19/DL21 top-20 prompts average ~100 tokens a passage, the longest ~115
 LOGITS_CHUNK_BYTES = 512 * 2**20  # one fp32 copy of a chunk's logits (micro-batch x positions x vocab) at most
 HEADROOM = 0.9  # plan within 90% of the free memory: allocator fragmentation, CUDA workspaces, small buffers
+ADAPTERS_OFF = "adapters off"  # LoRA's reference: the policy's own base, no copy (lora.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -63,6 +64,8 @@ class Workload:
     max_new_tokens: int  # C
     beta: float  # > 0: a reference model
     cuda: bool  # bf16 autocast, 8-bit Adam; CPU: no autocast, torch AdamW
+    lora_rank: int = 0  # > 0: a frozen base (bf16 on CUDA) and fp32 adapters, the only trainable weights
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,11 @@ class Settings:
     logits_chunk: int = 0  # positions per lm_head chunk; 0 = all at once
     reference: str = "none"  # none (beta 0), resident, offload
 
-    def describe(self, group_size: int) -> str:
+    def describe(self, group_size: int, lora_rank: int = 0) -> str:
         mb = self.micro_batch or group_size
-        return (f"{'bf16 weights (BF16AdamW)' if self.bf16_weights else 'fp32 master weights'}, "
+        weights = 'bf16 weights (BF16AdamW)' if self.bf16_weights else 'fp32 master weights'
+        weights = f"LoRA rank {lora_rank} (fp32 adapters, frozen base)" if lora_rank else weights
+        return (f"{weights}, "
                 f"checkpointing {'on' if self.checkpointing else 'off'}, micro-batch {mb}, "
                 f"logits in chunks of {self.logits_chunk or 'all'} positions, reference {self.reference}")
 
@@ -126,6 +131,7 @@ class Plan:
         s, w = self.shape, self.work
         rows = [
             ("parameters", f"{s.params / 1e9:.2f} B", f"{s.layers} layers, hidden {s.hidden}, vocab {s.vocab}"),
+            *lora_rows(self),
             ("weights", gb(self.weights), "bf16" if self.settings.bf16_weights else "fp32 master"),
             ("gradients", gb(self.grads), "same dtype as the weights"),
             ("optimizer", gb(self.optimizer), optimizer_name(self.settings, w.cuda)),
@@ -150,6 +156,17 @@ class Plan:
 
 def gb(n: int) -> str:
     return f"{n / GB:.1f} GB"
+
+
+def lora_rows(plan: Plan) -> list[tuple[str, str, str]]:
+    """The table's LoRA line: the adapters' size, and what the weights, gradients and optimizer rows hold then."""
+    w = plan.work
+    if not w.lora_rank:
+        return []
+    n = lora_parameters(plan.shape, w.lora_rank, w.lora_targets)
+    return [("LoRA adapters", f"{n / 1e6:.1f} M", f"rank {w.lora_rank} on {len(w.lora_targets)} linears a layer: "
+             f"weights = {'bf16' if w.cuda else 'fp32'} frozen base + fp32 adapters; gradients and optimizer: "
+             "adapters only")]
 
 
 def optimizer_name(s: Settings, cuda: bool) -> str:
@@ -206,14 +223,18 @@ def auto_logits_chunk(shape: Shape, rows: int) -> int:
 
 def estimate(shape: Shape, work: Workload, s: Settings, budget: int) -> Plan:
     N, L = shape.params, shape.layers
-    wbytes = 2 if s.bf16_weights else 4
+    lora = lora_parameters(shape, work.lora_rank, work.lora_targets) if work.lora_rank else 0
+    wbytes = 2 if s.bf16_weights or (lora and work.cuda) else 4  # LoRA: the frozen base is bf16 on CUDA
     compute = 2 if (work.cuda or s.bf16_weights) else 4
     P, C = work.prompt_tokens, work.max_new_tokens
     rows = s.micro_batch or work.group_size
     reference = 0 if s.reference == "none" else (2 if work.cuda else 4) * N  # grpo.py: bf16 on CUDA, fp32 on CPU
     casts = 2 * N if work.cuda and not s.bf16_weights else 0
+    if lora:  # the base is bf16 already; only the fp32 adapters get cast
+        casts = 2 * lora if work.cuda else 0
     kv_cache = work.batch_size * work.group_size * (P + C) * L * 2 * shape.kv_dim * compute
     tok = token_activation_bytes(shape, wbytes, compute)
+    tok += compute * work.lora_rank * len(work.lora_targets)  # each lora_B saves its rank-wide input
     key = key_activation_bytes(shape, compute)
     prompt_layer = P * (tok + key)  # one layer of the prompt pass: one row, P positions
     completion_layer = rows * (C + 1) * (tok + key)  # the completions' own positions as queries and as keys
@@ -226,6 +247,9 @@ def estimate(shape: Shape, work: Workload, s: Settings, budget: int) -> Plan:
     activations += prefix_kv
     positions = s.logits_chunk or (C + 1)
     logits = rows * min(positions, C + 1) * shape.vocab * (compute + 12)  # bf16 out, fp32 copy, exp temp, grad
+    if lora:  # the frozen base plus fp32 adapters; gradients and Adam for the adapters only; the reference is free
+        return Plan(shape, work, s, N * wbytes + 4 * lora, 4 * lora, optimizer_bytes(lora, s, work.cuda), casts, 0,
+                    kv_cache, activations, logits, budget)
     return Plan(shape, work, s, N * wbytes, N * wbytes, optimizer_bytes(N, s, work.cuda), casts, reference,
                 kv_cache, activations, logits, budget)
 
@@ -259,9 +283,11 @@ def choose(shape: Shape, work: Workload, budget: int, given: dict) -> tuple[Plan
         return [given[name]] if name in given else values
 
     refs = ["none"] if work.beta <= 0 else options("reference", ["resident", "offload"])
+    if work.lora_rank and work.beta > 0:
+        refs = [ADAPTERS_OFF]
     mbs = options("micro_batch", micro_batches(work.group_size))
     tried = []
-    for bf16 in options("bf16_weights", [False, True]):
+    for bf16 in options("bf16_weights", [False] if work.lora_rank else [False, True]):  # LoRA: fp32 adapters
         fitting = []
         for ckpt in options("checkpointing", [False, True]):
             for mb in mbs:
@@ -282,14 +308,17 @@ def choose(shape: Shape, work: Workload, budget: int, given: dict) -> tuple[Plan
 def reasons(plan: Plan, given: dict, work: Workload) -> list[str]:
     s, out = plan.settings, []
     weights = plan.weights + plan.grads + plan.optimizer
-    if "bf16_weights" not in given:
+    if work.lora_rank:
+        out.append(f"LoRA rank {work.lora_rank}: {gb(weights)} of frozen base, adapters, their gradients and "
+                   "optimizer state")
+    elif "bf16_weights" not in given:
         out.append("bf16 weights: fp32 master weights do not fit" if s.bf16_weights else
                    f"fp32 master weights fit ({gb(weights)} with gradients and optimizer state)")
     if "checkpointing" not in given and s.checkpointing:
         out.append("activation checkpointing: the activations do not fit otherwise")
     if "micro_batch" not in given and s.micro_batch:
         out.append(f"micro-batch {s.micro_batch}: all {work.group_size} completions at once do not fit")
-    if "reference" not in given and s.reference != "none":
+    if "reference" not in given and s.reference not in ("none", ADAPTERS_OFF):
         out.append(f"reference {s.reference}: " + ("it fits beside the policy" if s.reference == "resident" else
                                                    "a resident bf16 copy does not fit without checkpointing"))
     if "logits_chunk" not in given:
@@ -300,9 +329,9 @@ def reasons(plan: Plan, given: dict, work: Workload) -> list[str]:
 
 def what_would_fit(shape: Shape, work: Workload, budget: int, given: dict) -> str:
     """For the error message: the device size the leanest plan needs, and the longest completions that fit."""
-    lean = {"bf16_weights": True, "checkpointing": True, "micro_batch": 1, **given}
+    lean = {"bf16_weights": not work.lora_rank, "checkpointing": True, "micro_batch": 1, **given}
     if work.beta > 0:
-        lean.setdefault("reference", "offload")
+        lean.setdefault("reference", ADAPTERS_OFF if work.lora_rank else "offload")
     need = estimate(shape, work, Settings(lean["bf16_weights"], lean["checkpointing"], lean["micro_batch"],
                                           lean.get("logits_chunk") or auto_logits_chunk(shape, 1),
                                           lean.get("reference", "none")), budget).peak
@@ -363,13 +392,27 @@ def plan_memory(cfg, explicit: set[str] | None) -> Plan | None:
     return plan_run(cfg, explicit, config, torch.cuda.is_available())
 
 
+def lora_work(cfg, shape: Shape) -> tuple[int, tuple[str, ...]]:
+    """Workload's LoRA fields from grpo.Config `cfg`; targets outside the Llama layout are a DataError."""
+    rank, targets = getattr(cfg, "lora_rank", 0), parse_targets(getattr(cfg, "lora_targets", ""))
+    if not rank:
+        return 0, LORA_TARGETS
+    try:
+        lora_parameters(shape, rank, targets)
+    except ValueError as e:
+        raise DataError(f"--lora-targets {cfg.lora_targets}: {e} (or plan nothing: --memory off)") from None
+    return rank, targets
+
+
 def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = None) -> Plan:
     """Print the plan for grpo.Config `cfg` and, with cfg.memory == "auto", fill in the planned fields the user did
     not give (`explicit`: the Config field names set on the command line). Raises PlanError if nothing fits."""
     shape = shape_of(config)
     budget = budget or int(cfg.memory_gb * GB) or free_bytes(cuda)
-    work = Workload(cfg.batch_size, cfg.group_size, prompt_tokens(cfg.size), cfg.max_new_tokens, cfg.beta, cuda)
+    work = Workload(cfg.batch_size, cfg.group_size, prompt_tokens(cfg.size), cfg.max_new_tokens, cfg.beta, cuda,
+                    *lora_work(cfg, shape))
     ref = getattr(cfg, "reference", "auto")
+    ref = ADAPTERS_OFF if work.lora_rank else ref
     as_given = dict(bf16_weights=cfg.bf16_weights, checkpointing=cfg.gradient_checkpointing,
                     micro_batch=cfg.micro_batch if cfg.micro_batch < cfg.group_size else 0,
                     logits_chunk=cfg.logits_chunk, reference=ref if ref != "auto" else "resident")
@@ -377,7 +420,8 @@ def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = N
     if cfg.memory == "off":
         s = Settings(**{**as_given, "reference": as_given["reference"] if cfg.beta > 0 else "none"})
         plan = estimate(shape, work, s, budget)
-        print(f"memory plan (--memory off: the flags as given): {s.describe(cfg.group_size)}\n{plan.table()}")
+        print(f"memory plan (--memory off: the flags as given): {s.describe(cfg.group_size, work.lora_rank)}\n"
+              f"{plan.table()}")
         if not plan.fits:
             print("memory: this plan does not fit; --memory auto would choose settings that do")
         return plan
@@ -387,7 +431,7 @@ def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = N
     if not given.get("logits_chunk", 1):
         del given["logits_chunk"]  # 0 = let the planner pick
     plan, why = choose(shape, work, budget, given)
-    print(f"memory plan (--memory auto): {plan.settings.describe(cfg.group_size)}\n{plan.table()}")
+    print(f"memory plan (--memory auto): {plan.settings.describe(cfg.group_size, work.lora_rank)}\n{plan.table()}")
     if not plan.fits:
         raise PlanError(f"memory: no settings fit in {gb(budget)} ({gb(int(budget * HEADROOM))} usable); "
                            + what_would_fit(shape, work, budget, given))
@@ -396,7 +440,7 @@ def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = N
     s = plan.settings
     cfg.bf16_weights, cfg.gradient_checkpointing = s.bf16_weights, s.checkpointing
     cfg.micro_batch, cfg.logits_chunk = s.micro_batch, s.logits_chunk
-    if hasattr(cfg, "reference") and s.reference != "none":
+    if hasattr(cfg, "reference") and s.reference not in ("none", ADAPTERS_OFF):
         cfg.reference = s.reference
     return plan
 
@@ -411,15 +455,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on a frozen base (0 = full "
+                                                             "fine-tuning)")
+    p.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="linears with adapters, comma-separated")
     args = p.parse_args(argv)
     shape = shape_of(published_config(args.config))
     work = Workload(args.batch_size, args.group_size, prompt_tokens(args.size), args.max_new_tokens, args.beta,
-                    not args.cpu)
+                    not args.cpu, *lora_work(args, shape))
     budget = int(args.gpu_gb * GB)
     plan, why = choose(shape, work, budget, {})
     print(f"{args.config} on {args.gpu_gb:g} GB, beta {args.beta:g}, B {args.batch_size} x G {args.group_size}, "
           f"P {work.prompt_tokens} (--size {args.size}), C {args.max_new_tokens}")
-    print(f"plan: {plan.settings.describe(args.group_size)}\n{plan.table()}")
+    print(f"plan: {plan.settings.describe(args.group_size, work.lora_rank)}\n{plan.table()}")
     if not plan.fits:
         print("nothing fits: " + what_would_fit(shape, work, budget, {}))
     for line in why:
