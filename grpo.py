@@ -6,6 +6,7 @@
     python eval.py --dataset dl19 --model runs/grpo/model                   # evaluate what it trained
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
     accelerate launch --config_file launch/ddp.yaml grpo.py ...             # data parallel on several GPUs
+    python grpo.py --model Qwen/Qwen2.5-7B-Instruct --lora-rank 16 --lr 1e-5  # LoRA (Rank-R1): one 24-48 GB GPU
 
 One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
 prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
@@ -46,7 +47,8 @@ loop in labelled phases. The no-grad half of a step is rollout.py: the `Task` (R
 setwise training sets, prompt and reward: the loop serves both), sampling and scoring groups, the old-policy and
 reference log-probs, the held-out evaluation. Then optimizer.py (AdamW, 8-bit on CUDA, BF16AdamW), runlog.py (the
 step's line, the JSONL logs, curves.png), checkpoint.py (the --out guard, --resume's checkpoint, the exported model,
-Ctrl-C), memory.py (the plan made before loading) and dist.py (several processes).
+Ctrl-C), lora.py (--lora-rank: adapters on a frozen base, the reference with them off), memory.py (the plan made
+before loading) and dist.py (several processes).
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ class Config:
                           "matter", positive_int)
     micro_batch: int = arg(0, "completions per forward/backward pass within a group (0 = all G); bounds activation "
                               "memory", nonneg_int)
+    rollout_batch: int = arg(0, "prompts per generate call in the rollout (0 = all --batch-size at once): the KV cache "
+                                "holds this many times G rows", nonneg_int)
     repeat_prompt: bool = arg(False, "run each prompt once per completion, as TRL does, instead of once per group (to "
                                      "compare)")
     lr: float = arg(1e-6, "learning rate (AdamW)", positive_float)
@@ -150,8 +154,8 @@ class Config:
     seed: int = arg(0, "one seed for data order, sampling and augmentation", nonneg_int)
     data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
     memory: str = arg("auto", "auto: plan memory before loading and pick what the user did not set (fp32 or bf16 "
-                              "weights, checkpointing, micro-batch, logits chunk, where the reference lives); off: the "
-                              "flags as given (memory.py)", choices=("auto", "off"))
+                              "weights, checkpointing, micro-batch, rollout batch, logits chunk, where the reference "
+                              "lives); off: the flags as given (memory.py)", choices=("auto", "off"))
     memory_gb: float = arg(0.0, "memory budget the plan fits in, GB (0 = the device's free memory)", nonneg_float)
     logits_chunk: int = arg(0, "positions per lm_head chunk in the training passes (0 = the planner picks; all at "
                                "once with --memory off)", nonneg_int)
@@ -420,7 +424,8 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
             batch = [instances[i] for i in dist.shard(indices, rank, world)]
             with accelerator.autocast(), dist.gathered_params(accelerator, model):
                 ro = rollout(policy, tokenizer, task, batch, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, shared_prompt=not cfg.repeat_prompt)
+                             temperature=cfg.temperature, shared_prompt=not cfg.repeat_prompt,
+                             rollout_batch=cfg.rollout_batch)
             gen_s = time.time() - t0
 
             # --- reward (scored as each completion came) -> advantages, within each group: no other process needed

@@ -35,8 +35,9 @@ def wrap(model, cfg):
 
     model.requires_grad_(False)
     model.to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(parse_targets(cfg.lora_targets)),
-                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    targets = list(parse_targets(cfg.lora_targets))
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0,
+                        bias="none", task_type="CAUSAL_LM")
     try:
         policy = get_peft_model(model, config)
     except ValueError as e:  # peft names the targets it did not find
@@ -54,8 +55,6 @@ def wrap(model, cfg):
 class AdapterOff:
     """The KL's frozen reference under LoRA: the policy itself with its adapters switched off, which is the initial
     model exactly (the base never trains). Used as rollout.Reference is, in the same no-grad pass."""
-
-    placement = "adapters off"
 
     def __init__(self, policy):
         self.policy = policy

@@ -76,13 +76,15 @@ class Settings:
     checkpointing: bool = False
     micro_batch: int = 0  # 0 = all G
     logits_chunk: int = 0  # positions per lm_head chunk; 0 = all at once
-    reference: str = "none"  # none (beta 0), resident, offload
+    reference: str = "none"  # none (beta 0), resident, offload, adapters off (LoRA)
+    rollout_batch: int = 0  # prompts per generate call; 0 = all B
 
     def describe(self, group_size: int, lora_rank: int = 0) -> str:
         mb = self.micro_batch or group_size
         weights = 'bf16 weights (BF16AdamW)' if self.bf16_weights else 'fp32 master weights'
         weights = f"LoRA rank {lora_rank} (fp32 adapters, frozen base)" if lora_rank else weights
-        return (f"{weights}, "
+        rollout = f", rollout batch {self.rollout_batch}" if self.rollout_batch else ""
+        return (f"{weights}{rollout}, "
                 f"checkpointing {'on' if self.checkpointing else 'off'}, micro-batch {mb}, "
                 f"logits in chunks of {self.logits_chunk or 'all'} positions, reference {self.reference}")
 
@@ -131,15 +133,15 @@ class Plan:
         s, w = self.shape, self.work
         rows = [
             ("parameters", f"{s.params / 1e9:.2f} B", f"{s.layers} layers, hidden {s.hidden}, vocab {s.vocab}"),
-            *lora_rows(self),
             ("weights", gb(self.weights), "bf16" if self.settings.bf16_weights else "fp32 master"),
             ("gradients", gb(self.grads), "same dtype as the weights"),
+            *lora_rows(self),  # LoRA: the two rows above say what they hold instead
             ("optimizer", gb(self.optimizer), optimizer_name(self.settings, w.cuda)),
             ("autocast casts", gb(self.casts), "-" if not self.casts else "bf16 copies of fp32 weights"
                                                + (", rollout only" if self.settings.checkpointing else "")),
             ("reference", gb(self.reference), self.settings.reference),
-            ("KV cache", gb(self.kv_cache), f"{w.batch_size * w.group_size} rows x {w.prompt_tokens + w.max_new_tokens}"
-                                            f" positions"),
+            ("KV cache", gb(self.kv_cache), f"{(self.settings.rollout_batch or w.batch_size) * w.group_size} rows x "
+                                            f"{w.prompt_tokens + w.max_new_tokens} positions"),
             ("activations", gb(self.activations),
              f"prompt {w.prompt_tokens} once + {self.settings.micro_batch or w.group_size} x {w.max_new_tokens + 1}, "
              f"checkpointing {'on' if self.settings.checkpointing else 'off'}"),
@@ -150,6 +152,7 @@ class Plan:
             ("peak", gb(self.peak), f"of {gb(self.budget)} free ({HEADROOM:.0%} usable): "
                                     f"{'fits' if self.fits else 'does NOT fit'}"),
         ]
+        rows = list({name: (name, size, note) for name, size, note in rows}.values())  # a later row of a name wins
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"  {name:<{width}}  {size:>9}  {note}".rstrip() for name, size, note in rows)
 
@@ -159,14 +162,15 @@ def gb(n: int) -> str:
 
 
 def lora_rows(plan: Plan) -> list[tuple[str, str, str]]:
-    """The table's LoRA line: the adapters' size, and what the weights, gradients and optimizer rows hold then."""
+    """With LoRA: the adapters' size, and the weights and gradients rows as they are then (the later row of a name
+    replaces the earlier one in `Plan.table`)."""
     w = plan.work
     if not w.lora_rank:
         return []
     n = lora_parameters(plan.shape, w.lora_rank, w.lora_targets)
-    return [("LoRA adapters", f"{n / 1e6:.1f} M", f"rank {w.lora_rank} on {len(w.lora_targets)} linears a layer: "
-             f"weights = {'bf16' if w.cuda else 'fp32'} frozen base + fp32 adapters; gradients and optimizer: "
-             "adapters only")]
+    return [("weights", gb(plan.weights), f"{'bf16' if w.cuda else 'fp32'} frozen base + fp32 adapters"),
+            ("gradients", gb(plan.grads), "the adapters' only"),
+            ("LoRA adapters", f"{n / 1e6:.1f} M", f"rank {w.lora_rank} on {', '.join(w.lora_targets)}")]
 
 
 def optimizer_name(s: Settings, cuda: bool) -> str:
@@ -232,7 +236,7 @@ def estimate(shape: Shape, work: Workload, s: Settings, budget: int) -> Plan:
     casts = 2 * N if work.cuda and not s.bf16_weights else 0
     if lora:  # the base is bf16 already; only the fp32 adapters get cast
         casts = 2 * lora if work.cuda else 0
-    kv_cache = work.batch_size * work.group_size * (P + C) * L * 2 * shape.kv_dim * compute
+    kv_cache = (s.rollout_batch or work.batch_size) * work.group_size * (P + C) * L * 2 * shape.kv_dim * compute
     tok = token_activation_bytes(shape, wbytes, compute)
     tok += compute * work.lora_rank * len(work.lora_targets)  # each lora_B saves its rank-wide input
     key = key_activation_bytes(shape, compute)
@@ -268,9 +272,11 @@ def micro_batches(group_size: int) -> list[int]:
 
 
 def preference(s: Settings, group_size: int) -> tuple:
-    """Lower is better: checkpointing off (it recomputes the whole forward, ~1.33x), then the reference resident
-    (an offloaded one crosses PCIe once a step), then the largest micro-batch (the least loss of matmul efficiency)."""
-    return s.checkpointing, s.reference == "offload", -(s.micro_batch or group_size)
+    """Lower is better: every prompt in one generate call (decoding reads all the weights once a token, whatever the
+    rows: fewer rows a call is as many times slower), then checkpointing off (it recomputes the whole forward,
+    ~1.33x), then the reference resident (an offloaded one crosses PCIe once a step), then the largest micro-batch
+    (the least loss of matmul efficiency)."""
+    return -(s.rollout_batch or math.inf), s.checkpointing, s.reference == "offload", -(s.micro_batch or group_size)
 
 
 def choose(shape: Shape, work: Workload, budget: int, given: dict) -> tuple[Plan, list[str]]:
@@ -286,19 +292,22 @@ def choose(shape: Shape, work: Workload, budget: int, given: dict) -> tuple[Plan
     if work.lora_rank and work.beta > 0:
         refs = [ADAPTERS_OFF]
     mbs = options("micro_batch", micro_batches(work.group_size))
+    rbs = options("rollout_batch", [0] + micro_batches(work.batch_size)[1:])  # 0: all B prompts at once
     tried = []
     for bf16 in options("bf16_weights", [False] if work.lora_rank else [False, True]):  # LoRA: fp32 adapters
         fitting = []
         for ckpt in options("checkpointing", [False, True]):
             for mb in mbs:
                 for ref in refs:
-                    rows = mb or work.group_size
-                    chunk = given.get("logits_chunk") or auto_logits_chunk(shape, rows)
-                    s = Settings(bf16, ckpt, 0 if rows == work.group_size else rows, chunk, ref)
-                    plan = estimate(shape, work, s, budget)
-                    tried.append(plan)
-                    if plan.fits:
-                        fitting.append(plan)
+                    for rb in rbs:
+                        rows = mb or work.group_size
+                        chunk = given.get("logits_chunk") or auto_logits_chunk(shape, rows)
+                        s = Settings(bf16, ckpt, 0 if rows == work.group_size else rows, chunk, ref,
+                                     0 if rb >= work.batch_size else rb)
+                        plan = estimate(shape, work, s, budget)
+                        tried.append(plan)
+                        if plan.fits:
+                            fitting.append(plan)
         if fitting:
             best = min(fitting, key=lambda p: preference(p.settings, work.group_size))
             return best, reasons(best, given, work)
@@ -321,6 +330,9 @@ def reasons(plan: Plan, given: dict, work: Workload) -> list[str]:
     if "reference" not in given and s.reference not in ("none", ADAPTERS_OFF):
         out.append(f"reference {s.reference}: " + ("it fits beside the policy" if s.reference == "resident" else
                                                    "a resident bf16 copy does not fit without checkpointing"))
+    if "rollout_batch" not in given and s.rollout_batch:
+        out.append(f"rollout batch {s.rollout_batch}: the KV cache of all {work.batch_size} prompts' "
+                   f"{work.batch_size * work.group_size} rows at once does not fit")
     if "logits_chunk" not in given:
         out.append(f"logits in chunks of {s.logits_chunk} positions: one fp32 chunk <= "
                    f"{LOGITS_CHUNK_BYTES / 2**20:.0f} MiB")
@@ -329,12 +341,12 @@ def reasons(plan: Plan, given: dict, work: Workload) -> list[str]:
 
 def what_would_fit(shape: Shape, work: Workload, budget: int, given: dict) -> str:
     """For the error message: the device size the leanest plan needs, and the longest completions that fit."""
-    lean = {"bf16_weights": not work.lora_rank, "checkpointing": True, "micro_batch": 1, **given}
+    lean = {"bf16_weights": not work.lora_rank, "checkpointing": True, "micro_batch": 1, "rollout_batch": 1, **given}
     if work.beta > 0:
         lean.setdefault("reference", ADAPTERS_OFF if work.lora_rank else "offload")
     need = estimate(shape, work, Settings(lean["bf16_weights"], lean["checkpointing"], lean["micro_batch"],
                                           lean.get("logits_chunk") or auto_logits_chunk(shape, 1),
-                                          lean.get("reference", "none")), budget).peak
+                                          lean.get("reference", "none"), lean["rollout_batch"]), budget).peak
     parts = [f"the leanest settings need {gb(need)}: a device with >= {gb(int(need / HEADROOM))} free"]
     if not {"micro_batch", "checkpointing", "bf16_weights"} <= set(given):
         parts.append("or drop --micro-batch/--gradient-checkpointing/--bf16-weights choices so the planner may "
@@ -371,7 +383,7 @@ class PlanError(DataError):
     """Nothing fits: the message says what would."""
 
 
-PLANNED = ("bf16_weights", "gradient_checkpointing", "micro_batch", "logits_chunk", "reference")
+PLANNED = ("bf16_weights", "gradient_checkpointing", "micro_batch", "logits_chunk", "reference", "rollout_batch")
 
 
 def plan_memory(cfg, explicit: set[str] | None) -> Plan | None:
@@ -415,7 +427,8 @@ def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = N
     ref = ADAPTERS_OFF if work.lora_rank else ref
     as_given = dict(bf16_weights=cfg.bf16_weights, checkpointing=cfg.gradient_checkpointing,
                     micro_batch=cfg.micro_batch if cfg.micro_batch < cfg.group_size else 0,
-                    logits_chunk=cfg.logits_chunk, reference=ref if ref != "auto" else "resident")
+                    logits_chunk=cfg.logits_chunk, reference=ref if ref != "auto" else "resident",
+                    rollout_batch=getattr(cfg, "rollout_batch", 0) if cfg.rollout_batch < cfg.batch_size else 0)
     names = {"gradient_checkpointing": "checkpointing"}
     if cfg.memory == "off":
         s = Settings(**{**as_given, "reference": as_given["reference"] if cfg.beta > 0 else "none"})
@@ -440,6 +453,7 @@ def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = N
     s = plan.settings
     cfg.bf16_weights, cfg.gradient_checkpointing = s.bf16_weights, s.checkpointing
     cfg.micro_batch, cfg.logits_chunk = s.micro_batch, s.logits_chunk
+    cfg.rollout_batch = s.rollout_batch
     if hasattr(cfg, "reference") and s.reference not in ("none", ADAPTERS_OFF):
         cfg.reference = s.reference
     return plan
