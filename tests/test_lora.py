@@ -6,6 +6,7 @@ plan counts what peft builds."""
 import copy
 import json
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ def test_a_lora_run_raises_a_reachable_reward_far_beyond_its_noise(peaked_dir, t
     monkeypatch.setitem(rollout.TASKS, "listwise", rollout.TASKS["listwise"]._replace(reward=test_learns.lone_newlines))
     B, G = test_learns.B, test_learns.G
     cfg = grpo.Config(model=str(peaked_dir), train_file=str(toy_instances(tmp_path / "train.jsonl")),
-                      steps=test_learns.STEPS, batch_size=B, group_size=G, max_new_tokens=test_learns.C, lr=3e-2,
+                      steps=test_learns.STEPS, batch_size=B, group_size=G, max_new_tokens=test_learns.C, lr=2e-2,
                       eval_every=0, save_every=0, dump_every=0, out=str(tmp_path / "run"), seed=0, lora_rank=8)
     grpo.train(cfg)
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -276,3 +277,38 @@ def test_two_processes_train_the_adapters_one_process_trains(tiny_dir, tmp_path)
     m1, m2 = ([json.loads(x) for x in (tmp_path / p / "metrics.jsonl").read_text().splitlines()]
               for p in ("one", "two"))
     assert m1[-1]["kl"] > 0 and [m["reward"] for m in m2] == [m["reward"] for m in m1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --rollout-batch: fewer prompts per generate call, for the KV cache a small GPU holds
+
+
+def test_7b_lora_on_24_gb_with_longer_completions_generates_two_prompts_at_a_time(capsys):
+    cfg = grpo.Config(model="x", lora_rank=16, memory_gb=24, max_new_tokens=1024)
+    plan = memory.plan_run(cfg, {"lora_rank", "memory_gb", "max_new_tokens"}, published_config("qwen2.5-7b"),
+                           cuda=True)
+    assert plan.fits and cfg.rollout_batch == 2 and "rollout batch 2: the KV cache" in capsys.readouterr().out
+    whole = memory.estimate(plan.shape, plan.work, replace(plan.settings, rollout_batch=0), plan.budget)
+    assert not whole.fits and whole.kv_cache == 2 * plan.kv_cache
+
+
+def test_a_rollout_in_batches_of_prompts_is_the_rollout_of_all_at_once(tokenizer, tmp_path, true_float64):
+    import augment
+
+    model = tiny_model(len(tokenizer)).double()
+    batch = augment.read_instances(toy_instances(tmp_path / "t.jsonl"))[:3]
+    task = rollout.TASKS["listwise"]
+    kw = dict(max_new_tokens=5, greedy=True)
+    whole = rollout.rollout(model, tokenizer, task, batch, 2, **kw)
+    parts = rollout.rollout(model, tokenizer, task, batch, 2, rollout_batch=2, **kw)  # prompts 1-2, then 3
+    assert parts.texts == whole.texts and parts.rewards == whole.rewards and parts.truncated == whole.truncated
+    assert all(torch.equal(a, b) for a, b in zip(parts.prompts, whole.prompts, strict=True))
+    width = whole.completion_ids.shape[1]
+    assert torch.equal(parts.completion_mask[:, :width], whole.completion_mask)
+    assert torch.equal(parts.completion_ids * parts.completion_mask, whole.completion_ids * whole.completion_mask)
+
+
+def test_grpo_runs_with_a_rollout_batch(tiny_dir, tmp_path):
+    metrics = run(tiny_dir, tmp_path / "run", 1, train_file=toy_instances(tmp_path / "t.jsonl"), rollout_batch=1,
+                  lora_rank=4)
+    assert metrics["step"] == 1 and json.loads((tmp_path / "run" / "config.json").read_text())["rollout_batch"] == 1
