@@ -3,12 +3,16 @@
     python memory.py --config qwen2.5-7b --gpu-gb 80 --beta 0.001     # the published 7B config, no Hub needed
     python memory.py --config qwen2.5-7b --gpu-gb 141 --beta 0.001
     python memory.py --config path/to/model --gpu-gb 24 --size 5      # any local HF checkpoint's config.json
+    python memory.py --config qwen2.5-7b --gpu-gb 24 --lora-rank 16   # LoRA adapters on a frozen bf16 base
 
 grpo.py calls `plan_run` first thing: it prints the table below and, with `--memory auto` (the default), fills in the
 settings the user did not give: fp32 master weights if they fit, else bf16 weights (BF16AdamW, stochastic rounding);
 no activation checkpointing and all G completions per micro-batch if that fits, else the cheapest mix of a smaller
 micro-batch and checkpointing; the reference resident if it fits, else offloaded to the CPU; the logits always in
-chunks of positions. Flags the user gave always win; `--memory off` takes them all as given.
+chunks of positions; all B prompts in one generate call if the KV cache fits, else fewer (`--rollout-batch`). Flags
+the user gave always win; `--memory off` takes them all as given. With `--lora-rank` (lora.py) the base is frozen (bf16
+on CUDA), only the fp32 adapters have gradients and optimizer state, and the reference costs nothing (the same
+weights with the adapters off).
 
 The arithmetic, per phase of a step (the peak is the largest):
 - rollout:   weights + optimizer state + autocast's bf16 casts of fp32 weights (its cache lives for the rollout's
