@@ -436,16 +436,18 @@ def model_card(cfg, step: int, dtype: torch.dtype, held: dict | None) -> str:
     )
 
 
-def export_model(dest: Path, model, tokenizer, cfg, step: int, held: dict | None = None) -> None:
+def export_model(dest: Path, model, tokenizer, cfg, step: int, held: dict | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
     """<out>/model/: the policy as a Hugging Face checkpoint (`save_pretrained` safetensors, config, tokenizer with
     its chat template, a greedy generation_config.json, a model card), in export_dtype. Written into dest.tmp, then
-    renamed into place: a crash never leaves half a model."""
+    renamed into place: a crash never leaves half a model. `weights`: CPU tensors in export_dtype to write instead of
+    the model's own (LoRA's merged weights, lora.merged_weights)."""
     param = next(model.parameters())
     dtype = export_dtype(param.dtype, param.is_cuda)
     tmp = fresh_dir(dest)
     cast: dict = {}  # one CPU copy per tensor, tied weights sharing theirs (save_pretrained then stores them once)
-    weights = {k: cast.setdefault((v.data_ptr(), tuple(v.shape)), v.detach().to("cpu", dtype))
-               for k, v in model.state_dict().items()}
+    weights = weights or {k: cast.setdefault((v.data_ptr(), tuple(v.shape)), v.detach().to("cpu", dtype))
+                          for k, v in model.state_dict().items()}
     model.save_pretrained(tmp, state_dict=weights)
     del weights, cast
     config = json.loads((tmp / "config.json").read_text())

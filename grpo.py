@@ -6,6 +6,7 @@
     python eval.py --dataset dl19 --model runs/grpo/model                   # evaluate what it trained
     python grpo.py --out runs/grpo --plot                                   # redraw the curves of a run
     accelerate launch --config_file launch/ddp.yaml grpo.py ...             # data parallel on several GPUs
+    python grpo.py --model Qwen/Qwen2.5-7B-Instruct --lora-rank 16 --lr 1e-5  # LoRA (Rank-R1): one 24-48 GB GPU
 
 One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
 prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
@@ -46,7 +47,8 @@ loop in labelled phases. The no-grad half of a step is rollout.py: the `Task` (R
 setwise training sets, prompt and reward: the loop serves both), sampling and scoring groups, the old-policy and
 reference log-probs, the held-out evaluation. Then optimizer.py (AdamW, 8-bit on CUDA, BF16AdamW), runlog.py (the
 step's line, the JSONL logs, curves.png), checkpoint.py (the --out guard, --resume's checkpoint, the exported model,
-Ctrl-C), memory.py (the plan made before loading) and dist.py (several processes).
+Ctrl-C), lora.py (--lora-rank: adapters on a frozen base, the reference with them off), memory.py (the plan made
+before loading) and dist.py (several processes).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import numpy as np
 import torch
 
 import dist
+import lora
 from augment import batch_indices
 from backend import ModelError, cast_model, load_model
 from checkpoint import (
@@ -72,6 +75,7 @@ from cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int,
 from data import DATASETS, FIRST_STAGE_ORDERS, TEST_SETS, DataError
 from files import check_file
 from memory import plan_memory
+from model_shape import LORA_TARGETS, parse_targets
 from optimizer import make_optimizer, moved_fraction, weight_sample
 from prefix import group_backward
 from rearank import MAX_CHARS
@@ -114,6 +118,8 @@ class Config:
                           "matter", positive_int)
     micro_batch: int = arg(0, "completions per forward/backward pass within a group (0 = all G); bounds activation "
                               "memory", nonneg_int)
+    rollout_batch: int = arg(0, "prompts per generate call in the rollout (0 = all --batch-size at once): the KV cache "
+                                "holds this many times G rows", nonneg_int)
     repeat_prompt: bool = arg(False, "run each prompt once per completion, as TRL does, instead of once per group (to "
                                      "compare)")
     lr: float = arg(1e-6, "learning rate (AdamW)", positive_float)
@@ -129,6 +135,11 @@ class Config:
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     bf16_weights: bool = arg(False, "bf16 weights updated with stochastic rounding (BF16AdamW): what fits a 7B model "
                                     "on 80 GB")
+    lora_rank: int = arg(0, "train LoRA adapters of this rank on a frozen base instead of every weight (lora.py; "
+                            "Rank-R1: 16); 0 = full fine-tuning, the paper's method", nonneg_int)
+    lora_alpha: float = arg(32.0, "LoRA scale: each adapted linear adds (alpha / rank) B A x", positive_float)
+    lora_targets: str = arg(",".join(LORA_TARGETS), "linears that get adapters, comma-separated module names (default: "
+                                                    "every linear of attention and MLP, as Rank-R1)")
     eval_dataset: str = arg("dl19", "held-out dataset: its top-N windows are scored greedily (never a training set)")
     eval_size: int = arg(20, "held-out window size N (the top-N candidates of each query)", positive_int)
     eval_queries: int = arg(0, "held-out queries to use (0 = all judged ones)", nonneg_int)
@@ -153,8 +164,8 @@ class Config:
     seed: int = arg(0, "one seed for data order, sampling and augmentation", nonneg_int)
     data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
     memory: str = arg("auto", "auto: plan memory before loading and pick what the user did not set (fp32 or bf16 "
-                              "weights, checkpointing, micro-batch, logits chunk, where the reference lives); off: the "
-                              "flags as given (memory.py)", choices=("auto", "off"))
+                              "weights, checkpointing, micro-batch, rollout batch, logits chunk, where the reference "
+                              "lives); off: the flags as given (memory.py)", choices=("auto", "off"))
     memory_gb: float = arg(0.0, "memory budget the plan fits in, GB (0 = the device's free memory)", nonneg_float)
     logits_chunk: int = arg(0, "positions per lm_head chunk in the training passes (0 = the planner picks; all at "
                                "once with --memory off)", nonneg_int)
@@ -208,6 +219,23 @@ def config_problem(cfg: Config) -> str:
         return f"--eval-dataset {cfg.eval_dataset!r}: choose one of {', '.join(DATASETS)}"
     if cfg.eval_every and not cfg.train_file and cfg.eval_dataset == cfg.dataset:
         return f"--eval-dataset {cfg.eval_dataset} is also the training --dataset: held-out means not trained on"
+    return lora_problem(cfg)
+
+
+def lora_problem(cfg: Config) -> str:
+    """What is wrong with the LoRA flags given together with the others, or ""."""
+    if not cfg.lora_rank:
+        if (cfg.lora_alpha, cfg.lora_targets) != (Config.lora_alpha, Config.lora_targets):
+            return "--lora-alpha and --lora-targets shape LoRA adapters: they need --lora-rank > 0"
+        return ""
+    if not parse_targets(cfg.lora_targets):
+        return "--lora-targets: name at least one linear module, e.g. q_proj,v_proj"
+    if cfg.reference != "auto":
+        return (f"--reference {cfg.reference}: with --lora-rank the KL's reference is the base with the adapters "
+                "switched off, the same weights as the policy's: there is no copy to place; drop --reference")
+    if cfg.bf16_weights:
+        return ("--bf16-weights trains every weight in bf16; with --lora-rank the base is frozen (bf16 on CUDA "
+                "already) and the adapters stay fp32: drop --bf16-weights")
     return ""
 
 
@@ -384,14 +412,19 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 
     # --- model: fp32 master weights (or bf16 ones with stochastic rounding), optimizer, optional frozen reference
     model, tokenizer = load_model(cfg.model)
-    cast_model(model, torch.bfloat16 if cfg.bf16_weights else torch.float32)  # RoPE's frequencies stay fp32
+    if cfg.lora_rank:  # a frozen base (bf16 on CUDA) and fp32 adapters, the only trainable weights (lora.py)
+        model = lora.wrap(model, cfg)
+    else:
+        cast_model(model, torch.bfloat16 if cfg.bf16_weights else torch.float32)  # RoPE's frequencies stay fp32
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = make_reference(model, cfg) if cfg.beta > 0 else None  # --beta 0: no reference is ever built
+    ref = None  # --beta 0: no reference is ever built; with LoRA it is the base itself, adapters off
+    if cfg.beta > 0:
+        ref = lora.make_reference(model) if cfg.lora_rank else make_reference(model, cfg)
     model, optimizer, policy = prepare(accelerator, model, make_optimizer(model, cfg))
 
     # --- resume: weights, optimizer and RNG states from <out>/checkpoint/; the logs cut back to its step
-    start = resume(out, policy, optimizer, rank, world) if cfg.resume else 0
+    start = resume(out, lora.checkpointed(policy, cfg), optimizer, rank, world) if cfg.resume else 0
     rewind_logs(out, start, write=main)
 
     def held_out_eval(step: int) -> None:  # greedy; each process scores its block of the windows
@@ -419,7 +452,8 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
             batch = [instances[i] for i in dist.shard(indices, rank, world)]
             with accelerator.autocast(), dist.gathered_params(accelerator, model):
                 ro = rollout(policy, tokenizer, task, batch, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, shared_prompt=not cfg.repeat_prompt)
+                             temperature=cfg.temperature, shared_prompt=not cfg.repeat_prompt,
+                             rollout_batch=cfg.rollout_batch)
             gen_s = time.time() - t0
 
             # --- reward (scored as each completion came) -> advantages, within each group: no other process needed
@@ -454,7 +488,8 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or stop.requested:
                 rngs = dist.gather(rng_state())  # each process's sampling continues where it stopped
                 if main:
-                    save_checkpoint(out, policy, tokenizer, optimizer, step + 1, rngs, cfg)
+                    save = lora.save if cfg.lora_rank else save_checkpoint  # LoRA: adapters, merged model
+                    save(out, policy, tokenizer, optimizer, step + 1, rngs, cfg)
             if stop.requested and not last:
                 print(f"stopped after step {step + 1}; continue with --resume")
                 break

@@ -3,6 +3,7 @@
     python memory.py --config qwen2.5-7b --gpu-gb 80 --beta 0.001     # the published 7B config, no Hub needed
     python memory.py --config qwen2.5-7b --gpu-gb 141 --beta 0.001
     python memory.py --config path/to/model --gpu-gb 24 --size 5      # any local HF checkpoint's config.json
+    python memory.py --config qwen2.5-7b --gpu-gb 24 --lora-rank 16   # LoRA adapters on a frozen bf16 base
 
 It ends with the disk line: the bytes one save writes under --out (checkpoint/: the weights and the optimizer state;
 model/: the export) and the most the run needs at once (checkpoint.replace_dir keeps the old folder until the new one
@@ -12,7 +13,10 @@ grpo.py calls `plan_run` first thing: it prints the table below and, with `--mem
 settings the user did not give: fp32 master weights if they fit, else bf16 weights (BF16AdamW, stochastic rounding);
 no activation checkpointing and all G completions per micro-batch if that fits, else the cheapest mix of a smaller
 micro-batch and checkpointing; the reference resident if it fits, else offloaded to the CPU; the logits always in
-chunks of positions. Flags the user gave always win; `--memory off` takes them all as given.
+chunks of positions; all B prompts in one generate call if the KV cache fits, else fewer (`--rollout-batch`). Flags
+the user gave always win; `--memory off` takes them all as given. With `--lora-rank` (lora.py) the base is frozen (bf16
+on CUDA), only the fp32 adapters have gradients and optimizer state, and the reference costs nothing (the same
+weights with the adapters off).
 
 The arithmetic, per phase of a step (the peak is the largest):
 - rollout:   weights + optimizer state + autocast's bf16 casts of fp32 weights (its cache lives for the rollout's
@@ -50,13 +54,14 @@ from pathlib import Path
 
 from cli import positive_float
 from data import DataError
-from model_shape import PUBLISHED, Shape, published_config, shape_of
+from model_shape import LORA_TARGETS, PUBLISHED, Shape, lora_parameters, parse_targets, published_config, shape_of
 
 GB = 1e9
 TEMPLATE_TOKENS = 300  # the REARANK prompt without passages (SmolLM2's tokenizer: ~280 on DL19/DL21)
 PASSAGE_TOKENS = 115  # per passage: DL19/DL21 top-20 prompts average ~100 tokens a passage, the longest ~115
 LOGITS_CHUNK_BYTES = 512 * 2**20  # one fp32 copy of a chunk's logits (micro-batch x positions x vocab) at most
 HEADROOM = 0.9  # plan within 90% of the free memory: allocator fragmentation, CUDA workspaces, small buffers
+ADAPTERS_OFF = "adapters off"  # LoRA's reference: the policy's own base, no copy (lora.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,6 +78,8 @@ class Workload:
     max_new_tokens: int  # C
     beta: float  # > 0: a reference model
     cuda: bool  # bf16 autocast, 8-bit Adam; CPU: no autocast, torch AdamW
+    lora_rank: int = 0  # > 0: a frozen base (bf16 on CUDA) and fp32 adapters, the only trainable weights
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
 
 @dataclass(frozen=True)
@@ -83,11 +90,15 @@ class Settings:
     checkpointing: bool = False
     micro_batch: int = 0  # 0 = all G
     logits_chunk: int = 0  # positions per lm_head chunk; 0 = all at once
-    reference: str = "none"  # none (beta 0), resident, offload
+    reference: str = "none"  # none (beta 0), resident, offload, adapters off (LoRA)
+    rollout_batch: int = 0  # prompts per generate call; 0 = all B
 
-    def describe(self, group_size: int) -> str:
+    def describe(self, group_size: int, lora_rank: int = 0) -> str:
         mb = self.micro_batch or group_size
-        return (f"{'bf16 weights (BF16AdamW)' if self.bf16_weights else 'fp32 master weights'}, "
+        weights = 'bf16 weights (BF16AdamW)' if self.bf16_weights else 'fp32 master weights'
+        weights = f"LoRA rank {lora_rank} (fp32 adapters, frozen base)" if lora_rank else weights
+        rollout = f", rollout batch {self.rollout_batch}" if self.rollout_batch else ""
+        return (f"{weights}{rollout}, "
                 f"checkpointing {'on' if self.checkpointing else 'off'}, micro-batch {mb}, "
                 f"logits in chunks of {self.logits_chunk or 'all'} positions, reference {self.reference}")
 
@@ -141,12 +152,13 @@ class Plan:
             ("parameters", f"{s.params / 1e9:.2f} B", f"{s.layers} layers, hidden {s.hidden}, vocab {s.vocab}"),
             ("weights", gb(self.weights), "bf16" if self.settings.bf16_weights else "fp32 master"),
             ("gradients", gb(self.grads), "same dtype as the weights"),
+            *lora_rows(self),  # LoRA: the two rows above say what they hold instead
             ("optimizer", gb(self.optimizer), optimizer_name(self.settings, w.cuda)),
             ("autocast casts", gb(self.casts), "-" if not self.casts else "bf16 copies of fp32 weights"
                                                + (", rollout only" if self.settings.checkpointing else "")),
             ("reference", gb(self.reference), self.settings.reference),
-            ("KV cache", gb(self.kv_cache), f"{w.batch_size * w.group_size} rows x {w.prompt_tokens + w.max_new_tokens}"
-                                            f" positions"),
+            ("KV cache", gb(self.kv_cache), f"{(self.settings.rollout_batch or w.batch_size) * w.group_size} rows x "
+                                            f"{w.prompt_tokens + w.max_new_tokens} positions"),
             ("activations", gb(self.activations),
              f"prompt {w.prompt_tokens} once + {self.settings.micro_batch or w.group_size} x {w.max_new_tokens + 1}, "
              f"checkpointing {'on' if self.settings.checkpointing else 'off'}"),
@@ -161,12 +173,25 @@ class Plan:
             ("peak", gb(self.peak), f"of {gb(self.budget)} free ({HEADROOM:.0%} usable): "
                                     f"{'fits' if self.fits else 'does NOT fit'}"),
         ]
+        rows = list({name: (name, size, note) for name, size, note in rows}.values())  # a later row of a name wins
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"  {name:<{width}}  {size:>9}  {note}".rstrip() for name, size, note in rows)
 
 
 def gb(n: int) -> str:
     return f"{n / GB:.1f} GB"
+
+
+def lora_rows(plan: Plan) -> list[tuple[str, str, str]]:
+    """With LoRA: the adapters' size, and the weights and gradients rows as they are then (the later row of a name
+    replaces the earlier one in `Plan.table`)."""
+    w = plan.work
+    if not w.lora_rank:
+        return []
+    n = lora_parameters(plan.shape, w.lora_rank, w.lora_targets)
+    return [("weights", gb(plan.weights), f"{'bf16' if w.cuda else 'fp32'} frozen base + fp32 adapters"),
+            ("gradients", gb(plan.grads), "the adapters' only"),
+            ("LoRA adapters", f"{n / 1e6:.1f} M", f"rank {w.lora_rank} on {', '.join(w.lora_targets)}")]
 
 
 def optimizer_name(s: Settings, cuda: bool) -> str:
@@ -223,14 +248,18 @@ def auto_logits_chunk(shape: Shape, rows: int) -> int:
 
 def estimate(shape: Shape, work: Workload, s: Settings, budget: int) -> Plan:
     N, L = shape.params, shape.layers
-    wbytes = 2 if s.bf16_weights else 4
+    lora = adapter_parameters(shape, work)
+    wbytes = 2 if s.bf16_weights or (lora and work.cuda) else 4  # LoRA: the frozen base is bf16 on CUDA
     compute = 2 if (work.cuda or s.bf16_weights) else 4
     P, C = work.prompt_tokens, work.max_new_tokens
     rows = s.micro_batch or work.group_size
     reference = 0 if s.reference == "none" else (2 if work.cuda else 4) * N  # grpo.py: bf16 on CUDA, fp32 on CPU
     casts = 2 * N if work.cuda and not s.bf16_weights else 0
-    kv_cache = work.batch_size * work.group_size * (P + C) * L * 2 * shape.kv_dim * compute
+    if lora:  # the base is bf16 already; only the fp32 adapters get cast
+        casts = 2 * lora if work.cuda else 0
+    kv_cache = (s.rollout_batch or work.batch_size) * work.group_size * (P + C) * L * 2 * shape.kv_dim * compute
     tok = token_activation_bytes(shape, wbytes, compute)
+    tok += compute * work.lora_rank * len(work.lora_targets)  # each lora_B saves its rank-wide input
     key = key_activation_bytes(shape, compute)
     prompt_layer = P * (tok + key)  # one layer of the prompt pass: one row, P positions
     completion_layer = rows * (C + 1) * (tok + key)  # the completions' own positions as queries and as keys
@@ -247,6 +276,9 @@ def estimate(shape: Shape, work: Workload, s: Settings, budget: int) -> Plan:
     # about as many bytes as the layer's activations themselves
     backward_temps = max(prompt_layer, completion_layer)
     pass_temps = no_grad_pass_bytes(shape, work, rows, 2 if work.cuda else 4) if s.reference != "none" else 0
+    if lora:  # the frozen base plus fp32 adapters; gradients and Adam for the adapters only; the reference is free
+        return Plan(shape, work, s, N * wbytes + 4 * lora, 4 * lora, optimizer_bytes(lora, s, work.cuda), casts, 0,
+                    kv_cache, activations, logits, budget, backward_temps=backward_temps, pass_temps=pass_temps)
     return Plan(shape, work, s, N * wbytes, N * wbytes, optimizer_bytes(N, s, work.cuda), casts, reference,
                 kv_cache, activations, logits, budget, backward_temps=backward_temps, pass_temps=pass_temps)
 
@@ -277,9 +309,11 @@ def micro_batches(group_size: int) -> list[int]:
 
 
 def preference(s: Settings, group_size: int) -> tuple:
-    """Lower is better: checkpointing off (it recomputes the whole forward, ~1.33x), then the reference resident
-    (an offloaded one crosses PCIe once a step), then the largest micro-batch (the least loss of matmul efficiency)."""
-    return s.checkpointing, s.reference == "offload", -(s.micro_batch or group_size)
+    """Lower is better: every prompt in one generate call (decoding reads all the weights once a token, whatever the
+    rows: fewer rows a call is as many times slower), then checkpointing off (it recomputes the whole forward,
+    ~1.33x), then the reference resident (an offloaded one crosses PCIe once a step), then the largest micro-batch
+    (the least loss of matmul efficiency)."""
+    return -(s.rollout_batch or math.inf), s.checkpointing, s.reference == "offload", -(s.micro_batch or group_size)
 
 
 def choose(shape: Shape, work: Workload, budget: int, given: dict) -> tuple[Plan, list[str]]:
@@ -292,20 +326,25 @@ def choose(shape: Shape, work: Workload, budget: int, given: dict) -> tuple[Plan
         return [given[name]] if name in given else values
 
     refs = ["none"] if work.beta <= 0 else options("reference", ["resident", "offload"])
+    if work.lora_rank and work.beta > 0:
+        refs = [ADAPTERS_OFF]
     mbs = options("micro_batch", micro_batches(work.group_size))
+    rbs = options("rollout_batch", [0] + micro_batches(work.batch_size)[1:])  # 0: all B prompts at once
     tried = []
-    for bf16 in options("bf16_weights", [False, True]):
+    for bf16 in options("bf16_weights", [False] if work.lora_rank else [False, True]):  # LoRA: fp32 adapters
         fitting = []
         for ckpt in options("checkpointing", [False, True]):
             for mb in mbs:
                 for ref in refs:
-                    rows = mb or work.group_size
-                    chunk = given.get("logits_chunk") or auto_logits_chunk(shape, rows)
-                    s = Settings(bf16, ckpt, 0 if rows == work.group_size else rows, chunk, ref)
-                    plan = estimate(shape, work, s, budget)
-                    tried.append(plan)
-                    if plan.fits:
-                        fitting.append(plan)
+                    for rb in rbs:
+                        rows = mb or work.group_size
+                        chunk = given.get("logits_chunk") or auto_logits_chunk(shape, rows)
+                        s = Settings(bf16, ckpt, 0 if rows == work.group_size else rows, chunk, ref,
+                                     0 if rb >= work.batch_size else rb)
+                        plan = estimate(shape, work, s, budget)
+                        tried.append(plan)
+                        if plan.fits:
+                            fitting.append(plan)
         if fitting:
             best = min(fitting, key=lambda p: preference(p.settings, work.group_size))
             return best, reasons(best, given, work)
@@ -315,15 +354,21 @@ def choose(shape: Shape, work: Workload, budget: int, given: dict) -> tuple[Plan
 def reasons(plan: Plan, given: dict, work: Workload) -> list[str]:
     s, out = plan.settings, []
     weights = plan.weights + plan.grads + plan.optimizer
-    if "bf16_weights" not in given:
+    if work.lora_rank:
+        out.append(f"LoRA rank {work.lora_rank}: {gb(weights)} of frozen base, adapters, their gradients and "
+                   "optimizer state")
+    elif "bf16_weights" not in given:
         out.append("bf16 weights: fp32 master weights do not fit" if s.bf16_weights else
                    f"fp32 master weights fit ({gb(weights)} with gradients and optimizer state)")
     if "checkpointing" not in given and s.checkpointing:
         out.append("activation checkpointing: the activations do not fit otherwise")
     if "micro_batch" not in given and s.micro_batch:
         out.append(f"micro-batch {s.micro_batch}: all {work.group_size} completions at once do not fit")
-    if "reference" not in given and s.reference != "none":
+    if "reference" not in given and s.reference not in ("none", ADAPTERS_OFF):
         out.append(f"reference {s.reference}: " + reference_reason(s, work))
+    if "rollout_batch" not in given and s.rollout_batch:
+        out.append(f"rollout batch {s.rollout_batch}: the KV cache of all {work.batch_size} prompts' "
+                   f"{work.batch_size * work.group_size} rows at once does not fit")
     if "logits_chunk" not in given:
         out.append(f"logits in chunks of {s.logits_chunk} positions: one fp32 chunk <= "
                    f"{LOGITS_CHUNK_BYTES / 2**20:.0f} MiB")
@@ -343,12 +388,12 @@ def reference_reason(s: Settings, work: Workload) -> str:
 
 def what_would_fit(shape: Shape, work: Workload, budget: int, given: dict) -> str:
     """For the error message: the device size the leanest plan needs, and the longest completions that fit."""
-    lean = {"bf16_weights": True, "checkpointing": True, "micro_batch": 1, **given}
+    lean = {"bf16_weights": not work.lora_rank, "checkpointing": True, "micro_batch": 1, "rollout_batch": 1, **given}
     if work.beta > 0:
-        lean.setdefault("reference", "offload")
+        lean.setdefault("reference", ADAPTERS_OFF if work.lora_rank else "offload")
     need = estimate(shape, work, Settings(lean["bf16_weights"], lean["checkpointing"], lean["micro_batch"],
                                           lean.get("logits_chunk") or auto_logits_chunk(shape, 1),
-                                          lean.get("reference", "none")), budget).peak
+                                          lean.get("reference", "none"), lean["rollout_batch"]), budget).peak
     parts = [f"the leanest settings need {gb(need)}: a device with >= {gb(int(need / HEADROOM))} free"]
     if not {"micro_batch", "checkpointing", "bf16_weights"} <= set(given):
         parts.append("or drop --micro-batch/--gradient-checkpointing/--bf16-weights choices so the planner may "
@@ -430,12 +475,20 @@ def folder_bytes(*folders: Path) -> int:
     return sum(f.stat().st_size for d in folders if d.is_dir() for f in d.rglob("*") if f.is_file())
 
 
-def disk_plan(shape: Shape, s: Settings, cuda: bool, out: str, save_optimizer: bool, replaces: bool) -> Disk:
-    """What the saves of a run with settings `s` write under `out` (its checkpoint/ and model/ as they are now)."""
+def adapter_parameters(shape: Shape, work: Workload) -> int:
+    """The LoRA adapters' parameter count (0 without LoRA)."""
+    return lora_parameters(shape, work.lora_rank, work.lora_targets) if work.lora_rank else 0
+
+
+def disk_plan(shape: Shape, s: Settings, cuda: bool, out: str, save_optimizer: bool, replaces: bool,
+              lora: int = 0) -> Disk:
+    """What the saves of a run with settings `s` write under `out` (its checkpoint/ and model/ as they are now).
+    With `lora` adapter parameters, checkpoint/ holds the fp32 adapters and their optimizer state only, and the export
+    is the merged model/ plus peft's adapter/."""
     n = shape.params
-    weights = n * (2 if s.bf16_weights else 4)
-    optimizer = optimizer_bytes(n, s, cuda) if save_optimizer else 0
-    export = n * 2 if cuda else weights  # checkpoint.export_dtype
+    weights = 4 * lora if lora else n * (2 if s.bf16_weights else 4)
+    optimizer = optimizer_bytes(lora or n, s, cuda) if save_optimizer else 0
+    export = n * (2 if cuda or (s.bf16_weights and not lora) else 4) + 4 * lora  # checkpoint.export_dtype
     held = folder_bytes(Path(out) / "checkpoint", Path(out) / "model")
     return Disk(weights, optimizer, export, replaces or held > 0, held, free_disk(out), out)
 
@@ -456,7 +509,8 @@ def check_disk(cfg, plan: Plan) -> Disk:
     """Print what the run's saves need under --out and stop (PlanError) before any weight is loaded when the disk
     cannot hold them: a run that trained for hours must not die writing its first or second checkpoint."""
     replaces = 0 < cfg.save_every < cfg.steps  # a save before the last one: the last replaces it
-    disk = disk_plan(plan.shape, plan.settings, plan.work.cuda, cfg.out, cfg.save_optimizer == "on", replaces)
+    disk = disk_plan(plan.shape, plan.settings, plan.work.cuda, cfg.out, cfg.save_optimizer == "on", replaces,
+                     adapter_parameters(plan.shape, plan.work))
     print(disk.line())
     if not disk.fits:
         raise PlanError(f"disk: the saves need {size(disk.need)} under {disk.where}, {size(disk.free)} free "
@@ -488,7 +542,7 @@ class PlanError(DataError):
     """Nothing fits: the message says what would."""
 
 
-PLANNED = ("bf16_weights", "gradient_checkpointing", "micro_batch", "logits_chunk", "reference")
+PLANNED = ("bf16_weights", "gradient_checkpointing", "micro_batch", "logits_chunk", "reference", "rollout_batch")
 
 
 def plan_memory(cfg, explicit: set[str] | None) -> Plan | None:
@@ -511,21 +565,37 @@ def plan_memory(cfg, explicit: set[str] | None) -> Plan | None:
     return plan
 
 
+def lora_work(cfg, shape: Shape) -> tuple[int, tuple[str, ...]]:
+    """Workload's LoRA fields from grpo.Config `cfg`; targets outside the Llama layout are a DataError."""
+    rank, targets = getattr(cfg, "lora_rank", 0), parse_targets(getattr(cfg, "lora_targets", ""))
+    if not rank:
+        return 0, LORA_TARGETS
+    try:
+        lora_parameters(shape, rank, targets)
+    except ValueError as e:
+        raise DataError(f"--lora-targets {cfg.lora_targets}: {e} (or plan nothing: --memory off)") from None
+    return rank, targets
+
+
 def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = None) -> Plan:
     """Print the plan for grpo.Config `cfg` and, with cfg.memory == "auto", fill in the planned fields the user did
     not give (`explicit`: the Config field names set on the command line). Raises PlanError if nothing fits."""
     shape = shape_of(config)
     budget = budget or int(cfg.memory_gb * GB) or free_bytes(cuda)
-    work = Workload(cfg.batch_size, cfg.group_size, prompt_tokens(cfg.size), cfg.max_new_tokens, cfg.beta, cuda)
+    work = Workload(cfg.batch_size, cfg.group_size, prompt_tokens(cfg.size), cfg.max_new_tokens, cfg.beta, cuda,
+                    *lora_work(cfg, shape))
     ref = getattr(cfg, "reference", "auto")
+    ref = ADAPTERS_OFF if work.lora_rank else ref
     as_given = dict(bf16_weights=cfg.bf16_weights, checkpointing=cfg.gradient_checkpointing,
                     micro_batch=cfg.micro_batch if cfg.micro_batch < cfg.group_size else 0,
-                    logits_chunk=cfg.logits_chunk, reference=ref if ref != "auto" else "resident")
+                    logits_chunk=cfg.logits_chunk, reference=ref if ref != "auto" else "resident",
+                    rollout_batch=getattr(cfg, "rollout_batch", 0) if cfg.rollout_batch < cfg.batch_size else 0)
     names = {"gradient_checkpointing": "checkpointing"}
     if cfg.memory == "off":
         s = Settings(**{**as_given, "reference": as_given["reference"] if cfg.beta > 0 else "none"})
         plan = estimate(shape, work, s, budget)
-        print(f"memory plan (--memory off: the flags as given): {s.describe(cfg.group_size)}\n{plan.table()}")
+        print(f"memory plan (--memory off: the flags as given): {s.describe(cfg.group_size, work.lora_rank)}\n"
+              f"{plan.table()}")
         if not plan.fits:
             print("memory: this plan does not fit; --memory auto would choose settings that do")
         return plan
@@ -535,7 +605,7 @@ def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = N
     if not given.get("logits_chunk", 1):
         del given["logits_chunk"]  # 0 = let the planner pick
     plan, why = choose(shape, work, budget, given)
-    print(f"memory plan (--memory auto): {plan.settings.describe(cfg.group_size)}\n{plan.table()}")
+    print(f"memory plan (--memory auto): {plan.settings.describe(cfg.group_size, work.lora_rank)}\n{plan.table()}")
     if not plan.fits:
         raise PlanError(f"memory: no settings fit in {gb(budget)} ({gb(int(budget * HEADROOM))} usable); "
                            + what_would_fit(shape, work, budget, given))
@@ -544,7 +614,8 @@ def plan_run(cfg, explicit: set[str], config, cuda: bool, budget: int | None = N
     s = plan.settings
     cfg.bf16_weights, cfg.gradient_checkpointing = s.bf16_weights, s.checkpointing
     cfg.micro_batch, cfg.logits_chunk = s.micro_batch, s.logits_chunk
-    if hasattr(cfg, "reference") and s.reference != "none":
+    cfg.rollout_batch = s.rollout_batch
+    if hasattr(cfg, "reference") and s.reference not in ("none", ADAPTERS_OFF):
         cfg.reference = s.reference
     return plan
 
@@ -592,20 +663,24 @@ def plan_cli(argv: list[str] | None) -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--out", default="runs/grpo", help="where the run saves: the disk line checks its free space")
     p.add_argument("--save-optimizer", default="on", choices=("on", "off"))
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on a frozen base (0 = full "
+                                                             "fine-tuning)")
+    p.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="linears with adapters, comma-separated")
     args = p.parse_args(argv)
     shape = shape_of(config_for(args.config))
     work = Workload(args.batch_size, args.group_size, prompt_tokens(args.size), args.max_new_tokens, args.beta,
-                    not args.cpu)
+                    not args.cpu, *lora_work(args, shape))
     budget = int(args.gpu_gb * GB)
     plan, why = choose(shape, work, budget, {})
     print(f"{args.config} on {args.gpu_gb:g} GB, beta {args.beta:g}, B {args.batch_size} x G {args.group_size}, "
           f"P {work.prompt_tokens} (--size {args.size}), C {args.max_new_tokens}")
-    print(f"plan: {plan.settings.describe(args.group_size)}\n{plan.table()}")
+    print(f"plan: {plan.settings.describe(args.group_size, work.lora_rank)}\n{plan.table()}")
     if not plan.fits:  # a script that plans before it trains must see the failure
         raise DataError("nothing fits: " + what_would_fit(shape, work, budget, {}))
     for line in why:
         print(f"  chose {line}")
-    print(disk_plan(shape, plan.settings, not args.cpu, args.out, args.save_optimizer == "on", True).line())
+    print(disk_plan(shape, plan.settings, not args.cpu, args.out, args.save_optimizer == "on", True,
+                    adapter_parameters(shape, work)).line())
 
 
 if __name__ == "__main__":

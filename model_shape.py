@@ -2,8 +2,8 @@
 
 Reading order: `PUBLISHED` (Qwen2.5-7B's config, so a plan prints without the Hub), `Shape`, the two parameter counts
 (`count_parameters` by arithmetic for the Llama layout, `meta_parameters` for any model, built on the meta device),
-then `shape_of` (a config -> its Shape) and `published_config` (a name -> its config). tests/test_memory.py checks
-both counts against instantiated models.
+then `shape_of` (a config -> its Shape) and `published_config` (a name -> its config), and `lora_parameters` (the
+trainable count of LoRA adapters on a Shape). tests/test_memory.py checks the counts against instantiated models.
 """
 
 from __future__ import annotations
@@ -73,6 +73,41 @@ def shape_of(config) -> Shape:
     params = count_parameters(config) if config.model_type in LLAMA_LAYOUT else meta_parameters(config)
     return Shape(params, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                  config.num_attention_heads, config.num_key_value_heads, head_dim, config.vocab_size)
+
+
+# LoRA's default targets: every linear of attention and MLP (Rank-R1), by their Llama-layout names
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_targets(spec: str) -> tuple[str, ...]:
+    """--lora-targets: comma-separated module names.
+
+    >>> parse_targets("q_proj, v_proj")
+    ('q_proj', 'v_proj')
+    """
+    return tuple(t.strip() for t in spec.split(",") if t.strip())
+
+
+def linear_shapes(shape: Shape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear of a Llama-layout decoder layer."""
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def lora_parameters(shape: Shape, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
+    """Trainable parameters of rank-`rank` LoRA adapters on `targets` in every layer: A (rank x in) and B (out x rank)
+    per linear. Qwen2.5-7B at rank 16 on every linear: 40.4 M (0.53% of its 7.6 B).
+
+    >>> from model_shape import shape_of, published_config
+    >>> lora_parameters(shape_of(published_config("qwen2.5-7b")), 16)
+    40370176
+    """
+    dims = linear_shapes(shape)
+    unknown = [t for t in targets if t not in dims]
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown}: the plan knows the Llama layout's {', '.join(dims)}")
+    return shape.layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
 
 
 def published_config(name: str):

@@ -342,7 +342,8 @@ def group_backward(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor
     """
     if shared:
         prefix = prompt_forward(model, prompt_ids)
-        if not (prefix.layers[0].keys.requires_grad and torch.is_grad_enabled()):
+        # any one of them: LoRA on q and v only leaves the first layer's keys without a gradient
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in prefix.tensors())):
             raise ValueError("group_backward needs grad enabled and trainable parameters")
         leaves = prefix.detached()
         logprobs = functools.partial(prefix_logprobs, model, leaves)
@@ -355,7 +356,8 @@ def group_backward(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor
         loss.backward()  # parameter grads of these completions; shared: prompt-side grads pile up in the leaves
         total += loss.item()
     if shared:  # the prompt's share of the gradient, once for the whole group
-        pairs = [(t, leaf.grad) for t, leaf in zip(prefix.tensors(), leaves.tensors()) if leaf.grad is not None]
+        pairs = [(t, leaf.grad) for t, leaf in zip(prefix.tensors(), leaves.tensors())
+                 if leaf.grad is not None and t.requires_grad]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
     return total

@@ -117,7 +117,14 @@ class Rollout:
 
 
 def rollout(model, tokenizer, task: Task, batch: Sequence[TrainInstance], group_size: int, *, max_new_tokens: int,
-            temperature: float = 1.0, greedy: bool = False, shared_prompt: bool = True) -> Rollout:
+            temperature: float = 1.0, greedy: bool = False, shared_prompt: bool = True,
+            rollout_batch: int = 0) -> Rollout:
+    """G completions of each prompt of `batch`, sampled and scored; `rollout_batch` prompts per generate call (0: all
+    at once): the KV cache holds that many times G rows (--rollout-batch, memory.py)."""
+    if 0 < rollout_batch < len(batch):
+        return joined([rollout(model, tokenizer, task, batch[i : i + rollout_batch], group_size,
+                               max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                               shared_prompt=shared_prompt) for i in range(0, len(batch), rollout_batch)])
     model.eval()  # no dropout while sampling; generate uses the KV cache
     gen = generate_tokens(
         model, tokenizer, [task.prompt(inst) for inst in batch], max_new_tokens=max_new_tokens,
@@ -131,6 +138,15 @@ def rollout(model, tokenizer, task: Task, batch: Sequence[TrainInstance], group_
     truncated = [ANSWER_END not in t and tok not in eos for t, tok in zip(gen.texts, last)]
     prompts = unpadded(gen.prompt_ids, gen.prompt_mask)
     return Rollout(prompts, gen.completion_ids, gen.completion_mask, gen.texts, rewards, truncated)
+
+
+def joined(parts: list[Rollout]) -> Rollout:
+    """Rollouts of consecutive prompts as one, their completions right-padded to the longest (masked, id 0)."""
+    width = max(p.completion_ids.shape[1] for p in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return Rollout([x for p in parts for x in p.prompts], torch.cat([pad(p.completion_ids) for p in parts]),
+                   torch.cat([pad(p.completion_mask) for p in parts]), [x for p in parts for x in p.texts],
+                   [x for p in parts for x in p.rewards], [x for p in parts for x in p.truncated])
 
 
 class Seen(NamedTuple):

@@ -35,23 +35,14 @@ def crc(text: str) -> int:
 def per_prompt_rollout(real):
     import torch
 
-    from rollout import Rollout
+    from rollout import joined
 
     def rollout(model, tokenizer, task, batch, group_size, **kw):
         parts = []
         for inst in batch:
             torch.manual_seed(crc(inst.qid + " ".join(c.docid for c in inst.candidates)))
             parts.append(real(model, tokenizer, task, [inst], group_size, **kw))
-        width = max(p.completion_ids.shape[1] for p in parts)
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        return Rollout(
-            [p.prompts[0] for p in parts],
-            torch.cat([pad(p.completion_ids) for p in parts]),
-            torch.cat([pad(p.completion_mask) for p in parts]),
-            [t for p in parts for t in p.texts],
-            [r for p in parts for r in p.rewards],
-            [t for p in parts for t in p.truncated],
-        )
+        return joined(parts)
 
     return rollout
 

@@ -102,3 +102,26 @@ def test_the_cli_prints_the_disk_line_of_the_7b_plan(capsys, tmp_path):
     memory.main(["--config", "qwen2.5-7b", "--gpu-gb", "80", "--out", str(tmp_path / "x"), "--save-optimizer", "off"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "(checkpoint/ 15.2 GB: weights 15.2 GB (no optimizer state); model/ 15.2 GB); at most 45.7 GB at once" in line
+
+
+def test_with_lora_the_disk_line_counts_the_adapters_and_the_merged_model(tiny_dir, tmp_path, monkeypatch):
+    out, plans, disk_plan = tmp_path / "run", [], memory.disk_plan
+    monkeypatch.setattr(memory, "disk_plan", lambda *a: plans.append(disk_plan(*a)) or plans[-1])
+    grpo.main(argv(tiny_dir, toy_instances(tmp_path / "t.jsonl"), out, "--lora-rank", "4"))
+    shape = shape_of(published_config(str(tiny_dir)))
+    adapters = memory.lora_parameters(shape, 4, memory.LORA_TARGETS)
+    disk = memory.disk_plan(shape, Settings(), False, str(tmp_path / "elsewhere"), True, True, adapters)
+    def size(*names):  # the tensors' bytes: at this size the files' JSON headers of names are not negligible
+        from safetensors import safe_open
+
+        total = 0
+        for name in names:
+            with safe_open(out / name, "pt") as f:
+                total += sum(f.get_tensor(k).nbytes for k in f.keys())
+        return total
+
+    # a full-weights plan would count the base in checkpoint/: here the adapters alone, a few % of it
+    assert disk.weights == size("checkpoint/model.safetensors")
+    assert disk.optimizer == pytest.approx(size("checkpoint/optimizer.safetensors"), rel=0.01)  # + step counts
+    assert disk.export == size("model/model.safetensors", "adapter/adapter_model.safetensors")
+    assert (plans[0].weights, plans[0].optimizer, plans[0].export) == (disk.weights, disk.optimizer, disk.export)
