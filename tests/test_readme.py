@@ -82,6 +82,8 @@ COST_RUN = "python grpo.py --model smollm2 --dataset dl21 --size 5 --max-new-tok
 REPORT_A, REPORT_B = (f"python eval.py --dataset dl19 --model smollm2 {EVAL} --out runs/{x}" for x in "AB")
 DEMO = "python eval.py --dataset dl19 --model smollm2 --limit 3 --top-k 20 --max-new-tokens 64 --out runs/report-demo"
 DIST = "tests/test_dist.py::"
+LORA_RUN = ("python grpo.py --model smollm2 --dataset dl21 --size 5 --max-new-tokens 32 --steps 2 --eval-every 0 "
+            "--lora-rank 8 --out X")
 TINY = "tiny-smollm2"  # see tiny_embedded_model
 BENCH_REFERENCE = ("python bench_reference.py --size 5 --batch-size 4 --group-size 8 --max-new-tokens 32 --threads 1 "
                    "--repeats 2")
@@ -202,6 +204,15 @@ CASES: dict[str, Case] = {
         fails="cannot load model 'le723z/Rearank-7B': it is not a local directory"),
     "python eval.py --suite standard --model bm25": Case("python eval.py --suite standard --model bm25"),
     "python data.py list": Case("python data.py list"),
+    "python grpo.py --model Qwen/Qwen2.5-7B-Instruct --lora-rank 16 --lr 1e-5": Case(
+        "python grpo.py --model Qwen/Qwen2.5-7B-Instruct --lora-rank 16 --lr 1e-5", OFFLINE,
+        fails="cannot load model 'Qwen/Qwen2.5-7B-Instruct': it is not a local directory"),
+    LORA_RUN: Case(f"{LORA_RUN} {GRPO} --out X-lora", TINY_RUN + "; --out: X holds the run of the cost example"),
+    "python eval.py --dataset dl19 --model X/model --limit 2 --top-k 20 --max-new-tokens 64": Case(
+        f"python eval.py --dataset dl19 --model X-lora/model --limit 2 --top-k 20 --max-new-tokens 64 {EVAL}",
+        SMALL + "; the LoRA run's model/ (X-lora above)", needs=(LORA_RUN,)),
+    "python memory.py --config qwen2.5-7b --gpu-gb N --lora-rank 16": Case(
+        "python memory.py --config qwen2.5-7b --gpu-gb 24 --lora-rank 16", "N = 24, the smallest of the README's table"),
     "python eval.py --dataset dl19 --model bm25 --first-stage-order shuffled --seed 0": Case(
         "python eval.py --dataset dl19 --model bm25 --first-stage-order shuffled --seed 0"),
     "python eval.py --dataset dl19 --model bm25 --first-stage-order reversed": Case(
