@@ -122,8 +122,6 @@ def lora_peaked_dir(tmp_path, tokenizer):
 
 
 def test_a_lora_run_raises_a_reachable_reward_far_beyond_its_noise(lora_peaked_dir, tmp_path, monkeypatch):
-    import statistics
-
     import test_learns
 
     monkeypatch.setitem(rollout.TASKS, "listwise", rollout.TASKS["listwise"]._replace(reward=test_learns.lone_newlines))
@@ -132,11 +130,7 @@ def test_a_lora_run_raises_a_reachable_reward_far_beyond_its_noise(lora_peaked_d
                       steps=test_learns.STEPS, batch_size=B, group_size=G, max_new_tokens=test_learns.C, lr=2e-2,
                       eval_every=0, save_every=0, dump_every=0, out=str(tmp_path / "run"), seed=0, lora_rank=8)
     grpo.train(cfg)
-    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    rewards = [m["reward"] for m in steps]
-    first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
-    noise = statistics.fmean(m["reward_std"] for m in steps[:5]) / (5 * B * G) ** 0.5
-    assert first < 0.2 and last > 0.35 and last - first > 10 * noise, rewards
+    test_learns.assert_reward_rose(tmp_path / "run")
 
 
 def crc_reward(text: str, inst) -> Reward:
