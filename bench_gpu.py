@@ -10,7 +10,8 @@ plan at the paper's shape, then eval.py's generation speed. Every figure goes to
    checkpoint: `grpo.load_model` is swapped for `random_model`, and the plan reads the published config): B = 1
    prompt of 20 DL21 passages (~2,300 tokens) x G = 8, the KL on (beta 0.001), --memory-gb 80 (on a larger GPU the
    allocator is capped at 80 GB too), completions forced to 512 and then 2,048 tokens (min_new_tokens: random
-   weights would hardly stop anyway). Two steps each, a save, and at 512 tokens a --resume for one more step.
+   weights would hardly stop anyway). Two steps each, a save, and at 512 tokens a --resume for one more step. Then
+   LoRA (rank 16 on every linear, --lora-rank) under the 24 GB plan, the allocator capped at 24 GB: two steps at 512.
    Printed per step: peak memory of each phase (rollout / reference / policy update, the allocator's peak, reset
    between phases) against the plan's figure for it, the time of each, and the fraction of watched weights the
    first step moved. The saves use --save-optimizer off: the GPU machine's 64 GiB disk holds 45.7 GB at once that
@@ -171,7 +172,8 @@ class Phases:
 def plan_figures(plan) -> dict:
     if plan is None:
         return {}
-    return {"settings": plan.settings.describe(plan.work.group_size), "budget_gb": round(plan.budget / 1e9, 1),
+    return {"settings": plan.settings.describe(plan.work.group_size, plan.work.lora_rank),
+            "budget_gb": round(plan.budget / 1e9, 1),
             "rollout_gb": round(plan.rollout / 1e9, 2), "reference_gb": round(plan.reference_pass / 1e9, 2),
             "policy_gb": round(plan.training / 1e9, 2), "peak_gb": round(plan.peak / 1e9, 2)}
 
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lengths", default="", help="completion lengths to force (default 512,2048; --tiny 4,8)")
     p.add_argument("--group-size", type=int, default=0, help="G (default 8; --tiny 2)")
     p.add_argument("--gpu-gb", type=float, default=80.0, help="the memory the plan fits and the allocator is capped at")
+    p.add_argument("--lora-gb", type=float, default=24.0, help="the memory the LoRA run's plan fits and the allocator "
+                                                             "is capped at")
     p.add_argument("--eval-tokens", type=int, default=0, help="tokens per generated window (default 256; --tiny 4)")
     args = p.parse_args(argv)
     assets = Path(args.assets)
@@ -301,6 +305,19 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         results["training"].append(run)
         write()
+
+    # LoRA on a smaller card: rank 16 on every linear, the reference the base with its adapters off
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.lora_gb * 1e9 / total))
+    out = work / "lora"
+    shutil.rmtree(out, ignore_errors=True)
+    lora = dict(base, memory_gb=0.0 if args.tiny else args.lora_gb, lora_rank=4 if args.tiny else 16, lr=1e-5)
+    results["lora"] = train_run(grpo.Config(**lora, max_new_tokens=lengths[0], steps=2, out=str(out)), device,
+                                model_fn, lengths[0])
+    shutil.rmtree(out, ignore_errors=True)
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_gb * 1e9 / total))
+    write()
 
     windows = json.loads((assets / "dl19_windows.json").read_text())
     model = random_model(config, device)

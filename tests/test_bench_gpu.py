@@ -22,6 +22,8 @@ def test_the_gpu_check_runs_end_to_end_in_tiny_mode(data_root, tmp_path):
         assert all(r["s"] > 0 for r in run["phases"]) and run["plan"]["peak_gb"] > 0
     assert first["resumed"]["steps"] == [1, 2, 3]  # one more step from the save, the log continued
     assert not (work / "C4").exists() and not (work / "C8").exists()  # each run's folder deleted after it
+    lora = figures["lora"]  # the adapters move, the reference is the base with them off (no copy)
+    assert lora["steps"] == [1, 2] and lora["first_step_moved"] > 0 and lora["plan"]["settings"].startswith("LoRA")
     speeds = figures["generation"]
     assert [s["batch"] for s in speeds] == [1, 8]
     assert all(s["generated_tokens"] == 8 * 4 and s["tokens_per_s"] > 0 for s in speeds)
