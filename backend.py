@@ -246,6 +246,7 @@ def generate_tokens(
     num_return_sequences: int = 1,
     shared_prompt: bool = True,
     min_new_tokens: int = 0,
+    preallocate: bool = True,
 ) -> Generation:
     """Generate completions for chat prompts in one batch; each stops at `</answer>` or EOS.
 
@@ -253,6 +254,8 @@ def generate_tokens(
     padded prefill is 2x slower, and GRPO's G samples of a prompt share its prefill. `shared_prompt=False` is plain
     `generate` on the padded batch, for comparison.
     `min_new_tokens` holds EOS and the `</answer>` stop back that long (benchmarks use it to fix the length).
+    `preallocate=False` decodes into a cache grown by `cat` every token instead of one preallocated for prompt and
+    completion (prefill.py), for comparison.
 
     Greedy by default (evaluation). Sampling is plain softmax(logits / temperature), with top-k and top-p off, so the
     GRPO loss computes log-probs under the distribution the tokens were drawn from (METHOD §5 pitfalls).
@@ -293,7 +296,7 @@ def generate_tokens(
         use_cache=True,
     )
     with torch.no_grad():  # not inference_mode: GRPO's backward gathers on these ids, and inference tensors can't
-        out = generate(model, enc.input_ids, enc.attention_mask, num_return_sequences, shared_prompt,
+        out = generate(model, enc.input_ids, enc.attention_mask, num_return_sequences, shared_prompt, preallocate,
                        generation_config=config,
                        stopping_criteria=[] if min_new_tokens else [answer_stop(tokenizer)])  # (B*G, P+C)
     completion = out[:, P:]  # (B*G, C)

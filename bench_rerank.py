@@ -4,6 +4,7 @@
     python bench_rerank.py --prompt rankgpt --max-new-tokens 128
     python bench_rerank.py --padded-prefill                  # plain generate on the padded batch (the old way)
     python bench_rerank.py --fixed-length                    # every window generates exactly --max-new-tokens
+    python bench_rerank.py --fixed-length --growing-cache    # decode into a cache grown every token (the old way)
 
 Each window is a query's BM25 top-20 as one prompt (what `eval.py --top-k 20` sends). Every batch size generates the
 same windows with the same greedy settings through `backend.generate_tokens`, the path evaluation and GRPO use, and
@@ -40,6 +41,7 @@ class BenchConfig:
     max_new_tokens: int = 64
     padded_prefill: bool = False
     fixed_length: bool = False
+    growing_cache: bool = False
     out: str = "runs/bench_rerank.json"
 
 
@@ -57,18 +59,21 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help="prefill the left-padded batch in one forward (plain generate) instead of each prompt alone")
     p.add_argument("--fixed-length", action="store_true",
                    help="hold EOS back: every window generates exactly --max-new-tokens (decoding-bound workload)")
+    p.add_argument("--growing-cache", action="store_true",
+                   help="decode into a cache that grows by a copy every token instead of one preallocated")
     p.add_argument("--out", default="runs/bench_rerank.json", help="where to save the table as JSON")
     return BenchConfig(**vars(p.parse_args(argv)))
 
 
 def bench(model, tokenizer, prompts: list, batch_size: int, max_new_tokens: int, padded_prefill: bool,
-          fixed_length: bool) -> dict:
+          fixed_length: bool, growing_cache: bool = False) -> dict:
     """Generate all `prompts` in batches of `batch_size`; throughput and waste."""
     t, cpu = time.perf_counter(), time.process_time()
     prompt_tokens = prompt_positions = generated = generated_positions = 0
     for b in range(0, len(prompts), batch_size):
         g = generate_tokens(model, tokenizer, prompts[b : b + batch_size], max_new_tokens=max_new_tokens,
-                            shared_prompt=not padded_prefill, min_new_tokens=max_new_tokens if fixed_length else 0)
+                            shared_prompt=not padded_prefill, min_new_tokens=max_new_tokens if fixed_length else 0,
+                            preallocate=not growing_cache)
         prompt_tokens += int(g.prompt_mask.sum())
         prompt_positions += g.prompt_mask.numel() if padded_prefill else int(g.prompt_mask.sum())
         generated += int(g.completion_mask.sum())
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     generate_tokens(model, tokenizer, prompts[:1], max_new_tokens=2)  # warm-up: allocator, kernels, stop criterion
     rows = []
     for bs in [int(x) for x in cfg.batch_sizes.split(",")]:
-        rows.append(bench(model, tokenizer, prompts, bs, cfg.max_new_tokens, cfg.padded_prefill, cfg.fixed_length))
+        rows.append(bench(model, tokenizer, prompts, bs, cfg.max_new_tokens, cfg.padded_prefill, cfg.fixed_length,
+                          cfg.growing_cache))
         print(f"batch {bs}: {rows[-1]['seconds']}s", flush=True)
     print("\n| batch size | windows/s | prompt tokens/s | generated tokens/s | wall s | CPU s | padded/after-stop |")
     print("|---|---|---|---|---|---|---|")

@@ -49,7 +49,8 @@ def run_ours(args, repeat_prompt: bool) -> dict:
     from augment import write_instances
 
     grpo.save_checkpoint = lambda *a, **k: None  # a benchmark step writes nothing (TRL's side saves nothing either)
-    rollout.generate_tokens = functools.partial(rollout.generate_tokens, min_new_tokens=args.max_new_tokens)  # C fixed
+    rollout.generate_tokens = functools.partial(rollout.generate_tokens, min_new_tokens=args.max_new_tokens,  # C fixed
+                                                preallocate=not args.growing_cache)
     with tempfile.TemporaryDirectory() as tmp:
         write_instances(Path(tmp) / "train.jsonl", [instance(args)])
         # --out a fresh folder beside the training file: grpo.py refuses an --out that holds files of a run
@@ -121,6 +122,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per side (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed for the candidate set and sampling")
     p.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA, else ./data)")
+    p.add_argument("--growing-cache", action="store_true",
+                   help="our sides decode into a cache grown by a copy every token instead of one preallocated")
     args = p.parse_args()
     if args.micro_batch and args.group_size % args.micro_batch:
         p.error(f"--micro-batch {args.micro_batch} must divide --group-size {args.group_size}")

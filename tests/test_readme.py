@@ -183,6 +183,13 @@ CASES: dict[str, Case] = {
     "python bench_rerank.py --padded-prefill --batch-sizes 8,1": Case(
         "python bench_rerank.py --padded-prefill --batch-sizes 8,1 --windows 2 --window 4 --batch-sizes 2,1 "
         "--max-new-tokens 4", "2 windows of 4 at batch 2 and 1, 4 tokens"),
+    "python bench_rerank.py --fixed-length --growing-cache": Case(
+        "python bench_rerank.py --fixed-length --growing-cache --windows 2 --window 4 --batch-sizes 2 "
+        "--max-new-tokens 4", "2 windows of 4 at batch 2, 4 tokens"),
+    "python bench_trl.py --size 20 --group-size 8 --max-new-tokens 256 --micro-batch 2 --threads 1 --sides ours "
+    "--growing-cache": Case(
+        "python bench_trl.py --size 20 --group-size 8 --max-new-tokens 256 --micro-batch 2 --threads 1 --sides ours "
+        f"--growing-cache --size 2 --group-size 2 --max-new-tokens 4 --micro-batch 1 --model {TINY}", "tiny"),
     "python bench_report.py": Case("python bench_report.py --top-k 20 --tokens 16", "top 20, 16 tokens a window"),
     "python bench_report.py --method setwise": Case(
         "python bench_report.py --method setwise --top-k 20 --tokens 16", "top 20, 16 tokens a call"),
