@@ -62,9 +62,12 @@ def main() -> None:
     for name in ("traces.jsonl", "rerank_config.json"):  # a fresh run, never a resumed one
         (out / name).unlink(missing_ok=True)
     standin = StandIn(AutoTokenizer.from_pretrained(smollm2_dir()), args.tokens)
-    ev.load_generator = lambda cfg: standin
-    ev.main(["--dataset", args.dataset, "--model", f"stand-in-{args.tokens}", "--method", args.method,
-             "--top-k", str(args.top_k), "--max-new-tokens", str(args.tokens), "--out", str(out)])
+    load_generator, ev.load_generator = ev.load_generator, lambda cfg: standin
+    try:  # eval.py's own run, with the stand-in as its model
+        ev.main(["--dataset", args.dataset, "--model", f"stand-in-{args.tokens}", "--method", args.method,
+                 "--top-k", str(args.top_k), "--max-new-tokens", str(args.tokens), "--out", str(out)])
+    finally:  # put eval.py back as it was: whoever imported it (a test) gets the real models again
+        ev.load_generator = load_generator
     t = time.time()
     import report
 

@@ -212,12 +212,13 @@ CASES: dict[str, Case] = {
     "python eval.py --suite standard --model bm25": Case("python eval.py --suite standard --model bm25"),
     "python data.py list": Case("python data.py list"),
     "python grpo.py --model Qwen/Qwen2.5-7B-Instruct --lora-rank 16 --lr 1e-5": Case(
-        "python grpo.py --model Qwen/Qwen2.5-7B-Instruct --lora-rank 16 --lr 1e-5", OFFLINE,
-        fails="cannot load model 'Qwen/Qwen2.5-7B-Instruct': it is not a local directory"),
+        "python grpo.py --model Qwen/Qwen2.5-7B-Instruct --lora-rank 16 --lr 1e-5 --out runs/grpo-lora",
+        OFFLINE + "; --out: runs/grpo holds the run above", fails="cannot load model 'Qwen/Qwen2.5-7B-Instruct': it is not a local directory"),
     LORA_RUN: Case(f"{LORA_RUN} {GRPO} --out X-lora", TINY_RUN + "; --out: X holds the run of the cost example"),
     "python eval.py --dataset dl19 --model X/model --limit 2 --top-k 20 --max-new-tokens 64": Case(
-        f"python eval.py --dataset dl19 --model X-lora/model --limit 2 --top-k 20 --max-new-tokens 64 {EVAL}",
-        SMALL + "; the LoRA run's model/ (X-lora above)", needs=(LORA_RUN,)),
+        f"python eval.py --dataset dl19 --model X-lora/model --limit 2 --top-k 20 --max-new-tokens 64 {EVAL} --out "
+        "runs/X-lora-dl19", SMALL + "; the LoRA run's model/ (X-lora above); --out: the default names a model/ folder "
+        "by its last part, as runs/grpo/model's", needs=(LORA_RUN,)),
     "python memory.py --config qwen2.5-7b --gpu-gb N --lora-rank 16": Case(
         "python memory.py --config qwen2.5-7b --gpu-gb 24 --lora-rank 16", "N = 24, the smallest of the README's table"),
     "python eval.py --dataset dl19 --model bm25 --first-stage-order shuffled --seed 0": Case(

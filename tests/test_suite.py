@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import backend
 import bm25
 import data
 import download
@@ -278,6 +279,7 @@ def test_suite_with_a_model_reports_first_stage_and_reranked_and_replays_on_reru
 
     models = []
     monkeypatch.setattr(ev, "load_generator", lambda cfg: models.append(dist_worker.HashModel()) or models[-1])
+    monkeypatch.setattr(backend, "check_loadable", lambda name: None)  # "fake" loads: it is the hash model above
     root = tmp_path / "data"
     bright_files(root, "pony")
     offline(monkeypatch)
@@ -294,3 +296,11 @@ def test_suite_with_a_model_reports_first_stage_and_reranked_and_replays_on_reru
     assert avg["over"] == ["pony"] and avg["reranked"] == rows["pony"]["reranked"]
     ev.main(argv)
     assert models[-1].asked == 0  # the rerun replayed every window from traces.jsonl
+
+
+def test_a_model_that_cannot_load_ends_the_suite_before_its_first_dataset(tmp_path, monkeypatch, capsys):
+    offline(monkeypatch)
+    monkeypatch.setattr(ev, "load_generator", lambda cfg: pytest.fail("a dataset ran with a model that cannot load"))
+    with pytest.raises(SystemExit, match="error: cannot load model 'no-such-org/no-such-model'.*--model smollm2"):
+        ev.main(["--suite", "standard", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o")])
+    assert "== standard" not in capsys.readouterr().out and not (tmp_path / "o").exists()
