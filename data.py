@@ -1,47 +1,29 @@
-"""Datasets for reranking: typed records, the metric, loaders, and the dataset registry. The bottom of the project.
+"""The data of the method: the records (queries, first-stage candidates, judgments), nDCG@k exactly as trec_eval
+computes it, the first-stage list a reranker is shown, the dataset registry (`load_dataset`), and the training sets
+drawn from it (REARANK's initial state expansion, Rank-R1's one-relevant sets). The file formats are support/formats.py.
 
-Everything the rest of the project reads goes through the records defined here:
-
-    Query(qid, text)                  a search query
-    Candidate(docid, text, score)     one first-stage hit
-    Ranking(query, candidates)        the ordered candidate list of one query
-    Qrels = {qid: {docid: grade}}     graded judgments (trec_eval's own layout)
-
-The metric is here too: `ndcg_at_k` is trec_eval's `ndcg_cut` exactly (METHOD §8), the one nDCG that evaluation,
-the reward and augmentation all use.
-
-Datasets by name (see DATASETS): dl19, dl20 (TREC DL BM25 top-100, test sets), dl21 (graded MS MARCO v2 queries,
-the training seeds; never a test set), scifact (BEIR test split) and scifact-train, the other BEIR sets of REARANK's
-table (trec-covid, nfcorpus, dbpedia-entity; signal1m, trec-news, robust04, whose corpora need TREC's licences) and
-the twelve BRIGHT domains (biology, ..., theoremqa_theorems: download.BRIGHT_DOMAINS), for all of which the project
-runs its own BM25 (bm25.py) over the corpus. Training sets are drawn from these datasets by augment.py.
-
-The data directory is --data-dir, else $REARANK_DATA, else ./data. Missing files of ./data are fetched from their
-public homes (download.py) when the machine is online; offline, the error lists what is missing and where it goes. A
-directory the user named (--data-dir, $REARANK_DATA) is never fetched into: a missing file there is an error at once.
-
-Reading order: the records, the metric, the small readers and writers (TREC, RankGPT JSON, BEIR, JSONL records), the
-data directory, the registry (`DATASETS`, `load_dataset`), the command line.
-
-    python data.py list                                  # the registry
-    python data.py bm25 --dataset scifact                # build/cache the BM25 index, report times
+    python -m support.datasets list                       # the registry
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from bm25 import bm25_retrieve
-from download import BRIGHT_DOMAINS, LICENSED, require
-from files import DataError, atomic_write, jsonl, lines, read_json
+import numpy as np
+
+from support.bm25 import bm25_retrieve
+from support.download import BRIGHT_DOMAINS, LICENSED, require
+from support.files import DataError, atomic_write, jsonl
+from support.formats import (
+    instance_problem, load_beir_corpus, load_beir_queries, load_bright_documents, load_bright_examples, load_qrels,
+    load_topics, read_rankgpt,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # records
@@ -83,7 +65,7 @@ class Dataset:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the metric: nDCG@k exactly as trec_eval's ndcg_cut computes it (METHOD §8); eval.py and the reward use it
+# the metric: nDCG@k exactly as trec_eval's ndcg_cut computes it (docs/method.md §8); eval.py and the reward use it
 
 
 def ndcg_at_k(ranked: Sequence[str], grades: Mapping[str, int], k: int = 10) -> float:
@@ -124,7 +106,9 @@ def ndcg_bounds(docids: Sequence[str], judged: Mapping[str, int], k: int = 10) -
     return ndcg_at_k(docids, judged, k), ndcg_at_k(best, judged, k)
 
 
-# the order a reranker is shown the first stage's top-k in (eval.py --first-stage-order)
+# ----------------------------------------------------------------------------------------------------------------------
+# the first stage: the top-k a reranker is shown, in the order eval.py --first-stage-order says
+
 FIRST_STAGE_ORDERS = ("given", "shuffled", "reversed")
 
 
@@ -156,261 +140,8 @@ def first_stage(ranking: Ranking, top_k: int | None, how: str = "given", seed: i
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# small readers
-
-
-def load_qrels(path: str | Path) -> Qrels:
-    """TREC qrels (`qid 0 docid grade`) or BEIR qrels TSV (`query-id corpus-id score` with a header line).
-
-    A judgment listed twice with the same grade is harmless; with two grades it is an error (which one is meant?).
-    A file with no judgments is an error too: every evaluation against it would score nothing.
-    """
-    qrels: Qrels = {}
-    where: dict[tuple[str, str], int] = {}  # (qid, docid) -> the line that judged it first
-    for lineno, line in lines(path):
-        parts = line.split()
-        if lineno == 1 and parts[:1] == ["query-id"]:
-            continue  # BEIR header
-        if len(parts) == 4:
-            qid, _, docid, grade = parts
-        elif len(parts) == 3:
-            qid, docid, grade = parts
-        else:
-            raise DataError(f"{path}:{lineno}: expected 'qid 0 docid grade' (or BEIR 'qid docid score'), got {line!r}")
-        try:
-            value = int(grade)
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: grade {grade!r} is not an integer") from None
-        before = qrels.setdefault(qid, {}).get(docid)
-        if before is not None and before != value:
-            raise DataError(f"{path}:{lineno}: query {qid} judges {docid} {value}, but line {where[qid, docid]} "
-                            f"judged it {before}; keep one judgment")
-        qrels[qid][docid] = value
-        where.setdefault((qid, docid), lineno)
-    if not qrels:
-        raise DataError(f"{path}: no judgments in the file")
-    return qrels
-
-
-def load_topics(path: str | Path) -> dict[str, str]:
-    """Topics TSV: `qid<TAB>query text` per line; a query id listed twice is an error."""
-    topics = {}
-    for lineno, line in lines(path):
-        qid, sep, text = line.partition("\t")
-        if not sep or not text.strip():
-            raise DataError(f"{path}:{lineno}: expected 'qid<TAB>query', got {line!r}")
-        if qid in topics:
-            raise DataError(f"{path}:{lineno}: query {qid} is listed twice")
-        topics[qid] = text.strip()
-    return topics
-
-
-def load_run(path: str | Path) -> dict[str, dict[str, float]]:
-    """TREC run (`qid Q0 docid rank score tag`) -> {qid: {docid: score}}. Duplicate docids are an error (trec_eval)."""
-    run: dict[str, dict[str, float]] = {}
-    for lineno, line in lines(path):
-        parts = line.split()
-        if len(parts) != 6:
-            raise DataError(f"{path}:{lineno}: expected 'qid Q0 docid rank score tag', got {line!r}")
-        qid, _, docid, _, score, _ = parts
-        try:
-            value = float(score)
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: score {score!r} is not a number") from None
-        if not math.isfinite(value):  # trec_eval would sort a NaN anywhere: the ranking would be undefined
-            raise DataError(f"{path}:{lineno}: score {score!r} is not a finite number")
-        if docid in run.setdefault(qid, {}):
-            raise DataError(f"{path}:{lineno}: docid {docid} appears twice for query {qid}")
-        run[qid][docid] = value
-    if not run:
-        raise DataError(f"{path}: no run lines in the file")
-    return run
-
-
-def load_rankgpt(path: str | Path) -> list[Ranking]:
-    """RankGPT-format JSON (`.json` or `.json.gz`): [{"query": str, "hits": [{"qid", "docid", "content", ...}]}]."""
-    items = read_json(path)
-    if not isinstance(items, list) or not items:
-        raise DataError(f"{path}: expected a non-empty JSON list of {{'query', 'hits'}} objects")
-    rankings, seen = [], {}  # seen: qid -> the entry that listed it first
-    for i, item in enumerate(items):
-        where = f"{path}: entry {i}"
-        if not isinstance(item, dict) or "query" not in item or "hits" not in item:
-            raise DataError(f"{where}: expected an object with 'query' and 'hits'")
-        if not isinstance(item["query"], str) or not item["query"].strip():
-            raise DataError(f"{where}: 'query' must be a non-empty string, got {item['query']!r}")
-        hits = item["hits"]
-        if not isinstance(hits, list):
-            raise DataError(f"{where} (query {item['query']!r}): 'hits' must be a list, got {hits!r:.80}")
-        if not hits:
-            raise DataError(f"{where} (query {item['query']!r}): empty candidate list")
-        candidates = [_hit(h, f"{where}, hit {j}") for j, h in enumerate(hits)]
-        qids = {str(h["qid"]) for h in hits}
-        if len(qids) != 1:
-            raise DataError(f"{where}: the hits name several query ids {sorted(qids)[:5]}; one entry is one query")
-        qid = qids.pop()
-        if qid in seen:  # a second copy would silently replace the first one's candidates downstream
-            raise DataError(f"{where}: query {qid} is listed twice (first in entry {seen[qid]})")
-        seen[qid] = i
-        rankings.append(Ranking(Query(qid, item["query"]), candidates))
-        check_unique(rankings[-1], where)
-    return rankings
-
-
-def _hit(h, where: str) -> Candidate:
-    """One RankGPT hit as a Candidate; a missing field, a null or a wrong type is an error naming the hit."""
-    if not isinstance(h, dict):
-        raise DataError(f"{where}: expected an object with qid, docid, content, got {h!r:.80}")
-    for key, kinds in (("qid", (str, int)), ("docid", (str, int)), ("content", (str,))):
-        if key not in h:
-            raise DataError(f"{where}: missing {key!r}; hits need qid, docid, content")
-        if isinstance(h[key], bool) or not isinstance(h[key], kinds):  # a null content must not become "None"
-            raise DataError(f"{where}: {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {h[key]!r:.80}")
-    score = h.get("score", 0.0)
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-        raise DataError(f"{where}: 'score' must be a finite number, got {score!r:.80}")
-    return Candidate(str(h["docid"]), h["content"], float(score))
-
-
-def check_unique(ranking: Ranking, where: str = "") -> None:
-    """trec_eval refuses a ranking that lists a docid twice; so do we."""
-    seen = set()
-    for c in ranking.candidates:
-        if c.docid in seen:
-            raise DataError(f"{where or 'ranking'}: docid {c.docid} appears twice for query {ranking.query.qid}")
-        seen.add(c.docid)
-
-
-def _beir_jsonl(path: str | Path, what: str, noun: str) -> dict[str, tuple[str, str]]:
-    """{_id: (text, title)} of a BEIR JSONL file: each line's `_id` a string or integer, its `text` (and `title`, if
-    any) strings, and no `_id` listed twice. In errors `what` names a line (corpus, query), `noun` an entry."""
-    records: dict[str, tuple[str, str]] = {}
-    for lineno, rec in jsonl(path):
-        _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
-        if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not isinstance(text, str):
-            raise DataError(f"{path}:{lineno}: a {what} line needs '_id' (string) and 'text' (string)")
-        if not isinstance(title, str):
-            raise DataError(f"{path}:{lineno}: 'title' must be a string, got {title!r:.80}")
-        if str(_id) in records:
-            raise DataError(f"{path}:{lineno}: {noun} {_id} is listed twice")
-        records[str(_id)] = text, title
-    return records
-
-
-def load_beir_corpus(path: str | Path) -> dict[str, str]:
-    """BEIR corpus.jsonl -> {docid: 'Title: {title} Content: {text}'} (METHOD §2; the prompt strips the labels)."""
-    corpus: dict[str, str] = {}
-    for docid, (text, title) in _beir_jsonl(path, "corpus", "document").items():
-        title, text = title.strip(), text.strip()
-        corpus[docid] = f"Title: {title} Content: {text}" if title else text
-    if not corpus:
-        raise DataError(f"{path}: no documents in the file")
-    return corpus
-
-
-def load_beir_queries(path: str | Path) -> dict[str, str]:
-    """BEIR queries.jsonl -> {qid: text}."""
-    return {qid: text for qid, (text, _) in _beir_jsonl(path, "query", "query").items()}
-
-
-def load_bright_documents(path: str | Path) -> dict[str, str]:
-    """BRIGHT's documents (one `{"id", "content"}` a line, the dataset's columns) -> {docid: content}."""
-    docs: dict[str, str] = {}
-    for lineno, rec in jsonl(path):
-        docid, content = rec.get("id"), rec.get("content")
-        if not isinstance(docid, str) or not docid or not isinstance(content, str):
-            raise DataError(f"{path}:{lineno}: a document line needs 'id' (string) and 'content' (string)")
-        if docid in docs:
-            raise DataError(f"{path}:{lineno}: document {docid} is listed twice")
-        docs[docid] = content
-    if not docs:
-        raise DataError(f"{path}: no documents in the file")
-    return docs
-
-
-def load_bright_examples(path: str | Path) -> tuple[dict[str, str], Qrels, dict[str, set[str]]]:
-    """BRIGHT's examples (one `{"query", "id", "gold_ids", "excluded_ids", ...}` a line) -> (queries, qrels, excluded).
-
-    Every gold id is relevant with grade 1 (BRIGHT's judgments are binary). `excluded_ids` are documents a retriever
-    must not return for that query (["N/A"] when none); BRIGHT asserts none of them is gold, and so do we.
-    """
-    queries: dict[str, str] = {}
-    qrels: Qrels = {}
-    excluded: dict[str, set[str]] = {}
-    for lineno, rec in jsonl(path):
-        qid, query = rec.get("id"), rec.get("query")
-        gold, skip = rec.get("gold_ids"), rec.get("excluded_ids", [])
-        if not isinstance(qid, str) or not isinstance(query, str) or not query.strip():
-            raise DataError(f"{path}:{lineno}: an example needs 'id' (string) and 'query' (non-empty string)")
-        for key, ids in (("gold_ids", gold), ("excluded_ids", skip)):
-            if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids):
-                raise DataError(f"{path}:{lineno}: {key!r} must be a list of document ids, got {ids!r:.80}")
-        if qid in queries:
-            raise DataError(f"{path}:{lineno}: query {qid} is listed twice")
-        both = set(gold) & set(skip)
-        if both:
-            raise DataError(f"{path}:{lineno}: query {qid} both excludes and judges relevant {sorted(both)[:3]}")
-        queries[qid] = query.strip()
-        qrels[qid] = dict.fromkeys(gold, 1)
-        excluded[qid] = set(skip) - {"N/A"}
-    if not queries:
-        raise DataError(f"{path}: no examples in the file")
-    return queries, qrels, excluded
-
-
-def read_records(path: Path, record: type, check: Callable[[object], str] | None = None, advice: str = "") -> list:
-    """A JSONL file of dataclass records, one a line (traces.jsonl). A half-written last line (the run was killed, or
-    is still writing) is left out; any other bad line, or a record `check` finds a problem with, is an error naming
-    it (`advice` ends the message: what to do instead)."""
-    if not path.exists():
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text{advice}") from None
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        try:
-            rec = record(**json.loads(line))
-            problem = check(rec) if check else ""
-        except (json.JSONDecodeError, TypeError) as e:
-            if lineno == len(lines):
-                break
-            problem = f"not a {record.__name__} ({e!r})"
-        if problem:
-            raise DataError(f"{path}:{lineno}: {problem}{advice}")
-        records.append(rec)
-    return records
-
-
-def write_run(path: str | Path, rankings: Iterable[Ranking], tag: str = "rearank") -> None:
-    """TREC run file. Scores fall strictly with rank (n, n-1, ..., 1): trec_eval orders by score, not by rank."""
-    with atomic_write(path) as f:
-        for r in rankings:
-            check_unique(r, str(path))
-            n = len(r.candidates)
-            for i, c in enumerate(r.candidates):
-                f.write(f"{r.query.qid} Q0 {c.docid} {i + 1} {n - i} {tag}\n")
-
-
-def write_rankgpt(path: str | Path, rankings: Iterable[Ranking]) -> None:
-    """The inverse of load_rankgpt, so any first stage can be handed to `eval.py --candidates`."""
-    items = [
-        {
-            "query": r.query.text,
-            "hits": [
-                {"content": c.text, "qid": r.query.qid, "docid": c.docid, "rank": i + 1, "score": c.score}
-                for i, c in enumerate(r.candidates)
-            ],
-        }
-        for r in rankings
-    ]
-    with atomic_write(path) as f:
-        f.write(json.dumps(items))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the data directory and the cache
+# the registry: a dataset by name, from the data directory (--data-dir, else $REARANK_DATA, else ./data; files missing
+# from ./data are fetched from their public homes, support/download.py) and our own BM25 for corpus datasets
 
 
 def cache_dir() -> Path:
@@ -424,8 +155,9 @@ def data_dir(explicit: str | Path | None = None) -> Path:
     return Path(explicit or os.environ.get("REARANK_DATA") or "data")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# the registry
+def load_rankgpt(path: str | Path) -> list[Ranking]:
+    """A RankGPT-format JSON file of first-stage candidates (formats.read_rankgpt) as Rankings."""
+    return [Ranking(Query(qid, text), [Candidate(*hit) for hit in hits]) for qid, text, hits in read_rankgpt(path)]
 
 
 def _trec_dl(year: str, folder: str) -> Callable[[Path, bool], Dataset]:
@@ -484,6 +216,8 @@ def _bright(domain: str) -> Callable[[Path, bool], Dataset]:
     return load
 
 
+# TREC DL's BM25 top-100 (dl21: the training seeds, never a test set), BEIR's sets of REARANK's table (signal1m,
+# trec-news and robust04 need TREC's licences), the twelve BRIGHT domains
 DATASETS: dict[str, Callable[[Path, bool], Dataset]] = {
     "dl19": _trec_dl("dl19", "trec_dl"),
     "dl20": _trec_dl("dl20", "trec_dl"),
@@ -500,6 +234,8 @@ TEST_SETS = tuple(name for name in DATASETS if name not in ("dl21", "scifact-tra
 
 
 def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
+    """The dataset `name` from `root` (else $REARANK_DATA, else ./data). Only ./data is fetched into: a file missing
+    from a directory the user named is an error at once."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     named = bool(root or os.environ.get("REARANK_DATA"))  # a directory the user named is complete: no fetching
@@ -507,27 +243,135 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# command line
+# training sets: REARANK's initial state expansion and Rank-R1's one-relevant sets
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="list the datasets")
-    b = sub.add_parser("bm25", help="run (and cache) BM25 for a dataset, report times")
-    b.add_argument("--dataset", default="scifact", help="dataset name")
-    b.add_argument("--data-dir", default=None, help="data directory (default $REARANK_DATA or ./data)")
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == "list":
-            for name in DATASETS:
-                print(name)
-        elif args.cmd == "bm25":
-            ds = load_dataset(args.dataset, args.data_dir)
-            print(f"{ds.name}: {len(ds.rankings)} queries, {sum(len(r.candidates) for r in ds.rankings)} candidates")
-    except DataError as e:
-        sys.exit(f"error: {e}")
+@dataclass
+class TrainInstance:
+    """One candidate set P of one query, in its initial order, with what the reward needs to score a reordering.
+
+    `judged` holds the query's positive judgments (all of them, not only P's): the ideal DCG is computed from them.
+    """
+
+    qid: str
+    query: str
+    candidates: list[Candidate]  # P in its initial order
+    grades: list[int]  # grade of each candidate (0 when unjudged)
+    r_init: float  # nDCG@10 of P as given
+    r_star: float  # nDCG@10 of P sorted by grade: the best any reordering can reach
+    judged: dict[str, int] = field(default_factory=dict)
 
 
-if __name__ == "__main__":
-    main()
+def make_instance(query: Query, candidates: list[Candidate], grades: dict[str, int]) -> TrainInstance:
+    judged = {d: g for d, g in grades.items() if g > 0}
+    r_init, r_star = ndcg_bounds([c.docid for c in candidates], judged)
+    return TrainInstance(
+        query.qid, query.text, candidates, [grades.get(c.docid, 0) for c in candidates], r_init, r_star, judged
+    )
+
+
+def write_instances(path: str | Path, instances: Iterable[TrainInstance]) -> None:
+    """JSONL, one instance a line, written atomically."""
+    with atomic_write(path) as f:
+        for inst in instances:
+            rec = {**inst.__dict__, "candidates": [c.__dict__ for c in inst.candidates]}
+            f.write(json.dumps(rec) + "\n")
+
+
+def read_instances(path: str | Path) -> list[TrainInstance]:
+    """Read what write_instances wrote; a malformed line is an error naming the file and line."""
+    instances = []
+    for lineno, rec in jsonl(path):
+        problem = instance_problem(rec, {f.name for f in fields(TrainInstance)})
+        if problem:
+            raise DataError(f"{path}:{lineno}: not a training instance ({problem}); "
+                            "`python -m support.augment` writes them")
+        cands = [Candidate(c["docid"], c["text"], float(c.get("score", 0.0))) for c in rec["candidates"]]
+        instances.append(TrainInstance(**{**rec, "candidates": cands}))
+    if not instances:
+        raise DataError(f"{path}: no training instances")
+    return instances
+
+
+@dataclass
+class AugmentStats:
+    kept: int = 0
+    no_relevant: int = 0  # P holds no relevant passage
+    below: int = 0  # the filtered nDCG is under the threshold
+
+
+def augment(
+    ds: Dataset, samples: int = 50, size: int = 20, seed: int = 0, min_ndcg: float = 0.1, filter_on: str = "best"
+) -> tuple[list[TrainInstance], AugmentStats]:
+    """Sample `samples` candidate sets of `size` passages from each judged query's first-stage list
+    (docs/method.md §4).
+
+    Each set keeps the order it was drawn in (a random initial state, as the method's "initial state expansion"
+    asks). Sets with no relevant passage are dropped, then sets whose nDCG@10 is below `min_ndcg`: the paper states
+    that filter both on the initial nDCG and on the best reachable one; `filter_on="best"` (the default) filters on
+    r*, which keeps badly ordered sets, the ones with the most to learn from; `"init"` filters on r_init.
+    Reproducible: one random.Random(seed), queries in file order.
+    """
+    if filter_on not in ("best", "init"):
+        raise ValueError(f"filter_on must be 'best' or 'init', not {filter_on!r}")
+    rng, stats, instances = random.Random(seed), AugmentStats(), []
+    for ranking in ds.rankings:
+        grades = ds.qrels.get(ranking.query.qid)
+        if not grades:
+            continue  # an unjudged query cannot be scored
+        for _ in range(samples):
+            sample = rng.sample(ranking.candidates, min(size, len(ranking.candidates)))
+            inst = make_instance(ranking.query, sample, grades)
+            if not any(g > 0 for g in inst.grades):
+                stats.no_relevant += 1
+            elif (inst.r_star if filter_on == "best" else inst.r_init) < min_ndcg:
+                stats.below += 1
+            else:
+                stats.kept += 1
+                instances.append(inst)
+    return instances, stats
+
+
+def augment_setwise(
+    ds: Dataset, samples: int = 50, size: int = 20, seed: int = 0, min_grade: int = 2
+) -> tuple[list[TrainInstance], AugmentStats]:
+    """Rank-R1's training sets (docs/method.md §6): one relevant passage (grade >= `min_grade`) and `size - 1`
+    non-relevant ones from the same query's first-stage candidates, shuffled; up to `samples` sets per judged query.
+
+    Non-relevant means judged 0 or unjudged (MS MARCO's convention: an unjudged passage counts as not relevant);
+    passages with 0 < grade < min_grade are never used, so the label is unambiguous. A query with no relevant
+    candidate, or too few non-relevant ones, gives no sets (counted as `no_relevant` / `below`).
+    """
+    rng, stats, instances = random.Random(seed), AugmentStats(), []
+    for ranking in ds.rankings:
+        grades = ds.qrels.get(ranking.query.qid)
+        if not grades:
+            continue
+        relevant = [c for c in ranking.candidates if grades.get(c.docid, 0) >= min_grade]
+        negatives = [c for c in ranking.candidates if grades.get(c.docid, 0) <= 0]
+        if not relevant:
+            stats.no_relevant += samples
+            continue
+        if len(negatives) < size - 1:
+            stats.below += samples
+            continue
+        for _ in range(samples):
+            chosen = [rng.choice(relevant)] + rng.sample(negatives, size - 1)
+            rng.shuffle(chosen)
+            instances.append(make_instance(ranking.query, chosen, grades))
+            stats.kept += 1
+    return instances, stats
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The training instances of `step`: a fresh permutation every epoch, a function of (step, seed) only, so a
+    resumed run reads exactly the data an uninterrupted one would.
+
+    >>> batch_indices(0, 3, 4, seed=0) + batch_indices(1, 3, 4, seed=0) == batch_indices(0, 6, 4, seed=0)
+    True
+    """
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        out.append(np.random.default_rng([seed, epoch]).permutation(n)[pos])
+    return [int(i) for i in out]

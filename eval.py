@@ -1,28 +1,17 @@
-"""Evaluate a reranker with nDCG@10, exactly as trec_eval's `ndcg_cut` computes it.
+"""Evaluate a reranker with nDCG@10, exactly as trec_eval's `ndcg_cut` computes it (docs/method.md §8).
 
-    python eval.py --dataset dl19 --model bm25             # the first stage alone: nDCG@10 0.5058
+    python eval.py --dataset dl19 --model bm25             # the first stage alone
     python eval.py --dataset dl19 --model smollm2 --top-k 20   # rerank with the embedded model (REARANK prompt)
     python eval.py --dataset dl19 --model le723z/Rearank-7B    # the paper's model (the default on a GPU)
     python eval.py --run RUN.trec --qrels QRELS            # score any TREC run
     python eval.py --candidates FILE.json --qrels QRELS    # a user's RankGPT-format candidates
-    python eval.py --report OUT [--against OUT_B]          # redraw OUT/report.html (report.py), or compare two runs
-    python eval.py --suite standard --model bm25           # DL19, DL20, BEIR's seven: one table (suite.py)
+    python eval.py --report OUT [--against OUT_B]          # redraw OUT/report.html, or compare two runs
+    python eval.py --suite standard --model bm25           # DL19, DL20, BEIR's seven: one table
     torchrun --nproc_per_node 2 eval.py --dataset dl19 --model smollm2   # the queries split over 2 processes
 
-Every evaluation writes, under --out, `run.trec` (scores fall with rank), `metrics.json` (per-query values, the
-config, and the command line). Reranking with a model also writes `traces.jsonl`, one line per window (qid, span,
-docids shown, completion, parsed order), appended as each batch of windows finishes: run the same command again after
-an interruption and the finished windows are replayed from it instead of recomputed. Last, `report.html` (report.py)
-shows it all in a browser: per-query nDCG before and after, each window's reasoning, each passage's move.
-
-The metric is `data.ndcg_at_k`; the reward (reward.py) imports the same function, so training and evaluation can never
-disagree about what nDCG means. trec_eval semantics (METHOD §8): gain = the qrels grade (linear), discount
-log2(rank + 1), ideal DCG from *all* judged documents of the query, a run ordered by score descending with ties broken
-by docid descending, queries without judgments skipped (and counted), duplicate docids an error.
-
-Read last of the evaluation modules: scoring.py (per-query nDCG, two runs compared), evalconfig.py (the settings and
-the --out folder they name), traces.py (traces.jsonl and the merge of several processes' results) and report.py (the
-page) hold the pieces; this file parses the command line, runs the reranker, and writes the outputs.
+Under --out: `run.trec`, `metrics.json` (per-query values, the config, the command line) and, with a model,
+`traces.jsonl` (one line per window, appended as each batch finishes: the same command resumes an interrupted run)
+and `report.html` (per-query nDCG before and after, each window's reasoning, each passage's move).
 """
 
 from __future__ import annotations
@@ -34,36 +23,25 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import dist
-from cli import dataclass_parser
+from support import dist
+from support.cli import dataclass_parser
 from data import (
-    Candidate,
-    DataError,
-    Dataset,
-    Query,
-    Ranking,
-    first_stage,
-    load_dataset,
-    load_qrels,
-    load_rankgpt,
-    load_run,
-    reorder,
-    trec_order,
-    write_run,
+    Candidate, DataError, Dataset, Query, Ranking, first_stage, load_dataset, load_rankgpt, reorder, trec_order,
 )
-from evalconfig import EvalConfig, default_out, prepare_out, slug
-from files import check_out_dir, read_json, write_text
+from support.evalconfig import EvalConfig, default_out, prepare_out, slug
+from support.files import check_out_dir, read_json, write_text
+from support.formats import load_qrels, load_run, write_run
 from rearank import answer_format, window_spans
-from scoring import (
-    Evaluation,
+from support.scoring import (
+    RunScores,
     compare,
-    evaluate,
-    evaluate_rankings,
-    evaluate_run_file,
     format_comparison,
     run_path,
+    score_rankings,
+    score_run,
+    score_run_file,
 )
-from traces import (
+from support.traces import (
     append_traces,
     finish_traces,
     gather_results,
@@ -99,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     return EvalConfig(**vars(args), command=command)
 
 
-def score_reordered_run(cfg: EvalConfig, out: Path) -> Evaluation:
+def score_reordered_run(cfg: EvalConfig, out: Path) -> RunScores:
     """A --run file with each query's list (in trec_eval's order) reordered as --first-stage-order says, scored, and
     written to out/run.trec with scores falling with the new rank (trec_eval sorts by score)."""
     ranked = {qid: reorder(trec_order(scores), cfg.first_stage_order, cfg.seed, qid)
@@ -107,23 +85,23 @@ def score_reordered_run(cfg: EvalConfig, out: Path) -> Evaluation:
     write_run(out / "run.trec", [Ranking(Query(q, ""), [Candidate(d, "") for d in ds]) for q, ds in ranked.items()],
               tag=f"{slug(cfg.run)}-{cfg.first_stage_order}")
     print(f"wrote {out / 'run.trec'} ({cfg.run}, each query's list {cfg.first_stage_order})")
-    return evaluate(ranked, load_qrels(cfg.qrels))
+    return score_run(ranked, load_qrels(cfg.qrels))
 
 
-def check_judged(ev: Evaluation, what: str) -> None:
+def check_judged(ev: RunScores, what: str) -> None:
     """An evaluation that scores no query is an error, not a mean of 0.0000 (the run and the qrels do not match)."""
     if not ev.per_query:
         some = ", ".join(ev.skipped[:3])
         raise DataError(f"{what}: no query of the run is judged (run queries {some}...): are these the right qrels?")
 
 
-def print_metrics(ev: Evaluation, label: str = "") -> None:
+def print_metrics(ev: RunScores, label: str = "") -> None:
     for k, v in ev.mean.items():
         print(f"{label}{k} {v:.4f}")
     print(f"{label}queries {len(ev.per_query)} judged, {len(ev.skipped)} skipped (no judgments)")
 
 
-def save_metrics(path: Path, cfg: EvalConfig, ev: Evaluation, **extra) -> None:
+def save_metrics(path: Path, cfg: EvalConfig, ev: RunScores, **extra) -> None:
     record = {
         "command": cfg.command,
         "config": asdict(cfg),
@@ -164,7 +142,7 @@ def load_input(cfg: EvalConfig) -> Dataset:
 
 def load_generator(cfg: EvalConfig):
     """The model as a greedy `Generate` (backend.HFGenerator), with its load time printed."""
-    from backend import HFGenerator, load_model
+    from support.backend import HFGenerator, load_model
 
     t = time.time()
     model, tokenizer = load_model(cfg.model)
@@ -235,7 +213,7 @@ def setwise_with_model(cfg: EvalConfig, rankings: list[Ranking], mine: list[Rank
         print(f"resuming: {len(done)} calls already in {out / 'traces.jsonl'}")
     generate = load_generator(cfg)
 
-    def truncate(text: str) -> str:  # Rank-R1 cuts passages to 512 tokens on TREC DL (METHOD §6)
+    def truncate(text: str) -> str:  # Rank-R1 cuts passages to 512 tokens on TREC DL (docs/method.md §6)
         ids = generate.tokenizer(text, add_special_tokens=False).input_ids
         return text if len(ids) <= 512 else generate.tokenizer.decode(ids[:512])
 
@@ -295,13 +273,13 @@ def run_suite(cfg: EvalConfig) -> None:
     """Each dataset of cfg.suite evaluated as `eval.py --dataset NAME --out OUT/NAME` (same settings, same figures,
     resumable); one that stops with an error (offline, a licensed corpus) becomes a row saying what it needs. Then
     the table, printed and written as OUT/suite.md and OUT/suite.json."""
-    import suite
+    from support import suite
 
     if cfg.model is None:  # one model for every dataset
-        from backend import default_model
+        from support.backend import default_model
 
         cfg.model = default_model()
-    from backend import SMOLLM2, ModelError, check_loadable
+    from support.backend import SMOLLM2, ModelError, check_loadable
 
     if cfg.model not in ("bm25", SMOLLM2):  # a model that cannot load ends the suite now, not once per dataset
         try:
@@ -336,11 +314,11 @@ def main(argv: list[str] | None = None) -> None:
             return run_suite(cfg)
         if cfg.compare:
             qrels = load_qrels(cfg.qrels) if cfg.qrels else load_dataset(cfg.dataset, cfg.data_dir).qrels
-            a, b = (evaluate_run_file(run_path(r), qrels) for r in cfg.compare)
+            a, b = (score_run_file(run_path(r), qrels) for r in cfg.compare)
             print(format_comparison(compare(a, b, seed=cfg.seed), *cfg.compare))
             return
         if cfg.report:  # pages from a finished run's files: no model, nothing scored
-            import report
+            from support import report
 
             path = report.write_comparison(cfg.report, cfg.against) if cfg.against else report.write_report(cfg.report)
             print(f"wrote {path}")
@@ -351,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(cfg.out) if cfg.out else default_out(cfg)
             prepare_out(out, cfg)
             if cfg.first_stage_order == "given":
-                ev = evaluate_run_file(cfg.run, load_qrels(cfg.qrels))
+                ev = score_run_file(cfg.run, load_qrels(cfg.qrels))
             else:
                 ev = score_reordered_run(cfg, out)
             check_judged(ev, f"{cfg.run} against {cfg.qrels}")
@@ -360,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {out / 'metrics.json'}")
             return
         if cfg.model is None:
-            from backend import default_model
+            from support.backend import default_model
 
             cfg.model = default_model()
         out = Path(cfg.out) if cfg.out else default_out(cfg)
@@ -374,8 +352,8 @@ def main(argv: list[str] | None = None) -> None:
               f"(loaded in {time.time() - t:.1f}s)")
         if ds.note:
             print(f"note: {ds.name} is {ds.note}")
-        first = evaluate_rankings(rankings, ds.qrels)
-        check_judged(first, f"{cfg.candidates} against {cfg.qrels}" if cfg.candidates else cfg.dataset)
+        first_stage_scores = score_rankings(rankings, ds.qrels)
+        check_judged(first_stage_scores, f"{cfg.candidates} against {cfg.qrels}" if cfg.candidates else cfg.dataset)
         extra = {}
         if cfg.model != "bm25":
             if cfg.batch_size is None:
@@ -383,18 +361,19 @@ def main(argv: list[str] | None = None) -> None:
 
                 cfg.batch_size = default_batch_size(len(rankings), torch.cuda.is_available())
             print("config: " + json.dumps(asdict(cfg)))
-            print_metrics(first, "first stage ")
+            print_metrics(first_stage_scores, "first stage ")
             rankings, extra = rerank_with_model(cfg, rankings, out)
             if not dist.is_main():
                 return
-            print_metrics(ev := evaluate_rankings(rankings, ds.qrels), "reranked ")
+            print_metrics(ev := score_rankings(rankings, ds.qrels), "reranked ")
         else:
-            print_metrics(ev := first)
+            print_metrics(ev := first_stage_scores)
         write_run(out / "run.trec", rankings, tag=slug(cfg.model))
-        save_metrics(out / "metrics.json", cfg, ev, seconds=round(time.time() - t, 1), first_stage=first.mean, **extra)
+        save_metrics(out / "metrics.json", cfg, ev, seconds=round(time.time() - t, 1),
+                     first_stage=first_stage_scores.mean, **extra)
         print(f"wrote {out / 'run.trec'} and {out / 'metrics.json'}" + (f" ({time.time() - t:.0f}s)" if extra else ""))
         if extra:  # a model ran: draw what it thought
-            import report
+            from support import report
 
             print(f"wrote {report.write_report(out)}")
     except DataError as e:

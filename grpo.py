@@ -1,4 +1,4 @@
-"""A hand-written GRPO loop that teaches an LLM to rerank with reasoning (REARANK; METHOD §3-§5).
+"""A hand-written GRPO loop that teaches an LLM to rerank with reasoning (REARANK; docs/method.md §3-§5).
 
     python grpo.py --model Qwen/Qwen2.5-7B-Instruct                         # the paper's recipe, one GPU
     python grpo.py --model smollm2 --dataset dl21 --steps 40 --size 5       # the embedded model on CPU
@@ -8,51 +8,18 @@
     accelerate launch --config_file launch/ddp.yaml grpo.py ...             # data parallel on several GPUs
     python grpo.py --model Qwen/Qwen2.5-7B-Instruct --lora-rank 16 --lr 1e-5  # LoRA (Rank-R1): one 24-48 GB GPU
 
-One step: B training instances (candidate sets sampled by `augment.py`, METHOD §4), each rendered with the REARANK
-prompt -> G completions each, sampled by `backend.generate_tokens` (the generation path evaluation uses) -> the REARANK
-reward (reward.py) -> advantages within each group -> the clipped policy-gradient loss on the generated token ids ->
-one optimizer step. Everything a step did is one line on stdout and one JSON object in <out>/metrics.jsonl.
-
-A group's G completions share one prompt (~2,300 tokens for 20 passages, against a few hundred per completion), so
-the prompt runs once per group, not G times: in the rollout prefill, the old-policy and reference passes and the
-policy's forward and backward (prefix.py; exact, its tests compare gradients with the usual way in float64).
-`--repeat-prompt` runs it G times, as TRL and verl do, to compare.
-
-How this departs from vanilla GRPO (DeepSeekMath, arXiv 2402.03300):
-
-1. The loss is averaged over all completion tokens of the rollout batch (DAPO; TRL's default `loss_type="dapo"`),
-   not per sequence and then per group: every token weighs the same, so a long completion is not diluted and a short
-   one not amplified (the per-sequence mean carries a length bias, Dr. GRPO). Gradient accumulation divides by the
-   token count of the whole batch, so micro-batches (`--micro-batch`) do not change the gradient.
-2. `--no-std` drops the std from the advantage (Dr. GRPO): with std, a group that differs only in a format bit gets
-   advantages as large as a group that differs in ranking quality (METHOD §5 pitfalls).
-3. The KL penalty to the frozen initial policy is on, as the design has it, with verl's default coefficient
-   (`--beta 0.001`, k3 "low_var_kl"; REARANK trained with verl, ReasonRank and nano-aha-moment use 0.001 too): the
-   k3 estimator per token, as DeepSeekMath. `--reference offload` keeps the reference in CPU memory and brings it to
-   the GPU only for its no-grad pass; `--beta 0` (TRL's and DAPO's default) builds no reference at all.
-4. With one update per rollout batch (`--updates 1`, the default) the old policy *is* the current one: the ratio is
-   exp(logp - logp.detach()) == 1, the clip is inert and no extra forward pass is made. With `--updates > 1` the old
-   log-probs are computed once, under no_grad, before the first update.
-5. Generation stops at `</answer>` (or EOS); what follows is masked, as is padding. Completions cut by
-   `--max-new-tokens` are kept and scored (their answer is missing, so they mostly score 0) and counted as truncated.
-6. Adam steps of size lr = 1e-6 vanish when added to bf16 weights (the bf16 spacing near 0.02 is 1.2e-4), so by
-   default the weights stay fp32 (master weights) and the forward runs in bf16 autocast on CUDA. That costs 10 bytes a
-   parameter with 8-bit Adam: 76 GB for a 7B model, too much for one 80 GB GPU once activations come in. With
-   `--bf16-weights` the weights stay bf16 and `BF16AdamW` (optimizer.py) keeps bf16 moments and writes each update
-   back with stochastic rounding (unbiased: a 1e-6 step moves a weight one bf16 spacing with probability
-   1e-6 / spacing): 8 bytes a parameter, 61 GB for 7B. The first step reports how many weights moved.
-
-Reading order: the top of the project. Here: the config, the maths (advantages, the loss), the backward, and the
-loop in labelled phases. The no-grad half of a step is rollout.py: the `Task` (REARANK's listwise or Rank-R1's
-setwise training sets, prompt and reward: the loop serves both), sampling and scoring groups, the old-policy and
-reference log-probs, the held-out evaluation. Then optimizer.py (AdamW, 8-bit on CUDA, BF16AdamW), runlog.py (the
-step's line, the JSONL logs, curves.png), checkpoint.py (the --out guard, --resume's checkpoint, the exported model,
-Ctrl-C), lora.py (--lora-rank: adapters on a frozen base, the reference with them off), memory.py (the plan made
-before loading) and dist.py (several processes).
+One step (`train`): B training instances -> G sampled completions each (`rollout`) -> the REARANK reward -> advantages
+within each group -> the clipped policy-gradient loss and its backward (`policy_backward`) -> one optimizer step.
+A group's prompt runs once, not G times (support/prompt_once.py); `--repeat-prompt` repeats it, as TRL and verl do.
+Where it departs from vanilla GRPO (DeepSeekMath, arXiv 2402.03300), each said at its line: the loss is a token mean
+over the whole batch (DAPO); `--no-std` (Dr. GRPO); a k3 KL to a frozen reference; the ratio is 1 with one update;
+tokens after `</answer>` are masked; `--bf16-weights` rounds stochastically.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import random
@@ -60,31 +27,32 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-import dist
-import lora
-from augment import batch_indices
-from backend import ModelError, cast_model, load_model
-from checkpoint import (
+from data import (
+    FIRST_STAGE_ORDERS, AugmentStats, DataError, Dataset, TrainInstance, augment,
+    augment_setwise, batch_indices, first_stage, load_dataset, make_instance, read_instances,
+)
+from rearank import ANSWER_END, MAX_CHARS, build_prompt
+from reward import RANK_REWARDS, Reward, rerank_reward, setwise_set_reward
+from setwise import build_setwise_prompt
+from support import dist, lora
+from support.backend import ModelError, cast_model, eos_ids, generate_tokens, load_model
+from support.checkpoint import (
     CtrlC, check_out, check_resume_config, resume, rng_state, save_checkpoint, set_rng_state, update_model_card,
 )
-from cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int, positive_float, positive_int
-from data import DATASETS, FIRST_STAGE_ORDERS, TEST_SETS, DataError
-from files import check_file
-from memory import plan_memory
-from model_shape import LORA_TARGETS, parse_targets
-from optimizer import make_optimizer, moved_fraction, weight_sample
-from prefix import group_backward
-from rearank import MAX_CHARS
-from reward import RANK_REWARDS
-from rollout import (
-    REFERENCE_PLACEMENTS, TASKS, Rollout, configured_task, evaluate, frozen_logprobs, gather_rollouts, held_out,
-    make_reference, read_qids, rollout, training_sets,
-)
-from runlog import append_jsonl, episodes, log_line, plot, read_jsonl, rewind_logs, step_record
+from support.cli import arg, dataclass_parser, explicit_flags, nonneg_float, nonneg_int, positive_float, positive_int
+from support.files import read_qids
+from support.grpo_checks import config_problem
+from support.memory import plan_memory
+from support.model_shape import LORA_TARGETS
+from support.optimizer import make_optimizer, moved_fraction, weight_sample
+from support.prompt_once import completion_logprobs, micro_batches, prompt_pass, unpadded
+from support.reference import REFERENCE_PLACEMENTS, make_reference
+from support.runlog import append_jsonl, episodes, log_line, plot, read_jsonl, rewind_logs, step_record
 
 # ----------------------------------------------------------------------------------------------------------------------
 # config
@@ -95,7 +63,7 @@ class Config:
     model: str = arg("smollm2", "'smollm2' (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a "
                                 "hub id")
     method: str = arg("listwise", "listwise (REARANK: reorder the set) or setwise (Rank-R1: name the most relevant "
-                                  "passage)", choices=tuple(TASKS))
+                                  "passage)", choices=("listwise", "setwise"))
     prompt: str = arg("rearank", "listwise prompt, for training and held-out evaluation alike: rearank (reasoning "
                                  "in <think>, the list in <answer>) or rankgpt (the list alone; the format terms then "
                                  "never fire unless --list-format)", choices=tuple(MAX_CHARS))
@@ -106,8 +74,9 @@ class Config:
     rank_reward: str = arg("normalised", "listwise rank term: normalised (r_rerank - r_init) / (r* - r_init), the "
                                          "default; difference r_rerank - r_init; ndcg r_rerank (the paper's ablation)",
                        choices=tuple(RANK_REWARDS))
-    dataset: str = arg("dl21", "dataset whose judged queries seed the training sets (augmented in memory, METHOD §4)")
-    train_file: str = arg("", "JSONL of training instances from `augment.py` (overrides --dataset)")
+    dataset: str = arg("dl21", "dataset whose judged queries seed the training sets (augmented in memory, "
+                               "docs/method.md §4)")
+    train_file: str = arg("", "JSONL of training instances from `python -m support.augment` (overrides --dataset)")
     samples: int = arg(50, "augmentation: candidate sets sampled per query", positive_int)
     size: int = arg(20, "augmentation: passages per candidate set (the paper: 20)", positive_int)
     min_ndcg: float = arg(0.1, "augmentation: drop sets whose best reachable nDCG@10 is below this", nonneg_float)
@@ -135,8 +104,8 @@ class Config:
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     bf16_weights: bool = arg(False, "bf16 weights updated with stochastic rounding (BF16AdamW): what fits a 7B model "
                                     "on 80 GB")
-    lora_rank: int = arg(0, "train LoRA adapters of this rank on a frozen base instead of every weight (lora.py; "
-                            "Rank-R1: 16); 0 = full fine-tuning, the paper's method", nonneg_int)
+    lora_rank: int = arg(0, "train LoRA adapters of this rank on a frozen base instead of every weight "
+                            "(support/lora.py; Rank-R1: 16); 0 = full fine-tuning, the paper's method", nonneg_int)
     lora_alpha: float = arg(32.0, "LoRA scale: each adapted linear adds (alpha / rank) B A x", positive_float)
     lora_targets: str = arg(",".join(LORA_TARGETS), "linears that get adapters, comma-separated module names (default: "
                                                     "every linear of attention and MLP, as Rank-R1)")
@@ -165,7 +134,7 @@ class Config:
     data_dir: str = arg("", "data directory (default $REARANK_DATA, else ./data)")
     memory: str = arg("auto", "auto: plan memory before loading and pick what the user did not set (fp32 or bf16 "
                               "weights, checkpointing, micro-batch, rollout batch, logits chunk, where the reference "
-                              "lives); off: the flags as given (memory.py)", choices=("auto", "off"))
+                              "lives); off: the flags as given (support/memory.py)", choices=("auto", "off"))
     memory_gb: float = arg(0.0, "memory budget the plan fits in, GB (0 = the device's free memory)", nonneg_float)
     logits_chunk: int = arg(0, "positions per lm_head chunk in the training passes (0 = the planner picks; all at "
                                "once with --memory off)", nonneg_int)
@@ -174,69 +143,221 @@ class Config:
                                  "decides)", choices=REFERENCE_PLACEMENTS)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
-    p = dataclass_parser(Config, __doc__)
-    p.add_argument("--plot", action="store_true", help="only redraw <out>/curves.png from <out>/metrics.jsonl")
-    args = vars(p.parse_args(argv))
-    plot_only = args.pop("plot")
-    cfg = Config(**args)
-    if not plot_only and (problem := config_problem(cfg)):
-        p.error(problem)
-    return cfg, plot_only
+# ----------------------------------------------------------------------------------------------------------------------
+# the task: what a prompt looks like and how a completion is scored
 
 
-def config_problem(cfg: Config) -> str:
-    """What is wrong with a parsed Config across flags (argparse checked each one alone), or "" when nothing is."""
-    if cfg.group_size < 2:
-        return f"--group-size {cfg.group_size}: GRPO compares completions within a group; it needs at least 2"
-    if cfg.size < 2:
-        return f"--size {cfg.size}: a candidate set needs at least 2 passages to have an order"
-    if cfg.min_ndcg > 1:
-        return f"--min-ndcg {cfg.min_ndcg}: nDCG@10 is at most 1, so every set would be dropped"
-    if cfg.clip_eps >= 1:
-        return f"--clip-eps {cfg.clip_eps}: the clip range [1-eps, 1+eps] needs eps < 1"
-    if cfg.method != "listwise" and (cfg.prompt, cfg.rank_reward, cfg.list_format) != ("rearank", "normalised", False):
-        return ("--prompt, --rank-reward and --list-format are listwise settings; setwise has Rank-R1's prompt and "
-                "reward")
-    if cfg.resume and cfg.overwrite:
-        return "--resume continues the run in --out, --overwrite deletes it: choose one"
+class Task(NamedTuple):
+    """What differs between REARANK and Rank-R1: the training sets, the prompt, and the reward. The loop is shared."""
+
+    augment: Callable[[Dataset, object], tuple[list[TrainInstance], AugmentStats]]  # (dataset, grpo.Config)
+    prompt: Callable[[TrainInstance], list[dict]]
+    reward: Callable[[str, TrainInstance], Reward]
+
+
+TASKS = {
+    "listwise": Task(
+        augment=lambda ds, cfg: augment(ds, cfg.samples, cfg.size, cfg.seed, cfg.min_ndcg),
+        prompt=lambda inst, style="rearank": build_prompt(inst.query, [c.text for c in inst.candidates], style),
+        reward=lambda text, inst, variant="normalised", list_format=False: rerank_reward(
+            text, [c.docid for c in inst.candidates], inst.judged, variant=variant, list_format=list_format),
+    ),
+    "setwise": Task(
+        augment=lambda ds, cfg: augment_setwise(ds, cfg.samples, cfg.size, cfg.seed),
+        prompt=lambda inst: build_setwise_prompt(inst.query, [c.text for c in inst.candidates]),
+        reward=lambda text, inst: setwise_set_reward(text, [c.docid for c in inst.candidates], inst.judged),
+    ),
+}
+
+
+def configured_task(cfg) -> Task:
+    """TASKS[cfg.method] with the listwise prompt style and reward settings of `cfg` bound in (setwise has one of
+    each). Only settings that differ from the defaults are bound, so a task's functions with the plain (inst) and
+    (text, inst) signatures, as tests swap in, serve a default run unchanged."""
+    task = TASKS[cfg.method]
+    if cfg.method != "listwise":
+        return task
+    style = {"style": cfg.prompt} if cfg.prompt != "rearank" else {}
+    scoring = {k: v for k, v in (("variant", cfg.rank_reward), ("list_format", cfg.list_format))
+               if v != {"variant": "normalised", "list_format": False}[k]}
+    return task._replace(prompt=functools.partial(task.prompt, **style),
+                         reward=functools.partial(task.reward, **scoring))
+
+
+def training_sets(cfg, task: Task) -> list[TrainInstance]:
+    """--train-file's instances, or the task's training sets augmented in memory from --dataset (docs/method.md §4)."""
     if cfg.train_file:
-        try:
-            check_file(cfg.train_file)
-        except DataError as e:
-            return f"--train-file {e}"
-    elif cfg.dataset not in DATASETS:
-        return f"--dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}"
-    elif cfg.dataset in TEST_SETS:
-        return (f"--dataset {cfg.dataset} is a test set: training on it makes its evaluation meaningless; use dl21 or "
-                "scifact-train (or a --train-file from `augment.py --allow-test-set`)")
+        return read_instances(cfg.train_file)
+    instances, st = task.augment(load_dataset(cfg.dataset, cfg.data_dir or None), cfg)
+    print(f"data: {cfg.dataset}: {st.kept} {cfg.method} training sets of {cfg.size} "
+          f"({st.no_relevant + st.below} dropped)")
+    return instances
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rollouts: prompts -> generate_tokens -> rewards; held-out evaluation takes the same path
+
+
+@dataclass
+class Rollout:
+    """A rollout batch: B prompts, G scored completions each, laid out group after group."""
+
+    prompts: list[torch.Tensor]  # (B,) unpadded prompt ids (P_b,); completions b*G .. b*G+G-1 continue prompt b
+    completion_ids: torch.Tensor  # (B*G, C), padded after each completion's stop
+    completion_mask: torch.Tensor  # (B*G, C)
+    texts: list[str]  # (B*G,)
+    rewards: list[Reward]  # (B*G,)
+    truncated: list[bool]  # (B*G,) cut by max_new_tokens before the answer closed
+
+    @property
+    def group_size(self) -> int:
+        return len(self.texts) // len(self.prompts)
+
+    def group(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice]:
+        """Group b: its prompt (P,), completions (G, C_b) and mask (G, C_b) cut to its longest completion, its rows."""
+        rows = slice(b * self.group_size, (b + 1) * self.group_size)
+        mask = self.completion_mask[rows]
+        length = max(1, int(mask.sum(dim=1).max()))
+        return self.prompts[b], self.completion_ids[rows, :length], mask[:, :length], rows
+
+
+def rollout(model, tokenizer, task: Task, batch: Sequence[TrainInstance], group_size: int, *, max_new_tokens: int,
+            temperature: float = 1.0, greedy: bool = False, repeat_prompt: bool = False,
+            rollout_batch: int = 0) -> Rollout:
+    """G completions of each prompt of `batch`, sampled and scored; `rollout_batch` prompts per generate call (0: all
+    at once): the KV cache holds that many times G rows (--rollout-batch, memory.py)."""
+    if 0 < rollout_batch < len(batch):
+        return joined([rollout(model, tokenizer, task, batch[i : i + rollout_batch], group_size,
+                               max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                               repeat_prompt=repeat_prompt) for i in range(0, len(batch), rollout_batch)])
+    model.eval()  # no dropout while sampling; generate uses the KV cache
+    gen = generate_tokens(
+        model, tokenizer, [task.prompt(inst) for inst in batch], max_new_tokens=max_new_tokens,
+        do_sample=not greedy, temperature=temperature, num_return_sequences=group_size, repeat_prompt=repeat_prompt,
+    )
+    owners = [inst for inst in batch for _ in range(group_size)]  # rows b*G .. b*G+G-1 answer prompt b
+    rewards = [task.reward(text, inst) for text, inst in zip(gen.texts, owners)]
+    # generation stopped at </answer> or EOS and masked what follows (backend.stop_lengths); completions cut by
+    # --max-new-tokens are kept and scored (their answer is missing, so they mostly score 0) and counted as truncated
+    eos = eos_ids(model, tokenizer)
+    lengths = gen.completion_mask.sum(dim=1).tolist()
+    last = [int(gen.completion_ids[i, n - 1]) if n else -1 for i, n in enumerate(lengths)]
+    truncated = [ANSWER_END not in t and tok not in eos for t, tok in zip(gen.texts, last)]
+    prompts = unpadded(gen.prompt_ids, gen.prompt_mask)
+    return Rollout(prompts, gen.completion_ids, gen.completion_mask, gen.texts, rewards, truncated)
+
+
+def joined(parts: list[Rollout]) -> Rollout:
+    """Rollouts of consecutive prompts as one, their completions right-padded to the longest (masked, id 0)."""
+    width = max(p.completion_ids.shape[1] for p in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return Rollout([x for p in parts for x in p.prompts], torch.cat([pad(p.completion_ids) for p in parts]),
+                   torch.cat([pad(p.completion_mask) for p in parts]), [x for p in parts for x in p.texts],
+                   [x for p in parts for x in p.rewards], [x for p in parts for x in p.truncated])
+
+
+class StepOutcomes(NamedTuple):
+    """What the step's log reports, over every process's completions in global batch order."""
+
+    rewards: list[Reward]
+    lengths: list[int]
+    truncated: list[bool]
+
+
+def gather_rollouts(groups: Rollout) -> StepOutcomes:
+    parts = dist.gather((groups.rewards, groups.completion_mask.sum(dim=1).tolist(), groups.truncated))
+    return StepOutcomes(*([x for part in parts for x in part[i]] for i in range(3)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the old policy's and the reference's log-probs (no grad)
+
+
+def group_logprobs(model, groups: Rollout, cfg) -> list[torch.Tensor]:
+    """Log-probs of each group's completions, (G, C_b) per group, under `model` (no grad: old policy, reference)."""
+    out = []
+    for b in range(len(groups.prompts)):
+        prompt, ids, mask, _ = groups.group(b)
+        out.append(completion_logprobs(model, prompt, ids, mask, cfg.temperature, repeat_prompt=cfg.repeat_prompt,
+                                       micro_batch=cfg.micro_batch or None, logits_chunk=cfg.logits_chunk))
+    return out
+
+
+@torch.no_grad()
+def reference_logprobs(ref, groups: Rollout, cfg) -> list[torch.Tensor]:
+    """The rollout's log-probs under the frozen reference (a Reference, or LoRA's base with the adapters off)."""
+    with ref.on_device() as model:
+        return group_logprobs(model, groups, cfg)
+
+
+def frozen_logprobs(policy, ref: Reference | None, groups: Rollout, cfg,
+                    accelerator) -> tuple[list | None, list | None, float]:
+    """The log-probs a step compares the policy with, under no_grad: the old policy's, only with --updates > 1 (with
+    one update the old policy is the current one, the ratio is 1), and the reference's, only with --beta > 0. Returns
+    them (None where not needed) and the seconds the reference pass took."""
+    from accelerate.utils import AutocastKwargs
+
+    old_logp = ref_logp = None
+    ref_s = 0.0
+    # autocast caches a bf16 cast of every fp32 weight until its context ends (15 GB at 7B): worth it across the
+    # rollout's decoding steps, but a no-grad pass never needs the casts afterwards
+    with torch.no_grad(), accelerator.autocast(AutocastKwargs(cache_enabled=False)):
+        if cfg.updates > 1:
+            old_logp = group_logprobs(policy, groups, cfg)
+        if ref is not None:
+            t = time.time()
+            ref_logp = reference_logprobs(ref, groups, cfg)
+            ref_s = time.time() - t
+    return old_logp, ref_logp, ref_s
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# held-out evaluation
+
+
+def held_out(cfg) -> list[TrainInstance]:
+    """The top-`eval_size` candidates of each judged query of the held-out set, in first-stage order (or reordered
+    as `eval_order` says: data.first_stage, the lists eval.py --first-stage-order gives)."""
+    ds = load_dataset(cfg.eval_dataset, cfg.data_dir or None)
+    judged = [r for r in ds.rankings if ds.qrels.get(r.query.qid)]
     if cfg.eval_qids:
-        try:
-            read_qids(cfg.eval_qids)
-        except DataError as e:
-            return f"--eval-qids {e}"
-    if cfg.eval_every and cfg.eval_dataset not in DATASETS:
-        return f"--eval-dataset {cfg.eval_dataset!r}: choose one of {', '.join(DATASETS)}"
-    if cfg.eval_every and not cfg.train_file and cfg.eval_dataset == cfg.dataset:
-        return f"--eval-dataset {cfg.eval_dataset} is also the training --dataset: held-out means not trained on"
-    return lora_problem(cfg)
+        wanted = read_qids(cfg.eval_qids)
+        judged = [r for r in judged if r.query.qid in wanted]
+        if missing := wanted - {r.query.qid for r in judged}:
+            raise DataError(f"--eval-qids: {len(missing)} not judged queries of {cfg.eval_dataset}: "
+                            f"{sorted(missing)[:5]}")
+    if cfg.eval_queries:
+        judged = judged[: cfg.eval_queries]
+    shown = [first_stage(r, cfg.eval_size, cfg.eval_order, cfg.seed) for r in judged]
+    return [make_instance(r.query, r.candidates, ds.qrels[r.query.qid]) for r in shown]
 
 
-def lora_problem(cfg: Config) -> str:
-    """What is wrong with the LoRA flags given together with the others, or ""."""
-    if not cfg.lora_rank:
-        if (cfg.lora_alpha, cfg.lora_targets) != (Config.lora_alpha, Config.lora_targets):
-            return "--lora-alpha and --lora-targets shape LoRA adapters: they need --lora-rank > 0"
-        return ""
-    if not parse_targets(cfg.lora_targets):
-        return "--lora-targets: name at least one linear module, e.g. q_proj,v_proj"
-    if cfg.reference != "auto":
-        return (f"--reference {cfg.reference}: with --lora-rank the KL's reference is the base with the adapters "
-                "switched off, the same weights as the policy's: there is no copy to place; drop --reference")
-    if cfg.bf16_weights:
-        return ("--bf16-weights trains every weight in bf16; with --lora-rank the base is frozen (bf16 on CUDA "
-                "already) and the adapters stay fp32: drop --bf16-weights")
-    return ""
+@torch.no_grad()
+def evaluate(model, tokenizer, task: Task, instances: list[TrainInstance], cfg,
+             gather: Callable[[list], list] = lambda xs: xs) -> dict[str, float]:
+    """Greedy completions for the held-out windows: mean reward (and parts) and nDCG@10 of the reordered windows.
+
+    With several processes each passes its block of the windows and `gather` (dist.gather_lists) joins the blocks."""
+    from tqdm import tqdm
+
+    rewards, ndcg, base = [], [], []
+    for i in tqdm(range(0, len(instances), cfg.eval_batch_size), desc="held-out", unit="batch", leave=False):
+        chunk = instances[i : i + cfg.eval_batch_size]
+        groups = rollout(model, tokenizer, task, chunk, 1, max_new_tokens=cfg.max_new_tokens, greedy=True)
+        rewards += groups.rewards
+        ndcg += [r.ndcg for r in groups.rewards]
+        base += [inst.r_init for inst in chunk]
+    rewards, ndcg, base = gather(rewards), gather(ndcg), gather(base)
+    mean = lambda xs: float(np.mean(xs))  # noqa: E731
+    return {
+        "reward": mean([r.total for r in rewards]),
+        "rank": mean([r.rank for r in rewards]),
+        "format1": mean([r.format1 for r in rewards]),
+        "format2": mean([r.format2 for r in rewards]),
+        "ndcg@10": mean(ndcg),
+        "ndcg@10_first_stage": mean(base),
+        "queries": len(base),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -278,14 +399,19 @@ def grpo_loss(
     """
     mask = mask.float()
     n_tokens = n_tokens or int(mask.sum().clamp(min=1))
+    # one update per rollout batch: the old policy is the current one, so rho = exp(logp - logp.detach()) == 1, the
+    # clip is inert, and no old-policy pass is made
     old = logp.detach() if old_logp is None else old_logp
     ratio = torch.exp(logp - old)  # (N, C)
     adv = advantages[:, None]  # (N, 1)
     objective = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # (N, C)
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
-        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # k3: pi_ref/pi - log(pi_ref/pi) - 1 >= 0
+        # k3, as DeepSeekMath (verl's "low_var_kl"): pi_ref/pi - log(pi_ref/pi) - 1 >= 0, per token
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
     per_token = -(objective - beta * kl)
+    # DAPO (TRL's loss_type="dapo"): a mean over every token of the batch, not per sequence then per group, so a long
+    # completion is not diluted nor a short one amplified (the per-sequence mean's length bias, Dr. GRPO)
     loss = (per_token * mask).sum() / n_tokens
     clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
     denom = mask.sum().clamp(min=1)
@@ -298,38 +424,39 @@ def grpo_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the policy-gradient half of a step (the no-grad half is rollout.py)
+# the update: the loss and its backward, then the optimizer step
 
 
-def policy_backward(model, ro: Rollout, adv: torch.Tensor, old_logp: list | None, ref_logp: list | None,
+def policy_backward(model, groups: Rollout, adv: torch.Tensor, old_logp: list | None, ref_logp: list | None,
                     cfg: Config, n_tokens: float | None = None) -> tuple[float, dict[str, float]]:
     """One backward of the GRPO loss over the whole rollout batch, group by group and micro-batch by micro-batch.
+    Returns the loss and the token means of grpo_loss's statistics.
 
-    Every micro-batch's loss is divided by the token count of the whole batch (DAPO), so the gradients add up to
-    those of one loss over the batch. Returns the loss and the token means of grpo_loss's statistics.
     With several processes `n_tokens` is the count over all of them: each returns its share of the global loss and
     of the means, and the shares sum to them (`dist.all_reduce_sum`, `dist.all_reduce_grads`).
     """
-    n_tokens = n_tokens or int(ro.completion_mask.sum().clamp(min=1))
+    n_tokens = n_tokens or int(groups.completion_mask.sum().clamp(min=1))
     total, sums = 0.0, {"kl": 0.0, "ratio": 0.0, "clip_frac": 0.0}
-    for b in range(len(ro.prompts)):
-        prompt, ids, mask, rows = ro.group(b)
-
-        def loss_fn(logp: torch.Tensor, sub: slice) -> torch.Tensor:  # sub: rows within the group
-            old = None if old_logp is None else old_logp[b][sub]
-            ref = None if ref_logp is None else ref_logp[b][sub]
-            loss, stats = grpo_loss(logp, old, ref, adv[rows][sub], mask[sub], cfg.clip_eps, cfg.beta, n_tokens)
-            for k in sums:  # token-weighted, so the means are over the batch's tokens
-                sums[k] += stats[k] * float(mask[sub].sum())
-            return loss
-
-        # the backward runs inside (loss.backward()): Accelerate's backward adds nothing on one device with bf16
-        total += group_backward(model, prompt, ids, mask, loss_fn, cfg.temperature, cfg.micro_batch or None,
-                                shared=not cfg.repeat_prompt, logits_chunk=cfg.logits_chunk)
+    for b in range(len(groups.prompts)):
+        prompt, ids, mask, rows = groups.group(b)
+        # the group's prompt runs once (support/prompt_once.py); leaving the block backpropagates through it once
+        with prompt_pass(model, prompt, cfg.repeat_prompt, cfg.temperature, cfg.logits_chunk) as score:
+            for sub in micro_batches(len(ids), cfg.micro_batch):  # sub: rows within the group
+                logp = score(ids[sub], mask[sub])  # (b, C)
+                old = None if old_logp is None else old_logp[b][sub]
+                ref = None if ref_logp is None else ref_logp[b][sub]
+                # DAPO: every micro-batch divides by the whole batch's token count, so the gradients add up to
+                # those of one loss over the batch
+                loss, stats = grpo_loss(logp, old, ref, adv[rows][sub], mask[sub], cfg.clip_eps, cfg.beta, n_tokens)
+                for k in sums:  # token-weighted, so the means are over the batch's tokens
+                    sums[k] += stats[k] * float(mask[sub].sum())
+                # not accelerator.backward: it adds nothing on one device with bf16; the graph is freed at once
+                loss.backward()
+                total += loss.item()
     return total, {k: v / n_tokens for k, v in sums.items()}
 
 
-def update(accelerator, model, optimizer, ro: Rollout, adv: torch.Tensor, old_logp: list | None,
+def update(accelerator, model, optimizer, groups: Rollout, adv: torch.Tensor, old_logp: list | None,
            ref_logp: list | None, cfg: Config) -> tuple[list[float], dict[str, float], float]:
     """`cfg.updates` passes of the loss over the rollout batch, each followed by an optimizer step. Returns the
     losses, grpo_loss's statistics of the last pass (the first pass's ratio is 1) and its gradient norm."""
@@ -340,11 +467,11 @@ def update(accelerator, model, optimizer, ro: Rollout, adv: torch.Tensor, old_lo
     # layer, so a cache would only keep them all alive (15 GB at 7B)
     casts = AutocastKwargs(cache_enabled=not cfg.gradient_checkpointing)
     policy = accelerator.unwrap_model(model)
-    n_tokens = max(dist.all_reduce_sum([float(ro.completion_mask.sum())])[0], 1.0)  # DAPO: the global count
+    n_tokens = max(dist.all_reduce_sum([float(groups.completion_mask.sum())])[0], 1.0)  # DAPO: the global count
     losses, stats, grad_norm = [], {}, 0.0
     for _ in range(cfg.updates):
         with accelerator.autocast(casts), dist.grad_sync(accelerator, model):
-            loss, stats = policy_backward(policy, ro, adv, old_logp, ref_logp, cfg, n_tokens)
+            loss, stats = policy_backward(policy, groups, adv, old_logp, ref_logp, cfg, n_tokens)
         loss, *parts = dist.all_reduce_sum([loss, *stats.values()])  # the shares sum to the global values
         stats = dict(zip(stats, parts))
         losses.append(loss)
@@ -362,7 +489,7 @@ def update(accelerator, model, optimizer, ro: Rollout, adv: torch.Tensor, old_lo
 def prepare(accelerator, model, optimizer):
     """accelerator.prepare, and the bare policy every pass runs on: (model, optimizer, policy).
 
-    generate() and the prefix-sharing passes (prefix.py reads model.config) run on the bare model; on several
+    generate() and the prompt-once passes (prompt_once.py reads model.config) run on the bare model; on several
     processes it is not wrapped in DDP (`dist.prepare`): gradients are exchanged by `dist.grad_sync`.
     With mixed precision, prepare also wraps model.forward in an autocast built once with the weight cache on; every
     pass here runs inside its own `accelerator.autocast`, and the wrapper would turn the cache back on inside
@@ -375,13 +502,16 @@ def prepare(accelerator, model, optimizer):
 
 def setup(cfg: Config, explicit: set[str] | None):
     """Everything before the data: the --out guard, the memory plan, the processes (an Accelerator: bf16 autocast on
-    CUDA, the weights keep their dtype), the config saved and printed, the seeds. Returns the Accelerator."""
+    CUDA, the weights keep their dtype), the config saved and printed, the seeds. Returns the config with the plan's
+    choices in it, and the Accelerator."""
     from accelerate import Accelerator
 
     if dist.is_main() or not cfg.overwrite:  # only the main process deletes what --overwrite replaces
         check_out(cfg)  # before anything is written: never replace a run by mistake
     dist.use_local_gpu()  # before the plan reads the device's free memory
-    plan_memory(cfg, explicit)
+    plan = plan_memory(cfg, explicit)
+    if plan is not None:  # the settings the user left to the plan, as its printed line says
+        cfg = dataclasses.replace(cfg, **plan.choices)
     check_resume_config(cfg)  # after the plan, which resolves the settings config.json holds resolved
     cuda = torch.cuda.is_available()
     # cpu=True on a machine without CUDA, else torchrun's ranks are ignored
@@ -395,30 +525,34 @@ def setup(cfg: Config, explicit: set[str] | None):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own completions
-    return accelerator
+    return cfg, accelerator
 
 
 def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     """Run GRPO as `cfg` says; returns the last step's metrics (tests compare runs with them). `explicit`: the fields
     the user set (the memory plan keeps them); None: those that differ from the defaults."""
-    accelerator = setup(cfg, explicit)
+    cfg, accelerator = setup(cfg, explicit)
     out, main = Path(cfg.out), accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     task = configured_task(cfg)
 
     # --- data: the training sets, and the held-out windows evaluated as the run goes
     instances = training_sets(cfg, task)
-    held = held_out(cfg) if cfg.eval_every else []
+    eval_windows = held_out(cfg) if cfg.eval_every else []
 
     # --- model: fp32 master weights (or bf16 ones with stochastic rounding), optimizer, optional frozen reference
     model, tokenizer = load_model(cfg.model)
     if cfg.lora_rank:  # a frozen base (bf16 on CUDA) and fp32 adapters, the only trainable weights (lora.py)
         model = lora.wrap(model, cfg)
     else:
+        # fp32 master weights: an Adam step of lr 1e-6 vanishes when added to a bf16 weight (the spacing near 0.02 is
+        # 1.2e-4). --bf16-weights keeps them bf16 and BF16AdamW rounds each update stochastically (optimizer.py)
         cast_model(model, torch.bfloat16 if cfg.bf16_weights else torch.float32)  # RoPE's frequencies stay fp32
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = None  # --beta 0: no reference is ever built; with LoRA it is the base itself, adapters off
+    # the k3 KL to the frozen initial policy, at verl's default --beta 0.001 (REARANK trained with verl); --beta 0
+    # (TRL's and DAPO's default) builds no reference at all; with LoRA it is the base itself, adapters off
+    ref = None
     if cfg.beta > 0:
         ref = lora.make_reference(model) if cfg.lora_rank else make_reference(model, cfg)
     model, optimizer, policy = prepare(accelerator, model, make_optimizer(model, cfg))
@@ -429,7 +563,7 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
 
     def held_out_eval(step: int) -> None:  # greedy; each process scores its block of the windows
         with accelerator.autocast(), dist.gathered_params(accelerator, model):
-            mine = dist.shard(held, rank, world)
+            mine = dist.shard(eval_windows, rank, world)
             ev = {"step": step, **evaluate(policy, tokenizer, task, mine, cfg, gather=dist.gather_lists)}
         print(f"eval step {step} | reward {ev['reward']:.3f} | nDCG@10 {ev['ndcg@10']:.4f} "
               f"(first stage {ev['ndcg@10_first_stage']:.4f}) | f1 {ev['format1']:.2f} f2 {ev['format2']:.2f}")
@@ -451,38 +585,41 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
             indices = batch_indices(step, cfg.batch_size, len(instances), cfg.seed)
             batch = [instances[i] for i in dist.shard(indices, rank, world)]
             with accelerator.autocast(), dist.gathered_params(accelerator, model):
-                ro = rollout(policy, tokenizer, task, batch, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, shared_prompt=not cfg.repeat_prompt,
-                             rollout_batch=cfg.rollout_batch)
+                groups = rollout(policy, tokenizer, task, batch, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, repeat_prompt=cfg.repeat_prompt,
+                                 rollout_batch=cfg.rollout_batch)
             gen_s = time.time() - t0
 
             # --- reward (scored as each completion came) -> advantages, within each group: no other process needed
-            r = torch.tensor([x.total for x in ro.rewards])  # (B*G,) this process's groups
+            r = torch.tensor([x.total for x in groups.rewards])  # (B*G,) this process's groups
+            # --no-std (Dr. GRPO): with the std, a group that differs only in a format bit gets advantages as large
+            # as one that differs in ranking quality (docs/method.md §5)
             adv = group_advantages(r, cfg.group_size, scale=not cfg.no_std).to(accelerator.device)  # (B*G,)
 
             # --- log-probs of the old policy and the reference (no grad; only when they differ from the policy)
             t1 = time.time()
             model.train()
-            old_logp, ref_logp, ref_s = frozen_logprobs(policy, ref, ro, cfg, accelerator)
+            old_logp, ref_logp, ref_s = frozen_logprobs(policy, ref, groups, cfg, accelerator)
 
-            # --- update; the first step proves the weights move at this lr (METHOD §5), on a small CPU sample
-            first = step == start and not cfg.resume
-            watched = [p for p in policy.parameters() if p.requires_grad] if first else []
-            before = weight_sample(watched)
-            losses, stats, grad_norm = update(accelerator, model, optimizer, ro, adv, old_logp, ref_logp, cfg)
+            # --- update; the first step proves the weights move at this lr (docs/method.md §5), on a small CPU sample
+            first_step = step == start and not cfg.resume
+            trainable = [p for p in policy.parameters() if p.requires_grad] if first_step else []
+            before = weight_sample(trainable)
+            losses, stats, grad_norm = update(accelerator, model, optimizer, groups, adv, old_logp, ref_logp, cfg)
             train_s = time.time() - t1
-            if first:
-                moved = moved_fraction(before, weight_sample(watched))
+            if first_step:
+                moved = moved_fraction(before, weight_sample(trainable))
                 print(f"weights: {moved:.1%} of the watched parameters changed in the first step at lr {cfg.lr:g}")
 
             # --- log / checkpoint (the log reports every process's completions, gathered in global order)
-            metrics = step_record(step + 1, cfg.steps, gather_rollouts(ro), cfg.group_size, losses, stats, grad_norm,
-                                  optimizer.param_groups[0]["lr"], dict(gen_s=gen_s, train_s=train_s, ref_s=ref_s))
+            metrics = step_record(step + 1, cfg.steps, gather_rollouts(groups), cfg.group_size, losses, stats,
+                                  grad_norm, optimizer.param_groups[0]["lr"],
+                                  dict(gen_s=gen_s, train_s=train_s, ref_s=ref_s))
             print(log_line(metrics), flush=True)
             if main:
                 append_jsonl(out / "metrics.jsonl", metrics)
             if main and cfg.dump_every and (step + 1) % cfg.dump_every == 0:
-                append_jsonl(out / "episodes.jsonl", *episodes(step + 1, batch[0], ro, adv))
+                append_jsonl(out / "episodes.jsonl", *episodes(step + 1, batch[0], groups, adv))
             last = step + 1 == cfg.steps
             stop.requested = dist.any_rank(stop.requested)  # stop together, or the others wait forever
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or stop.requested:
@@ -502,6 +639,21 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
         plot(out)
     accelerator.wait_for_everyone()  # nobody leaves (and tears the group down) before the files are written
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
+    p = dataclass_parser(Config, __doc__)
+    p.add_argument("--plot", action="store_true", help="only redraw <out>/curves.png from <out>/metrics.jsonl")
+    args = vars(p.parse_args(argv))
+    plot_only = args.pop("plot")
+    cfg = Config(**args)
+    if not plot_only and (problem := config_problem(cfg)):
+        p.error(problem)
+    return cfg, plot_only
 
 
 def main(argv: list[str] | None = None) -> None:

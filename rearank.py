@@ -1,18 +1,9 @@
-"""REARANK listwise reranking (Zhang et al., arXiv 2505.20046): prompts, answer parsing, sliding windows, and the
-batched, resumable rerank loop with the model injected.
+"""REARANK listwise reranking (Zhang et al., arXiv 2505.20046): the prompts (byte for byte), the answer parser,
+sliding windows, and the batched, resumable rerank loop with the model injected (a `Generate`: chat prompts in,
+completions out). grpo.py and reward.py use the same prompt builder and parser, so training and evaluation agree on
+what the model is asked and how its answer is read.
 
-Reading order: the prompt templates (METHOD §2, byte for byte), `build_prompt`, the answer parser (`parse_ranking`,
-`answer_format`), `window_spans`, and the sliding-window `rerank` loop (the model is a `Generate`: chat prompts in,
-completions out). Rank-R1's setwise method is `setwise.py`; the Hugging Face models behind `Generate` are
-`backend.py`. The GRPO loop (grpo.py) and the reward (reward.py) use the same prompt builder and parser, so
-training and evaluation agree on what the model is asked and how its answer is read.
-
-    from backend import load_model, HFGenerator
-    from rearank import rerank
-    model, tokenizer = load_model("smollm2")                 # the embedded SmolLM2-135M-Instruct, CPU-friendly
-    reranked, traces = rerank(rankings, HFGenerator(model, tokenizer, batch_size=8))
-
-`python eval.py --dataset dl19 --model smollm2 --top-k 20` runs it end to end; `bench_rerank.py` measures speed.
+    python eval.py --dataset dl19 --model smollm2 --top-k 20     # rerank with the embedded model, end to end
 """
 
 from __future__ import annotations
@@ -24,8 +15,9 @@ from typing import Callable, Iterable, Sequence
 from data import DataError, Ranking
 
 # ----------------------------------------------------------------------------------------------------------------------
-# prompts (METHOD §2). The released REARANK-7B was trained on this exact text, oddities included: no space after
-# "query." and the 12-space indentation of the final instruction. "\n" is a newline, as in RankGPT's Python source.
+# prompts (docs/method.md §2). The released REARANK-7B was trained on this exact text, oddities included: no space
+# after "query." and the 12-space indentation of the final instruction. "\n" is a newline, as in RankGPT's Python
+# source.
 
 REARANK_SYSTEM = (
     "You are DeepRerank, an intelligent assistant that can rank passages based on their relevancy to the search query. "
@@ -62,7 +54,7 @@ RANKGPT_SUFFIX = (
     "explain."
 )
 ACK = "Okay, please provide the passages."
-MAX_CHARS = {"rearank": 400, "rankgpt": 300}  # characters, not tokens (METHOD §2)
+MAX_CHARS = {"rearank": 400, "rankgpt": 300}  # characters, not tokens (docs/method.md §2)
 ANSWER_END = "</answer>"  # generation stops here: nothing after the answer is ever used
 
 
@@ -87,7 +79,7 @@ def build_prompt(query: str, passages: Sequence[str], style: str = "rearank") ->
     """Chat messages asking the model to rank `passages` (best first) for `query`; passages are numbered from [1].
 
     style="rearank" is REARANK's reasoning prompt (passages cut to 400 characters); style="rankgpt" is the zero-shot
-    RankGPT prompt without reasoning (300 characters), as METHOD §2 transcribes it (no acknowledgement turns).
+    RankGPT prompt without reasoning (300 characters), as docs/method.md §2 transcribes it (no acknowledgement turns).
 
     >>> m = build_prompt("flea life", ["Title: Content: A flea lives a year.", "Cats."])
     >>> [x["role"] for x in m]
@@ -125,8 +117,9 @@ _RANKING_LIST = re.compile(r"\s*\[\d+\](\s*>\s*\[\d+\])*\s*")
 
 
 def answer_text(text: str) -> str:
-    """The part of a completion that holds the ranking (METHOD §2): inside the last `<answer>...</answer>` block, else
-    after the last `</think>`, else everything. Generation stops at the first `</answer>`, so there is at most one.
+    """The part of a completion that holds the ranking (docs/method.md §2): inside the last `<answer>...</answer>`
+    block, else after the last `</think>`, else everything. Generation stops at the first `</answer>`, so there is at
+    most one.
 
     >>> answer_text("<think>[9] is off-topic</think> <answer>[2] > [1]</answer>")
     '[2] > [1]'
@@ -142,7 +135,7 @@ def answer_text(text: str) -> str:
 
 
 def parse_ranking(text: str, n: int) -> list[int]:
-    """A 0-based permutation of range(n) from a completion; never raises (METHOD §2).
+    """A 0-based permutation of range(n) from a completion; never raises (docs/method.md §2).
 
     Read the integers of `answer_text` in order, make them 0-based, drop repeats (the first one counts) and ids outside
     1..n, then append the ids never mentioned in their original order. So a useless answer keeps the input order.
@@ -160,7 +153,7 @@ def parse_ranking(text: str, n: int) -> list[int]:
 
 
 def answer_format(text: str) -> tuple[bool, bool]:
-    """(format1, format2) of REARANK's reward (METHOD §3), checked on the completion text.
+    """(format1, format2) of REARANK's reward (docs/method.md §3), checked on the completion text.
 
     format1: a `<think>...</think>` block followed, later in the text, by an `<answer>...</answer>` block.
     format2: the text of the last `<answer>...</answer>` block is a ranking list and nothing else: one or more `[k]`

@@ -1,38 +1,11 @@
-"""Rewards for training rerankers with GRPO: REARANK's listwise reward (METHOD §3) and Rank-R1's setwise one (§6).
+"""Rewards for training rerankers with GRPO: REARANK's listwise reward (docs/method.md §3) and Rank-R1's setwise one
+(docs/method.md §6).
 
-    r = 0.8 * r_rank + 0.1 * format1 + 0.1 * format2
-    r_rank = (r_rerank - r_init) / (r* - r_init)
+    r = 0.8 * r_rank + 0.1 * format1 + 0.1 * format2,    r_rank = (r_rerank - r_init) / (r* - r_init)
 
-r_rerank, r_init and r* are nDCG@10 of the candidate set P in the model's order, in its initial order, and in the best
-order (P sorted by grade). All three divide by the ideal DCG of the query's *full* judgments (data.ndcg_at_k, the
-evaluator's own metric), so r* < 1 when P lacks some relevant passages, and r_rank = 1 means "as good as P allows".
-
-Where the paper is silent, this module chooses (and tests/test_reward.py checks):
-
-1. The answer is read by rearank.parse_ranking, the parser inference uses, so the reward scores exactly the order
-   inference would write back. An answer with no usable ids therefore leaves P in its initial order: r_rank = 0,
-   format2 = 0. It is not penalised below "did nothing"; the format terms are what tell it off.
-2. r* == r_init (P already in its best order, or P holds nothing relevant): the ratio is undefined, so r_rank falls
-   back to the plain difference r_rerank - r_init (the paper's second ablation): 0 if the model keeps a best order,
-   negative by the nDCG it loses otherwise. It never rewards an improvement that cannot exist.
-3. format2 is the paper's syntax check by default (rearank.answer_format): an <answer> block that is a ranking list.
-   It also pays for a copy of the prompt's own example, `<answer> [1] > [2] </answer>`, on a window of any size; kept
-   as the paper specifies it, since its ablations were measured with it. `list_format=True` (`grpo.py --list-format`,
-   a departure) pays format2 only for a complete permutation of the window's ids at the start of the answer
-   (`complete_ranking`): a policy that copies the example, or names two ids and stops, earns no format credit.
-
-r_rank has no lower bound: when r* - r_init is small, spoiling the order costs a lot. That is the paper's formula;
-the augmentation filter (augment.py) keeps such sets rare.
-
-The paper's ablation (METHOD §3) swaps r_rank for one of `RANK_REWARDS` (`rank_term`, `grpo.py --rank-reward`):
-"normalised" (the default, above), "difference" r_rerank - r_init (bounded in [-1, 1]) and "ndcg" r_rerank alone.
-Within one GRPO group every completion answers the same set, so r_init is a constant there: "difference" and "ndcg"
-give the same advantages exactly, and "normalised" differs from them only by the group's scale 1 / (r* - r_init),
-which the std normalisation of the advantages cancels whenever the format terms agree across the group. The
-variants part only through the weight of the rank term against the format terms, or under `--no-std`.
-
-Reading order: after data.py (the metric), rearank.py and setwise.py (their parsers read the answers);
-rollout.py scores every completion of a GRPO rollout with it.
+r_rerank, r_init and r* are nDCG@10 of the candidate set P in the model's order, in its initial order, and sorted by
+grade, each against the query's *full* judgments (data.ndcg_at_k, the evaluator's metric): r* < 1 when P lacks some
+relevant passages, and r_rank = 1 means "as good as P allows".
 
     >>> r = rerank_reward("<think>b is best</think> <answer>[2] > [1]</answer>", ["a", "b"], {"b": 3})
     >>> (round(r.rank, 4), r.format1, r.format2, round(r.total, 4))
@@ -49,9 +22,9 @@ from data import ndcg_at_k, ndcg_bounds
 from rearank import answer_format, answer_text, parse_ranking
 from setwise import parse_setwise
 
-K = 10
-W_RANK, W_FORMAT1, W_FORMAT2 = 0.8, 0.1, 0.1  # METHOD §3
-SAME = 1e-12  # r* - r_init below this counts as "no room to improve" (float noise from the log2 discounts)
+CUTOFF = 10  # the reward's nDCG is nDCG@10
+W_RANK, W_FORMAT1, W_FORMAT2 = 0.8, 0.1, 0.1  # REARANK's weights (docs/method.md §3)
+NO_ROOM = 1e-12  # r* - r_init below this counts as "no room to improve" (float noise from the log2 discounts)
 
 
 @dataclass(frozen=True)
@@ -69,10 +42,17 @@ class Reward:
 
 
 def rank_gain(r_rerank: float, r_init: float, r_star: float) -> float:
-    """Normalised improvement (r_rerank - r_init) / (r* - r_init); the plain difference when r* == r_init."""
+    """Normalised improvement (r_rerank - r_init) / (r* - r_init); the plain difference when r* == r_init.
+
+    Where the paper is silent: r* == r_init (P already in its best order, or P holds nothing relevant) leaves the ratio
+    undefined, so r_rank falls back to the plain difference (the paper's second ablation): 0 if the model keeps a best
+    order, negative by the nDCG it loses otherwise; it never rewards an improvement that cannot exist. The ratio has
+    no lower bound: when r* - r_init is small, spoiling the order costs a lot. That is the paper's formula; the
+    augmentation filter (data.augment, --min-ndcg) keeps such sets rare.
+    """
     room = r_star - r_init
-    assert room >= -SAME, f"r* ({r_star}) below r_init ({r_init}): r* must be the best order of the same set"
-    if room <= SAME:
+    assert room >= -NO_ROOM, f"r* ({r_star}) below r_init ({r_init}): r* must be the best order of the same set"
+    if room <= NO_ROOM:
         return r_rerank - r_init
     return (r_rerank - r_init) / room
 
@@ -107,7 +87,14 @@ def opens_with_ranking_list(text: str) -> bool:
 
 
 def rank_term(r_rerank: float, r_init: float, r_star: float, variant: str = "normalised") -> float:
-    """The rank part of the reward under one of the paper's three variants (METHOD §3 ablation).
+    """The rank part of the reward under one of the paper's three variants (its ablation, docs/method.md §3):
+    "normalised" (the default, `rank_gain`), "difference" r_rerank - r_init (bounded in [-1, 1]) and "ndcg" r_rerank.
+
+    Within one GRPO group every completion answers the same set, so r_init is a constant there: "difference" and
+    "ndcg" give the same advantages exactly, and "normalised" differs from them only by the group's scale
+    1 / (r* - r_init), which the std normalisation of the advantages cancels whenever the format terms agree across
+    the group. The variants part only through the weight of the rank term against the format terms, or under
+    `--no-std`.
 
     >>> [round(rank_term(0.6, 0.4, 0.8, v), 4) for v in RANK_REWARDS]
     [0.5, 0.2, 0.6]
@@ -122,17 +109,23 @@ def rank_term(r_rerank: float, r_init: float, r_star: float, variant: str = "nor
 
 
 def rerank_reward(
-    text: str, docids: Sequence[str], judged: Mapping[str, int], k: int = K, variant: str = "normalised",
+    text: str, docids: Sequence[str], judged: Mapping[str, int], k: int = CUTOFF, variant: str = "normalised",
     list_format: bool = False,
 ) -> Reward:
     """REARANK's reward for one completion `text` that reorders the candidates `docids` (in their initial order).
 
     `judged` is the query's full judgments {docid: grade} (at least every positive one): the ideal DCG needs them.
     `variant` picks the rank term (`rank_term`); `Reward.rank` holds it.
-    `list_format` (a departure of this project, made for the RankGPT prompt, which asks for no tags so REARANK's
-    format terms can never fire): format2 is 1 only when the answer (`rearank.answer_text`: the <answer> block, else
-    what follows </think>, else the whole completion) opens with a complete permutation of the window's ids
-    (`complete_ranking`); format1 is unchanged.
+
+    Where the paper is silent: the answer is read by rearank.parse_ranking, the parser inference uses, so the reward
+    scores exactly the order inference would write back. An answer with no usable ids leaves P in its initial order:
+    r_rank = 0, not below "did nothing"; the format terms are what tell it off. format2 is the paper's syntax check
+    (rearank.answer_format): an <answer> block that is a ranking list, which a copy of the prompt's own example
+    `<answer> [1] > [2] </answer>` also passes on a window of any size; kept as the paper specifies it, since its
+    ablations were measured with it. `list_format` (`grpo.py --list-format`, a departure made for the RankGPT prompt,
+    which asks for no tags so REARANK's format terms never fire) pays format2 only when the answer
+    (`rearank.answer_text`) opens with a complete permutation of the window's ids (`complete_ranking`); format1 is
+    unchanged.
 
     >>> r = rerank_reward("no answer at all", ["a", "b"], {"b": 3})  # initial order kept, no format credit
     >>> (r.rank, r.format1, r.format2, r.total)
@@ -147,7 +140,7 @@ def rerank_reward(
     return Reward(rank, f1, f2, W_RANK * rank + W_FORMAT1 * f1 + W_FORMAT2 * f2, r_rerank)
 
 
-SETWISE_ANSWER = re.compile(r"<think>.*?</think>\s*<answer>(.*?)</answer>", re.DOTALL)  # Rank-R1 (METHOD §6)
+SETWISE_ANSWER = re.compile(r"<think>.*?</think>\s*<answer>(.*?)</answer>", re.DOTALL)  # Rank-R1 (docs/method.md §6)
 
 
 def setwise_reward(text: str, label: int) -> float:
@@ -162,7 +155,7 @@ def setwise_reward(text: str, label: int) -> float:
     return float(m is not None and m.group(1).strip() == f"[{label}]")
 
 
-def setwise_set_reward(text: str, docids: Sequence[str], judged: Mapping[str, int], k: int = K) -> Reward:
+def setwise_set_reward(text: str, docids: Sequence[str], judged: Mapping[str, int], k: int = CUTOFF) -> Reward:
     """Rank-R1's reward as a `Reward` record, so the GRPO loop logs both tasks alike.
 
     total = rank = `setwise_reward` against the label of the best-graded passage of the set (a training set has

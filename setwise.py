@@ -1,11 +1,7 @@
 """Rank-R1 setwise reranking with reasoning (Zhuang et al., arXiv 2503.06034; ielab/llm-rankers, Rank-R1/).
 
 One LLM call shows the query and up to 20 documents and asks for the single most relevant one, reasoning first; a
-c-ary heap sort over the first-stage list turns those picks into a top k (METHOD §6).
-
-Reading order: the prompt (`build_setwise_prompt`, byte for byte), the parser (`parse_setwise`), the heap sort as a
-generator of calls (`heapsort_steps`), and the driver that batches the pending calls of many queries
-(`setwise_rerank`, resumable from traces). The model is injected as rearank's `Generate`.
+c-ary heap sort over the first-stage list turns those picks into a top k (docs/method.md §6).
 
     python eval.py --dataset dl19 --model smollm2 --method setwise --limit 1 --top-k 20
 """
@@ -147,15 +143,15 @@ def setwise_rerank(
     pending: dict[int, list[int]] = {}  # query -> the candidates its next call shows
     orders: dict[int, list[int]] = {}
 
-    def advance(qi: int, pick: int | None, first: bool = False) -> None:
-        try:
-            pending[qi] = next(sorts[qi]) if first else sorts[qi].send(pick)
+    def advance(qi: int, pick: int | None, start: bool = False) -> None:
+        try:  # a sort's first call comes from starting it; each later one from sending it the last pick
+            pending[qi] = next(sorts[qi]) if start else sorts[qi].send(pick)
         except StopIteration as done:
             pending.pop(qi, None)
             orders[qi] = done.value
 
     for qi in sorts:
-        advance(qi, None, first=True)
+        advance(qi, None, start=True)
     replay: dict[str, list[SetwiseTrace]] = {}
     for t in traces:
         replay.setdefault(t.qid, []).append(t)

@@ -35,7 +35,7 @@ def crc(text: str) -> int:
 def per_prompt_rollout(real):
     import torch
 
-    from rollout import joined
+    from grpo import joined
 
     def rollout(model, tokenizer, task, batch, group_size, **kw):
         parts = []
@@ -56,7 +56,7 @@ def text_reward(text, inst):
 
 def run_grpo(config_path: str) -> None:
     import grpo
-    from rollout import TASKS
+    from grpo import TASKS
 
     grpo.rollout = per_prompt_rollout(grpo.rollout)  # the name the loop calls
     TASKS["listwise"] = TASKS["listwise"]._replace(reward=text_reward)
@@ -67,7 +67,7 @@ def run_grpo_replicas(config_path: str) -> None:
     """run_grpo, then this rank's final weights in <out>.rank{r}.safetensors and the model the update saw (wrapped in
     DDP or not) in <out>.rank{r}.json: the replicas are compared bitwise."""
     import grpo
-    import dist
+    from support import dist
     from safetensors.torch import save_file
     from torch.nn.parallel import DistributedDataParallel
 
@@ -123,7 +123,7 @@ class HashModel:
 
 
 def run_eval(args: list[str]) -> None:
-    import dist
+    from support import dist
     import eval as ev
 
     fail = os.environ.get("FAKE_FAIL_AFTER")

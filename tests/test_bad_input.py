@@ -7,24 +7,25 @@ run as real processes, to see what a user's terminal shows.
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import augment
-import checkpoint
+from support import augment as augment_cli
+from support import checkpoint
 import data
-import download
+from support import download
 import eval as ev
 import grpo
-import memory
-import runlog
+from support import memory
+from support import runlog
 from data import Candidate, DataError
-from evalconfig import default_out
-from files import atomic_write
-from traces import RESUME_KEYS
+from support.evalconfig import default_out
+from support.files import atomic_write
+from support.traces import RESUME_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 QRELS = "q1 0 a 2\nq1 0 b 0\nq2 0 c 1\n"
@@ -183,7 +184,7 @@ def test_topics_listed_twice(tmp_path):
 
 
 def good_instance() -> dict:
-    inst = augment.make_instance(data.Query("q1", "cats"), [Candidate("a", "x"), Candidate("b", "y")], {"a": 1})
+    inst = data.make_instance(data.Query("q1", "cats"), [Candidate("a", "x"), Candidate("b", "y")], {"a": 1})
     return {**inst.__dict__, "candidates": [c.__dict__ for c in inst.candidates]}
 
 
@@ -306,7 +307,7 @@ AUGMENT_FLAGS = {
 
 @pytest.mark.parametrize("flags", AUGMENT_FLAGS)
 def test_augment_flags(flags, tmp_path, capsys):
-    code, text = cli(augment.main, [*flags.split(), "--out", tmp_path / "t.jsonl"], capsys)
+    code, text = cli(augment_cli.main, [*flags.split(), "--out", tmp_path / "t.jsonl"], capsys)
     assert code == 2 and AUGMENT_FLAGS[flags] in text, text
     assert not (tmp_path / "t.jsonl").exists()
 
@@ -369,18 +370,18 @@ def test_memory_cli(flags, tmp_path, monkeypatch, capsys):
 
 def test_augment_keeps_an_existing_out_file(tmp_path, capsys):
     out = write(tmp_path / "train.jsonl", "finished work\n")
-    code, text = cli(augment.main, ["--samples", "0", "--out", out], capsys)
+    code, text = cli(augment_cli.main, ["--samples", "0", "--out", out], capsys)
     assert code == 2 and out.read_text() == "finished work\n"
-    code, text = cli(augment.main, ["--out", out], capsys)
+    code, text = cli(augment_cli.main, ["--out", out], capsys)
     assert code == 2 and f"--out {out} exists; give a new file name, or --overwrite" in text
     assert out.read_text() == "finished work\n"
-    code, text = cli(augment.main, ["--out", tmp_path], capsys)
+    code, text = cli(augment_cli.main, ["--out", tmp_path], capsys)
     assert code == 2 and "is a directory" in text
 
 
 def test_augment_that_keeps_nothing_writes_nothing(data_root, tmp_path, capsys):
     out = tmp_path / "t.jsonl"
-    code, text = cli(augment.main, ["--data-dir", data_root, "--samples", "1", "--size", "2",
+    code, text = cli(augment_cli.main, ["--data-dir", data_root, "--samples", "1", "--size", "2",
                                  "--min-ndcg", "1", "--out", out], capsys)  # fmt: skip
     assert code == 1 and "no candidate set survived the filters; nothing written" in text and not out.exists()
 
@@ -548,15 +549,17 @@ def test_grpo_logs_killed_mid_line(tmp_path):
         (["eval.py", "--dataset", "dl19", "--window", "0"], 2, "argument --window: '0' is not a positive integer"),
         (["eval.py", "--run", "{tmp}/r.trec", "--qrels", "{tmp}/q.txt"], 1, "{tmp}/r.trec:1: score 'nan'"),
         (["grpo.py", "--group-size", "1"], 2, "--group-size 1"),
-        (["augment.py", "--dataset", "dl19"], 2, "--dataset dl19 is a test set"),
+        (["-m", "support.augment", "--dataset", "dl19"], 2, "--dataset dl19 is a test set"),
     ],
 )
 def test_as_a_process(argv, code, needle, tmp_path):
     write(tmp_path / "r.trec", "q1 Q0 a 1 nan t\n")
     write(tmp_path / "q.txt", QRELS)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    p = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=60)
+    script = argv[:2] if argv[0] == "-m" else [str(ROOT / argv[0])]  # a support/ command runs as a module
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, *script, *argv[len(script):]], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=60)
     assert p.returncode == code, p.stderr
     assert needle.replace("{tmp}", str(tmp_path)) in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()[-1]) > 0 and "error:" in p.stderr.strip().splitlines()[-1]

@@ -1,9 +1,9 @@
-"""bench_gpu.py, the GPU check, end to end on CPU in its --tiny mode: the same code path as on a GPU (grpo.train under
+"""bench/gpu.py, the GPU check, end to end on CPU in its --tiny mode: the same code path as on a GPU (grpo.train under
 the plan, a save, a resume, generation at batch 1 and 8), a tiny config and a few tokens."""
 
 import json
 
-import bench_gpu
+from bench import gpu as bench_gpu
 
 
 def test_the_gpu_check_runs_end_to_end_in_tiny_mode(data_root, tmp_path):

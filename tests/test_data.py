@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-import bm25
+from support import bm25
 import data
-import download
+from support import download
+from support import formats
 from data import Candidate, DataError, Query, Ranking
 
 
@@ -71,9 +72,9 @@ def test_data_dir_precedence(monkeypatch, tmp_path):
     [
         (data.load_qrels, "q1 0 d1 1\nq1 d2\n", ":2: expected"),
         (data.load_qrels, "q1 0 d1 high\n", ":1: grade 'high'"),
-        (data.load_run, "q1 Q0 d1 1 1.0 t\nq1 Q0 d2 2 x t\n", ":2: score 'x'"),
-        (data.load_run, "q1 Q0 d1 1 1.0\n", ":1: expected"),
-        (data.load_run, "q1 Q0 d1 1 1.0 t\n\nq1 Q0 d1 2 0.5 t\n", ":3: docid d1 appears twice"),
+        (formats.load_run, "q1 Q0 d1 1 1.0 t\nq1 Q0 d2 2 x t\n", ":2: score 'x'"),
+        (formats.load_run, "q1 Q0 d1 1 1.0\n", ":1: expected"),
+        (formats.load_run, "q1 Q0 d1 1 1.0 t\n\nq1 Q0 d1 2 0.5 t\n", ":3: docid d1 appears twice"),
         (data.load_topics, "1\tok\n2 no tab\n", ":2: expected"),
         (data.load_beir_queries, '{"_id": "1", "text": "a"}\n{"_id": "2", "text": \n', ":2: invalid JSON"),
         (data.load_beir_corpus, '{"_id": "1", "title": "t"}\n', ":1: a corpus line"),
@@ -91,7 +92,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, loader, text, needle):
 def test_rankgpt_round_trip_gzip_and_bad_entries(tmp_path):
     rankings = [Ranking(Query("7", "q"), [Candidate("a", "A", 2.0), Candidate("b", "B", 1.0)])]
     plain = tmp_path / "c.json"
-    data.write_rankgpt(plain, rankings)
+    formats.write_rankgpt(plain, rankings)
     gz = tmp_path / "c.json.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes()))
     assert data.load_rankgpt(gz) == rankings == data.load_rankgpt(plain)
@@ -116,10 +117,10 @@ def test_beir_qrels_header_and_corpus_title(tmp_path):
 
 def test_write_run_scores_fall_with_rank_and_refuses_duplicates(tmp_path):
     r = Ranking(Query("q", "t"), [Candidate("b", "", 0.0), Candidate("a", "", 0.0)])  # tied first-stage scores
-    data.write_run(tmp_path / "r.trec", [r])
-    assert data.load_run(tmp_path / "r.trec") == {"q": {"b": 2.0, "a": 1.0}}
+    formats.write_run(tmp_path / "r.trec", [r])
+    assert formats.load_run(tmp_path / "r.trec") == {"q": {"b": 2.0, "a": 1.0}}
     with pytest.raises(DataError, match="twice"):
-        data.write_run(tmp_path / "d.trec", [Ranking(Query("q", "t"), [Candidate("a", ""), Candidate("a", "")])])
+        formats.write_run(tmp_path / "d.trec", [Ranking(Query("q", "t"), [Candidate("a", ""), Candidate("a", "")])])
 
 
 def test_analyzer_is_lucene_like():

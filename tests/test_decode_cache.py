@@ -1,4 +1,4 @@
-"""Decoding into a preallocated cache (prefill.py's `_Preallocated`) gives exactly what the growing cache gives: the
+"""Decoding into a preallocated cache (prompt_once.py's `_Preallocated`) gives exactly what the growing cache gives: the
 same tokens and bit-identical logits, greedy and sampled, for left-padded batches, G samples a prompt and rows that
 stop early; every step writes into the buffer allocated at prefill; the memory plan counts that buffer.
 """
@@ -6,9 +6,9 @@ stop early; every step writes into the buffer allocated at prefill; the memory p
 import pytest
 import torch
 
-import memory
-import prefill
-from model_shape import shape_of
+from support import memory
+from support import prompt_once
+from support.model_shape import shape_of
 from test_prefix import EOS, P, group, tiny_model
 
 
@@ -28,7 +28,7 @@ def both_paths(model, ids, mask, repeats, seed=None, **kwargs):
     for preallocate in (False, True):
         if seed is not None:
             torch.manual_seed(seed)
-        out.append(prefill.generate(model, ids, mask, repeats, preallocate=preallocate, **kwargs))
+        out.append(prompt_once.generate(model, ids, mask, repeats, preallocate=preallocate, **kwargs))
     return out
 
 
@@ -43,7 +43,7 @@ def test_greedy_padded_batch_with_an_early_stopping_row_is_identical(dtype):
     # 2 left-padded prompts x 3 samples; prompt 0's rows meet EOS after 4 tokens, prompt 1's run all 9
     model = tiny_model(torch.float32 if dtype == "autocast" else dtype).eval()
     ids, mask = padded_batch()
-    probe = prefill.generate(model, ids, mask, max_new_tokens=9, do_sample=False, pad_token_id=0)[:, P:]
+    probe = prompt_once.generate(model, ids, mask, max_new_tokens=9, do_sample=False, pad_token_id=0)[:, P:]
     eos = int(probe[0, 3])
     assert eos not in probe[1].tolist()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast"):
@@ -69,7 +69,7 @@ def test_every_step_writes_into_the_buffer_allocated_at_prefill(monkeypatch):
     model = tiny_model(torch.float32).eval()
     ids, mask = padded_batch()
     C = 6
-    cache = prefill.prefilled_cache(model, ids, mask, repeats=2, room=C)
+    cache = prompt_once.prefilled_cache(model, ids, mask, repeats=2, room=C)
     buffers = [(lay.buffer_keys, lay.buffer_values) for lay in cache.layers]
     assert buffers[0][0].shape == (4, 2, P - 1 + C, 8) and cache.get_seq_length() == P - 1
     grown = []
@@ -86,7 +86,7 @@ def test_every_step_writes_into_the_buffer_allocated_at_prefill(monkeypatch):
 
 
 def test_embedded_model_greedy_completions_are_identical():
-    from backend import generate_tokens, load_model
+    from support.backend import generate_tokens, load_model
 
     model, tokenizer = load_model("smollm2")
     prompts = [[{"role": "user", "content": "Rank these passages about rivers: [1] The Nile. [2] Paris."}],
@@ -101,7 +101,7 @@ def test_memory_plan_counts_the_preallocated_cache():
     model = tiny_model(torch.float32).eval()
     prompt, *_ = group()
     C, G = 24, 3
-    cache = prefill.prefilled_cache(model, prompt[None], torch.ones(1, P, dtype=torch.long), repeats=G, room=C)
+    cache = prompt_once.prefilled_cache(model, prompt[None], torch.ones(1, P, dtype=torch.long), repeats=G, room=C)
     held = sum(lay.buffer_keys.nbytes + lay.buffer_values.nbytes for lay in cache.layers)
     shape = shape_of(model.config)
     plan = memory.estimate(shape, memory.Workload(1, G, P, C, 0.0, cuda=False), memory.Settings(), 10**12)

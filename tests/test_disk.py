@@ -8,9 +8,9 @@ from collections import namedtuple
 import pytest
 
 import grpo
-import memory
-from memory import Settings
-from model_shape import published_config, shape_of
+from support import memory
+from support.memory import Settings
+from support.model_shape import published_config, shape_of
 from test_grpo import tiny_dir, tokenizer, toy_instances  # noqa: F401 (fixtures)
 
 Usage = namedtuple("Usage", "total used free")
@@ -40,11 +40,11 @@ def test_the_disk_line_counts_the_bytes_a_save_writes(tiny_dir, tmp_path, capsys
     assert disk.export == pytest.approx(written["model/model.safetensors"], rel=0.01)
     # the saves of a run that is there come back: a resumed run needs only what its saves add
     resumed = planned(tiny_dir, out)
-    assert resumed.held >= sum(written.values()) and resumed.need == resumed.at_once - resumed.held
+    assert resumed.existing >= sum(written.values()) and resumed.need == resumed.at_once - resumed.existing
 
 
 def test_the_most_at_once_keeps_the_old_checkpoint_until_the_new_one_is_whole():
-    disk = memory.Disk(weights=15, optimizer=30, export=15, replaces=True, held=0, free=10**3, where="/")
+    disk = memory.Disk(weights=15, optimizer=30, export=15, replaces=True, existing=0, free=10**3, where="/")
     assert disk.save == 60 and disk.at_once == 105  # old checkpoint/ + old model/ + the new checkpoint/
     assert memory.Disk(15, 30, 15, False, 0, 10**3, "/").at_once == 60  # one save: nothing to replace
     assert memory.Disk(15, 30, 15, True, 60, 10**3, "/").need == 45  # resumed: its 60 come back

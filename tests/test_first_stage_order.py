@@ -7,10 +7,11 @@ import re
 import pytest
 
 import eval as ev
-import runview
+from support import report
 from rearank import clean_passage
-from data import load_dataset, load_qrels, load_run, ndcg_at_k, trec_order
-from scoring import evaluate_run_file
+from data import load_dataset, ndcg_at_k, trec_order
+from support.formats import load_qrels, load_run
+from support.scoring import score_run_file
 from test_setwise import WordTokenizer
 
 
@@ -40,7 +41,7 @@ def test_bm25_prints_the_nDCG_of_the_reordered_list_it_writes(data_root, tmp_pat
     # what is printed is what trec_eval makes of the written run, and is the reordered list's own nDCG
     runs = {shuffled: "bm25-first-stage-order-shuffled-seed-0", backwards: "bm25-first-stage-order-reversed"}
     for printed, run in runs.items():
-        assert printed == round(evaluate_run_file(tmp_path / run / "run.trec", qrels).mean["nDCG@10"], 4)
+        assert printed == round(score_run_file(tmp_path / run / "run.trec", qrels).mean["nDCG@10"], 4)
     mean = sum(ndcg_at_k(d[::-1], qrels[q]) for q, d in lists.items()) / len(lists)
     assert backwards == round(mean, 4)
     assert again == shuffled and shuffled < given - 0.2 and other != shuffled and backwards < shuffled
@@ -97,8 +98,8 @@ def test_with_a_model_both_lines_refer_to_the_list_the_model_saw(data_root, tmp_
         expected = [f"[{i}] {text_of[d]}" for i, d in enumerate(lists[qid], 1)]
         assert len(shown) == 10 and all(s.startswith(e) for s, e in zip(shown, expected))
         assert ndcg_line(printed, "reranked ") == shuffled
-    view = runview.read_run(out)  # the report's first stage is the list the model saw
-    assert [q.first for q in view.queries] == [lists[q.qid] for q in view.queries]
+    view = report.read_run(out)  # the report's first stage is the list the model saw
+    assert [q.first_stage for q in view.queries] == [lists[q.qid] for q in view.queries]
     assert round(view.first_mean(10), 4) == shuffled
 
 

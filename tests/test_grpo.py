@@ -8,14 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import augment
 import data
 import grpo
-import rollout
 from data import Candidate
 from grpo import group_advantages, grpo_loss
-from optimizer import BF16AdamW, moved_fraction, stochastic_round_, weight_sample
-from prefix import completion_logprobs, token_logprobs
+from support.optimizer import BF16AdamW, moved_fraction, stochastic_round_, weight_sample
+from support.prompt_once import completion_logprobs, token_logprobs
 from reward import Reward
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -26,7 +24,7 @@ from reward import Reward
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from backend import smollm2_dir
+    from support.backend import smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
     tok.padding_side = "left"
@@ -82,16 +80,16 @@ def toy_batch(n: int = 2):
     """Training instances whose prompts differ in length, so the rollout batch is left-padded."""
     cands = [Candidate(f"d{i}", "flea " * (1 + 9 * i)) for i in range(6)]
     ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1}})
-    return [augment.make_instance(ds.rankings[0].query, cands[i : i + 3], ds.qrels["q1"]) for i in range(n)]
+    return [data.make_instance(ds.rankings[0].query, cands[i : i + 3], ds.qrels["q1"]) for i in range(n)]
 
 
 def test_greedy_rollout_of_a_padded_batch_is_what_the_training_pass_scores(tokenizer, true_float64):
     # generation prefills each prompt alone and decodes a left-padded batch; the loss scores each group's unpadded
     # prompt: positions and masks must agree, so every greedy token is the argmax of the teacher-forced logits
     model = tiny_model(len(tokenizer)).double()
-    task, batch = rollout.TASKS["listwise"], toy_batch()
-    shared = rollout.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True)
-    plain = rollout.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True, shared_prompt=False)
+    task, batch = grpo.TASKS["listwise"], toy_batch()
+    shared = grpo.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True)
+    plain = grpo.rollout(model, tokenizer, task, batch, 2, max_new_tokens=6, greedy=True, repeat_prompt=True)
     assert len(shared.prompts[0]) != len(shared.prompts[1])  # the batch really was padded
     assert torch.equal(shared.completion_ids, plain.completion_ids) and shared.texts == plain.texts
     for b in range(2):
@@ -102,7 +100,7 @@ def test_greedy_rollout_of_a_padded_batch_is_what_the_training_pass_scores(token
         assert torch.equal(logits.argmax(-1)[:n], ids[0, :n])
 
 
-def hand_rollout(vocab: int, G: int = 3) -> rollout.Rollout:
+def hand_rollout(vocab: int, G: int = 3) -> grpo.Rollout:
     """Two groups whose prompts differ in length, G right-padded completions each (one stops after 2 tokens)."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, vocab, (n,), generator=g) for n in (9, 5)]
@@ -111,7 +109,7 @@ def hand_rollout(vocab: int, G: int = 3) -> rollout.Rollout:
     mask[1, 2:] = 0
     mask[G:, 4:] = 0  # the second group's longest completion is 4 tokens: its passes are cut to 4 columns
     reward = Reward(0.0, False, False, 0.0, 0.0)
-    return rollout.Rollout(prompts, ids, mask, [""] * 2 * G, [reward] * 2 * G, [False] * 2 * G)
+    return grpo.Rollout(prompts, ids, mask, [""] * 2 * G, [reward] * 2 * G, [False] * 2 * G)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -129,9 +127,9 @@ def test_prompt_once_per_group_gives_the_usual_loss_and_gradients_in_float64(tru
     for repeat in (True, False):
         cfg = grpo.Config(beta=0.04, clip_eps=0.2, temperature=0.8, micro_batch=micro_batch, repeat_prompt=repeat)
         with torch.no_grad():
-            ref_logp = rollout.group_logprobs(ref, ro, cfg)
+            ref_logp = grpo.group_logprobs(ref, ro, cfg)
             old_logp = [lp + 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(5), dtype=lp.dtype)
-                        for lp in rollout.group_logprobs(model, ro, cfg)]  # far enough from the policy to clip
+                        for lp in grpo.group_logprobs(model, ro, cfg)]  # far enough from the policy to clip
         model.zero_grad()
         loss, stats = grpo.policy_backward(model, ro, adv, old_logp, ref_logp, cfg)
         results[repeat] = loss, stats, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -242,10 +240,10 @@ def test_one_update_per_batch_gives_the_policy_gradient():
 
 def test_batch_indices_draw_a_fresh_permutation_every_epoch():
     n = 10
-    epochs = [augment.batch_indices(e, n, n, seed=0) for e in range(4)]  # one step = one epoch
+    epochs = [data.batch_indices(e, n, n, seed=0) for e in range(4)]  # one step = one epoch
     assert all(sorted(e) == list(range(n)) for e in epochs)  # each epoch visits every instance once
     assert len({tuple(e) for e in epochs}) == 4  # and in a different order each time
-    assert augment.batch_indices(1, n, n, seed=1) != epochs[1]  # the seed matters too
+    assert data.batch_indices(1, n, n, seed=1) != epochs[1]  # the seed matters too
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -277,8 +275,8 @@ def test_one_step_at_lr_1e_6_moves_fp32_weights_but_not_bf16_ones():
 def toy_instances(path):
     cands = [Candidate(f"d{i}", f"passage number {i} about fleas" if i % 2 else f"cats {i}") for i in range(12)]
     ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1, "d5": 3}})
-    instances, _ = augment.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)
-    augment.write_instances(path, instances)
+    instances, _ = data.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)
+    data.write_instances(path, instances)
     return path
 
 
@@ -368,7 +366,7 @@ def test_update_runs_the_policy_without_autocasts_weight_cache_when_checkpointin
     cfg = grpo.Config(gradient_checkpointing=checkpointing, beta=0.0)
     grpo.update(bf16_accelerator, model, opt, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), None, None, cfg)
     assert seen and {on for on, _ in seen} == {True}  # the passes ran under autocast
-    assert {cache for _, cache in seen} == {not checkpointing}  # the prompt's pass (prefix.prompt_forward) included
+    assert {cache for _, cache in seen} == {not checkpointing}  # the prompt's pass (prompt_once.prompt_forward) too
 
 
 def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatch):
@@ -376,10 +374,10 @@ def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatc
 
     cands = [Candidate(f"d{i}", f"passage number {i}") for i in range(12)]
     ds = data.Dataset("toy", [Ranking(Query("q", "which passage"), cands)], {"q": {"d3": 2}})
-    insts, _ = augment.augment_setwise(ds, samples=4, size=4, seed=0)
+    insts, _ = data.augment_setwise(ds, samples=4, size=4, seed=0)
     path = tmp_path / "sw.jsonl"
-    augment.write_instances(path, insts)
-    task, prompts, scored = rollout.TASKS["setwise"], [], []
+    data.write_instances(path, insts)
+    task, prompts, scored = grpo.TASKS["setwise"], [], []
 
     def prompt(inst):
         prompts.append(task.prompt(inst))
@@ -389,7 +387,7 @@ def test_setwise_method_trains_with_the_same_loop(tiny_dir, tmp_path, monkeypatc
         scored.append(task.reward(text, inst))
         return scored[-1]
 
-    monkeypatch.setitem(rollout.TASKS, "setwise", task._replace(prompt=prompt, reward=reward))
+    monkeypatch.setitem(grpo.TASKS, "setwise", task._replace(prompt=prompt, reward=reward))
     last = run(tiny_dir, tmp_path / "sw", 1, train_file=path, method="setwise")
     assert last["step"] == 1 and math.isfinite(last["loss"])
     assert len(prompts) == 2 and "which of the following documents is most relevant?" in prompts[0][1]["content"]
@@ -429,14 +427,14 @@ def test_weight_sample_is_small_and_on_the_cpu_and_sees_a_move():
 
 def test_configured_task_binds_the_prompt_style_and_the_reward_variant(tmp_path):
     inst = toy_batch(1)[0]
-    task = rollout.configured_task(grpo.Config(prompt="rankgpt", rank_reward="ndcg", list_format=True))
+    task = grpo.configured_task(grpo.Config(prompt="rankgpt", rank_reward="ndcg", list_format=True))
     assert task.prompt(inst)[0]["content"].startswith("You are RankGPT")
     r = task.reward("[2] > [1] > [3] and so on", inst)  # the toy window holds 3 passages: each named once
     assert r.format2 == 1.0 and r.rank == pytest.approx(r.ndcg)  # raw nDCG as the rank term; a RankGPT list counts
-    plain = rollout.configured_task(grpo.Config()).reward("[2] > [1] > [3] and so on", inst)
+    plain = grpo.configured_task(grpo.Config()).reward("[2] > [1] > [3] and so on", inst)
     assert plain.format2 == 0.0 and plain.rank != pytest.approx(plain.ndcg)  # REARANK's reward: no <answer> block
     with pytest.raises(SystemExit):
         grpo.parse_args(["--method", "setwise", "--prompt", "rankgpt"])
     path = tmp_path / "val.qids"
     path.write_text("q1\n\nq7\n")
-    assert rollout.read_qids(str(path)) == {"q1", "q7"} == rollout.read_qids("q1,q7")
+    assert grpo.read_qids(str(path)) == {"q1", "q7"} == grpo.read_qids("q1,q7")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import augment
 import data
+from support import formats
 from data import Candidate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def run(argv: list[str]) -> str:
 def test_eval_killed_mid_run_resumes_to_the_same_run(data_root, tmp_path):
     short = [data.Ranking(r.query, [Candidate(c.docid, c.text[:120], c.score) for c in r.candidates[:9]])
              for r in data.load_dataset("dl19", data_root).rankings[:2]]
-    data.write_rankgpt(tmp_path / "cands.json", short)
+    formats.write_rankgpt(tmp_path / "cands.json", short)
 
     def command(out: Path) -> list[str]:
         return [sys.executable, "eval.py", "--candidates", str(tmp_path / "cands.json"),
@@ -93,7 +93,7 @@ def test_eval_killed_mid_run_resumes_to_the_same_run(data_root, tmp_path):
 def tiny_dir(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from backend import smollm2_dir
+    from support.backend import smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def test_grpo_killed_mid_run_resumes_to_the_same_weights(tiny_dir, tmp_path):
     cands = [Candidate(f"d{i}", f"passage number {i} about fleas" if i % 2 else f"cats {i}") for i in range(12)]
     ds = data.Dataset("toy", [data.Ranking(data.Query("q1", "flea life"), cands)], {"q1": {"d1": 2, "d3": 1, "d5": 3}})
-    augment.write_instances(tmp_path / "train.jsonl", augment.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)[0])
+    data.write_instances(tmp_path / "train.jsonl", data.augment(ds, samples=6, size=3, seed=0, min_ndcg=0.0)[0])
     steps = 5
 
     def command(out: Path, *extra: str) -> list[str]:

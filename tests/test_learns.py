@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import grpo
-import rollout
 from reward import Reward
 from test_grpo import tiny_model, tokenizer, toy_instances  # noqa: F401 (tokenizer is a fixture)
 
@@ -44,7 +43,7 @@ def peaked_dir(tmp_path, tokenizer):
 
 
 def test_the_loop_raises_a_reachable_reward_far_beyond_its_noise(peaked_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(rollout.TASKS, "listwise", rollout.TASKS["listwise"]._replace(reward=lone_newlines))
+    monkeypatch.setitem(grpo.TASKS, "listwise", grpo.TASKS["listwise"]._replace(reward=lone_newlines))
     cfg = grpo.Config(model=str(peaked_dir), train_file=str(toy_instances(tmp_path / "train.jsonl")), steps=STEPS,
                       batch_size=B, group_size=G, max_new_tokens=C, lr=1e-2, eval_every=0, save_every=0,
                       dump_every=0, out=str(tmp_path / "run"), seed=0)

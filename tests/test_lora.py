@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
-import lora
-import memory
-import rollout
-from backend import generate_tokens, load_model
-from model_shape import LORA_TARGETS, lora_parameters, published_config, shape_of
+from support import reference
+from support import lora
+from support import memory
+from support.backend import generate_tokens, load_model
+from support.model_shape import LORA_TARGETS, lora_parameters, published_config, shape_of
 from reward import Reward
 from test_grpo import hand_rollout, run, tiny_dir, tiny_model, tokenizer, toy_instances  # noqa: F401 (fixtures)
 
@@ -37,7 +37,7 @@ def trained(policy, seed: int = 0, scale: float = 0.1):
 
 def logprobs(model, ro, cfg=grpo.Config()):
     with torch.no_grad():
-        return rollout.group_logprobs(model, ro, cfg)
+        return grpo.group_logprobs(model, ro, cfg)
 
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -59,12 +59,12 @@ def test_an_untrained_lora_policy_has_the_base_log_probs_exactly():
 
 def test_the_reference_with_the_adapters_off_is_a_frozen_copy_of_the_base():
     base = tiny_model(100)
-    frozen = rollout.Reference(base, "cpu", "resident")  # full fine-tuning's reference: a copy of the initial weights
+    frozen = reference.Reference(base, "cpu", "resident")  # full fine-tuning's reference: a copy of the initial weights
     policy = trained(lora.wrap(base, LORA))
     ro, cfg = hand_rollout(100), grpo.Config()
     with_adapters = logprobs(policy, ro)
-    assert same(lora.AdapterOff(policy).logprobs(ro, cfg), frozen.logprobs(ro, cfg))
-    assert not same(with_adapters, frozen.logprobs(ro, cfg))  # the adapters do change the policy
+    assert same(grpo.reference_logprobs(lora.AdapterOff(policy), ro, cfg), grpo.reference_logprobs(frozen, ro, cfg))
+    assert not same(with_adapters, grpo.reference_logprobs(frozen, ro, cfg))  # the adapters do change the policy
     assert same(logprobs(policy, ro), with_adapters)  # and are back on after the reference pass
 
 
@@ -74,7 +74,7 @@ def test_the_reference_with_the_adapters_off_is_a_frozen_copy_of_the_base():
 def test_prompt_once_per_group_gives_the_usual_lora_loss_and_gradients_in_float64(true_float64, targets,
                                                                                  checkpointing, micro_batch):
     # tests/test_grpo.py's exactness check with the adapters as the only trainable weights and the KL against the
-    # adapters-off reference; q,v only leaves the first layer's keys without a gradient (prefix.group_backward)
+    # adapters-off reference; q,v only leaves the first layer's keys without a gradient (prompt_once.prompt_pass)
     policy = trained(lora.wrap(tiny_model(100), grpo.Config(lora_rank=4, lora_targets=targets))).double().train()
     if checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -83,7 +83,7 @@ def test_prompt_once_per_group_gives_the_usual_lora_loss_and_gradients_in_float6
     results = {}
     for repeat in (True, False):
         cfg = grpo.Config(beta=0.04, clip_eps=0.2, temperature=0.8, micro_batch=micro_batch, repeat_prompt=repeat)
-        ref_logp = lora.AdapterOff(policy).logprobs(ro, cfg)
+        ref_logp = grpo.reference_logprobs(lora.AdapterOff(policy), ro, cfg)
         old_logp = [lp + 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(5), dtype=lp.dtype)
                     for lp in logprobs(policy, ro, cfg)]
         policy.zero_grad()
@@ -125,7 +125,7 @@ def lora_peaked_dir(tmp_path, tokenizer):
 def test_a_lora_run_raises_a_reachable_reward_far_beyond_its_noise(lora_peaked_dir, tmp_path, monkeypatch):
     import test_learns
 
-    monkeypatch.setitem(rollout.TASKS, "listwise", rollout.TASKS["listwise"]._replace(reward=test_learns.lone_newlines))
+    monkeypatch.setitem(grpo.TASKS, "listwise", grpo.TASKS["listwise"]._replace(reward=test_learns.lone_newlines))
     B, G = test_learns.B, test_learns.G
     cfg = grpo.Config(model=str(lora_peaked_dir), train_file=str(toy_instances(tmp_path / "train.jsonl")),
                       steps=test_learns.STEPS, batch_size=B, group_size=G, max_new_tokens=test_learns.C, lr=2e-2,
@@ -143,7 +143,7 @@ def crc_reward(text: str, inst) -> Reward:
 
 
 def test_ctrl_c_then_resume_gives_the_uninterrupted_lora_run_bitwise(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(rollout.TASKS, "listwise", rollout.TASKS["listwise"]._replace(reward=crc_reward))
+    monkeypatch.setitem(grpo.TASKS, "listwise", grpo.TASKS["listwise"]._replace(reward=crc_reward))
     train_file = toy_instances(tmp_path / "train.jsonl")
     kw = dict(train_file=train_file, updates=2, beta=0.04, lora_rank=4)
     full = run(tiny_dir, tmp_path / "full", 3, **kw)
@@ -156,11 +156,11 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_lora_run_bitwise(tiny_dir, t
             signal.raise_signal(signal.SIGINT)
         return crc_reward(text, inst)
 
-    monkeypatch.setitem(rollout.TASKS, "listwise", rollout.TASKS["listwise"]._replace(reward=interrupted))
+    monkeypatch.setitem(grpo.TASKS, "listwise", grpo.TASKS["listwise"]._replace(reward=interrupted))
     run(tiny_dir, tmp_path / "part", 3, **kw)
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # the step finished, was saved, and the run stopped
-    monkeypatch.setitem(rollout.TASKS, "listwise", rollout.TASKS["listwise"]._replace(reward=crc_reward))
+    monkeypatch.setitem(grpo.TASKS, "listwise", grpo.TASKS["listwise"]._replace(reward=crc_reward))
     resumed = run(tiny_dir, tmp_path / "part", 3, resume=True, **kw)
 
     assert full["kl"] > 0 and full["grad_norm"] > 0
@@ -182,7 +182,7 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_lora_run_bitwise(tiny_dir, t
 def test_the_merged_export_generates_the_tokens_the_adapter_model_does(tiny_dir, tmp_path):
     from peft import PeftModel
 
-    from checkpoint import rng_state
+    from support.checkpoint import rng_state
 
     model, tok = load_model(str(tiny_dir))
     policy = trained(lora.wrap(model, LORA), scale=1.0)
@@ -259,9 +259,10 @@ def test_7b_lora_on_24_gb_needs_checkpointing_and_48_gb_does_not():
 
 def test_grpo_takes_the_lora_plan_and_keeps_the_reference_flag(capsys):
     cfg = grpo.Config(model="x", lora_rank=16, memory_gb=24)
-    memory.plan_run(cfg, {"lora_rank", "memory_gb"}, published_config("qwen2.5-7b"), cuda=True)
+    plan = memory.plan_run(cfg, {"lora_rank", "memory_gb"}, published_config("qwen2.5-7b"), cuda=True)
     out = capsys.readouterr().out
     assert "LoRA rank 16" in out and "reference adapters off" in out and "fits" in out
+    cfg = replace(cfg, **plan.choices)
     assert cfg.gradient_checkpointing and not cfg.bf16_weights and cfg.reference == "auto"
 
 
@@ -302,20 +303,20 @@ def test_7b_lora_on_24_gb_with_longer_completions_generates_two_prompts_at_a_tim
     cfg = grpo.Config(model="x", lora_rank=16, memory_gb=24, max_new_tokens=1024)
     plan = memory.plan_run(cfg, {"lora_rank", "memory_gb", "max_new_tokens"}, published_config("qwen2.5-7b"),
                            cuda=True)
-    assert plan.fits and cfg.rollout_batch == 2 and "rollout batch 2: the KV cache" in capsys.readouterr().out
+    assert plan.fits and plan.choices["rollout_batch"] == 2 and "rollout batch 2: the KV cache" in capsys.readouterr().out
     whole = memory.estimate(plan.shape, plan.work, replace(plan.settings, rollout_batch=0), plan.budget)
     assert not whole.fits and whole.kv_cache == 2 * plan.kv_cache
 
 
 def test_a_rollout_in_batches_of_prompts_is_the_rollout_of_all_at_once(tokenizer, tmp_path, true_float64):
-    import augment
+    import data as augment
 
     model = tiny_model(len(tokenizer)).double()
     batch = augment.read_instances(toy_instances(tmp_path / "t.jsonl"))[:3]
-    task = rollout.TASKS["listwise"]
+    task = grpo.TASKS["listwise"]
     kw = dict(max_new_tokens=5, greedy=True)
-    whole = rollout.rollout(model, tokenizer, task, batch, 2, **kw)
-    parts = rollout.rollout(model, tokenizer, task, batch, 2, rollout_batch=2, **kw)  # prompts 1-2, then 3
+    whole = grpo.rollout(model, tokenizer, task, batch, 2, **kw)
+    parts = grpo.rollout(model, tokenizer, task, batch, 2, rollout_batch=2, **kw)  # prompts 1-2, then 3
     assert parts.texts == whole.texts and parts.rewards == whole.rewards and parts.truncated == whole.truncated
     assert all(torch.equal(a, b) for a, b in zip(parts.prompts, whole.prompts, strict=True))
     width = whole.completion_ids.shape[1]

@@ -1,15 +1,17 @@
 """The memory planner's arithmetic against the tensors a real tiny model allocates (CPU), and its choices."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-import cli
+from support import cli
 import grpo
-import memory
-import prefix
-from memory import Settings, Workload
-from optimizer import BF16AdamW
-from model_shape import count_parameters, meta_parameters, published_config, shape_of
+from support import memory
+from support import prompt_once
+from support.memory import Settings, Workload
+from support.optimizer import BF16AdamW
+from support.model_shape import count_parameters, meta_parameters, published_config, shape_of
 
 # ----------------------------------------------------------------------------------------------------------------------
 # parameter counts
@@ -72,8 +74,8 @@ def step_bytes(model, optimizer, chunk=0):
     prompt, ids = group(model.config.vocab_size)
     heads = []
     hook = model.lm_head.register_forward_hook(lambda m, i, out: heads.append(out.nbytes))
-    loss_fn = lambda logp, rows: -logp.sum() / ids.numel()  # noqa: E731
-    prefix.group_backward(model, prompt, ids, torch.ones_like(ids), loss_fn, logits_chunk=chunk)
+    with prompt_once.prompt_pass(model, prompt, logits_chunk=chunk) as score:
+        (-score(ids, torch.ones_like(ids)).sum() / ids.numel()).backward()
     hook.remove()
     grads = sum(p.grad.nbytes for p in model.parameters())
     optimizer.step()
@@ -111,7 +113,7 @@ def test_logits_are_made_one_chunk_at_a_time_as_planned():
 @pytest.mark.parametrize("autocast", [False, True])
 def test_activation_estimate_matches_what_autograd_saves(autocast):
     # every tensor the completions' forward saves for backward (the prompt's keys/values are leaves, as in
-    # group_backward), against the per-token and per-key arithmetic; autocast on CPU stands in for CUDA's
+    # prompt_pass), against the per-token and per-key arithmetic; autocast on CPU stands in for CUDA's
     model = tiny_llama()
     P, C, rows = 40, 24, 3
     prompt, ids = group(256, P, C, rows)
@@ -125,9 +127,9 @@ def test_activation_estimate_matches_what_autograd_saves(autocast):
         return t
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        pre = prefix.prompt_forward(model, prompt).detached()
+        pre = prompt_once.prompt_forward(model, prompt).detached()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            prefix._decoder(model)(input_ids=torch.cat([pre.last_token.expand(rows, 1), ids], 1),
+            prompt_once._decoder(model)(input_ids=torch.cat([pre.last_token.expand(rows, 1), ids], 1),
                                    attention_mask=torch.ones(rows, P + C), cache=pre, use_cache=False)
     shape = shape_of(model.config)
     compute = 2 if autocast else 4
@@ -177,14 +179,15 @@ def test_explicit_settings_are_kept_and_nothing_fitting_is_an_error_that_says_wh
         memory.plan_run(cfg, {"bf16_weights", "micro_batch", "memory_gb"}, published_config("qwen2.5-7b"),
                         cuda=True)
     cfg = grpo.Config(model="x", beta=0.001, memory_gb=80, micro_batch=2)
-    memory.plan_run(cfg, {"micro_batch", "memory_gb"}, published_config("qwen2.5-7b"), cuda=True)
+    plan = memory.plan_run(cfg, {"micro_batch", "memory_gb"}, published_config("qwen2.5-7b"), cuda=True)
+    cfg = replace(cfg, **plan.choices)
     assert cfg.micro_batch == 2 and cfg.bf16_weights and cfg.reference == "offload" and cfg.logits_chunk > 0
 
 
 def test_memory_off_takes_the_flags_as_given(capsys):
     cfg = grpo.Config(model="x", memory="off", memory_gb=80)
     plan = memory.plan_run(cfg, set(), published_config("qwen2.5-7b"), cuda=True)
-    assert not plan.fits and not cfg.bf16_weights and cfg.logits_chunk == 0
+    assert not plan.fits and not plan.choices and not cfg.bf16_weights and cfg.logits_chunk == 0
     assert "does not fit" in capsys.readouterr().out
 
 
@@ -203,7 +206,7 @@ def test_the_reason_given_for_an_offloaded_reference_is_true():
     def resident_fits(budget, checkpointing, bf16):
         return any(memory.estimate(seven_b(), PAPER, Settings(bf16, checkpointing, 0 if mb == 8 else mb,
                                                               memory.auto_logits_chunk(seven_b(), mb), "resident"),
-                                   budget).fits for mb in memory.micro_batches(8))
+                                   budget).fits for mb in memory.halvings(8))
 
     plan, why = memory.choose(seven_b(), PAPER, int(80e9), {})  # checkpointing on, the reference offloaded
     line = next(x for x in why if x.startswith("reference offload"))

@@ -22,13 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
+from support import checkpoint
 import eval as eval_cli
 import grpo
-import memory
-import optimizer
-import rollout
-from backend import load_model, rotary_buffers, smollm2_dir
+from support import memory
+from support import optimizer
+from support.backend import load_model, rotary_buffers, smollm2_dir
 from reward import Reward
 from test_grpo import tiny_model, tokenizer, toy_instances  # noqa: F401
 
@@ -95,12 +94,12 @@ def test_every_setting_the_plan_can_choose_trains_saves_resumes_and_exports(
         built["optimizer"] = optimizer.make_optimizer(model, cfg, cuda=optimizer_name == "AdamW8bit")
         return built["optimizer"]
 
-    make_reference = grpo.make_reference
+    make_reference = grpo.make_reference  # the real one, before the patch below
     monkeypatch.setattr(grpo, "make_optimizer", make_optimizer)
     monkeypatch.setattr(grpo, "make_reference", lambda *a: built.setdefault("reference", make_reference(*a)))
     # rewards that differ within each group (4 random tokens never hold an answer: all 0, no gradient at all)
-    task = rollout.TASKS["listwise"]
-    monkeypatch.setitem(rollout.TASKS, "listwise", task._replace(
+    task = grpo.TASKS["listwise"]
+    monkeypatch.setitem(grpo.TASKS, "listwise", task._replace(
         reward=lambda text, inst: Reward(0.0, 0.0, 0.0, float(len(text) % 7), 0.0)))
     out = tmp_path / "run"
     cfg = grpo.Config(model=str(tiny_dir), train_file=str(toy_instances(tmp_path / "train.jsonl")), steps=2,

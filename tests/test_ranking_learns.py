@@ -2,8 +2,8 @@
 random-order level to 1 through the method's own path, not through a reimplementation of it.
 
 The path: synthetic queries written as a dataset's files (tmp_path), read by the loaders, drawn into training sets
-in random order by augment.py, rendered with the RankGPT prompt through the tokenizer's chat template, sampled by
-rollout.rollout, read by rearank.parse_ranking, scored by the REARANK reward (reward.py), turned into group
+in random order by data.augment, rendered with the RankGPT prompt through the tokenizer's chat template, sampled by
+grpo.rollout, read by rearank.parse_ranking, scored by the REARANK reward (reward.py), turned into group
 advantages and an update by grpo.train, and evaluated greedily on the held-out set, shuffled (`--eval-order shuffled`), by the same loop (eval.jsonl).
 
 The task is one a 1-layer model can reach in a few dozen steps: windows of 2 passages of one word each, the query is
@@ -15,7 +15,7 @@ spread the same credit over more tokens and need many more steps on a model this
 
 Seeds 0-4 of this run: four reach 0.96-1.0, one (3) stays at the random-order level (its policy settled on one
 answer before it could tell the passages apart), so the threshold is checked at the fixed seed 0 on one thread.
-Broken once each (by hand, not committed), it fails: rewards rotated by one sample in rollout.rollout (each
+Broken once each (by hand, not committed), it fails: rewards rotated by one sample in grpo.rollout (each
 completion scored as the next one's: held-out nDCG stays at the random-order level), and parse_ranking returning the
 identity (every answer keeps the order: nothing to learn, nothing to gain).
 """

@@ -7,12 +7,12 @@ import random
 import pytest
 
 import eval as ev
-import backend
+from support import backend
 import rearank as rr
 from data import Candidate, Query, Ranking
 
 # ----------------------------------------------------------------------------------------------------------------------
-# prompts: literal strings transcribed from METHOD §2 (not built from rearank's own constants)
+# prompts: literal strings transcribed from the papers (docs/method.md §2) (not built from rearank's own constants)
 
 METHOD_REARANK_SYSTEM = "You are DeepRerank, an intelligent assistant that can rank passages based on their relevancy to the search query. You first thinks about the reasoning process in the mind and then provides the user with the answer."  # noqa: E501
 METHOD_REARANK_USER = "I will provide you with passages, each indicated by number identifier []. Rank the passages based on their relevance to the search query.Search Query: {query}. \nRank the {num} passages above based on their relevance to the search query.The passages should be listed in descending order using identifiers. The most relevant passages should be listed first. The output format should be <answer> [] > [] </answer>, e.g., <answer> [1] > [2] </answer>."  # noqa: E501
@@ -337,10 +337,10 @@ def scripted_llama(tokenizer, scripts: dict[str, list[int]]):
     class Scripted(LlamaForCausalLM):
         def forward(self, input_ids=None, attention_mask=None, **kwargs):
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            if input_ids.shape[1] > 1:  # a prompt pass: prefix.prompt_forward's, or plain generate's padded prefill
+            if input_ids.shape[1] > 1:  # a prompt pass: prompt_once.prompt_forward's, or plain generate's padded prefill
                 self.step = 0
             if kwargs.get("use_cache") is False:
-                return out  # prefix.prompt_forward: its logits are not used
+                return out  # prompt_once.prompt_forward: its logits are not used
             # generate drops an all-ones mask: no mask means no padding
             mask = attention_mask if attention_mask is not None else torch.ones(len(out.logits), 1)
             padded = [m[0] == 0 for m in mask.tolist()]
@@ -354,8 +354,8 @@ def scripted_llama(tokenizer, scripts: dict[str, list[int]]):
     return tiny_llama(tokenizer, cls=Scripted)
 
 
-@pytest.mark.parametrize("shared_prompt", [True, False])
-def test_generate_tokens_stops_at_answer_or_eos_and_masks_the_rest(tokenizer, shared_prompt):
+@pytest.mark.parametrize("repeat_prompt", [False, True])
+def test_generate_tokens_stops_at_answer_or_eos_and_masks_the_rest(tokenizer, repeat_prompt):
     import torch
 
     answer = "<think>x</think><answer>[2] > [1]</answer>"
@@ -367,7 +367,7 @@ def test_generate_tokens_stops_at_answer_or_eos_and_masks_the_rest(tokenizer, sh
     model = scripted_llama(tokenizer, scripts)
     prompts = [rr.build_prompt("q", ["a"]), rr.build_prompt("a longer query", ["passage one", "passage two"])]
     g = backend.generate_tokens(model, tokenizer, prompts, max_new_tokens=40, do_sample=True, num_return_sequences=2,
-                           shared_prompt=shared_prompt)
+                           repeat_prompt=repeat_prompt)
     B, P = g.prompt_ids.shape
     assert B == 2 and g.prompt_mask[0, 0] == 0 and g.prompt_mask[:, -1].all()  # left padding
     assert g.completion_ids.shape[0] == 4 and g.completion_ids.shape == g.completion_mask.shape

@@ -12,9 +12,10 @@ from html.parser import HTMLParser
 import pytest
 
 import eval as ev
-import report
-import scoring
-from data import load_qrels, load_rankgpt, load_run, ndcg_at_k, trec_order
+from support import report
+from support import scoring
+from data import load_rankgpt, ndcg_at_k, trec_order
+from support.formats import load_qrels, load_run
 from test_setwise import WordTokenizer
 
 HOSTILE = "<script>alert(1)</script></textarea>\"double\" 'single' &amp; <img src=x onerror=alert(2)>"
@@ -314,7 +315,7 @@ def test_dl19_report_first_stage_matches_the_bm25_run_file(data_root, tmp_path, 
     ev.main(["--dataset", "dl19", "--data-dir", str(data_root), "--model", "fake", "--limit", "3", "--top-k", "20",
              "--out", str(out)])
     doc, m = parse(out / "report.html"), metrics_of(out)
-    bm25 = scoring.evaluate_run_file(data_root / "trec_dl/run.bm25.dl19.top100.trec", load_qrels(
+    bm25 = scoring.score_run_file(data_root / "trec_dl/run.bm25.dl19.top100.trec", load_qrels(
         data_root / "trec_dl/qrels.dl19-passage.txt"))
     rows = doc.find(id="queries").find("tbody").find_all("tr")
     assert len(rows) == 3

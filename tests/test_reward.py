@@ -6,7 +6,8 @@ from math import log2
 import pytest
 import torch
 
-import augment
+from support import augment as augment_cli
+import data
 from data import Candidate, DataError, Dataset, Query, Ranking
 from reward import RANK_REWARDS, Reward, ndcg_bounds, rank_gain, rank_term, rerank_reward, setwise_reward
 
@@ -82,7 +83,7 @@ def test_rank_gain_refuses_an_impossible_best():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the paper's rank-reward ablation (METHOD §3): normalised, difference, raw nDCG
+# the paper's rank-reward ablation (docs/method.md §3): normalised, difference, raw nDCG
 
 
 def test_rank_reward_variants_by_hand():
@@ -150,7 +151,7 @@ def test_setwise_reward(text, label, expected):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# training instances (augment.py, METHOD §4): r_init and r* are the reward's own bounds
+# training instances (data.augment, docs/method.md §4): r_init and r* are the reward's own bounds
 
 
 
@@ -162,16 +163,16 @@ def toy_dataset() -> Dataset:
 
 
 def test_augment_is_reproducible_from_the_seed():
-    a, sa = augment.augment(toy_dataset(), samples=20, size=5, seed=7)
-    b, sb = augment.augment(toy_dataset(), samples=20, size=5, seed=7)
-    c, _ = augment.augment(toy_dataset(), samples=20, size=5, seed=8)
+    a, sa = data.augment(toy_dataset(), samples=20, size=5, seed=7)
+    b, sb = data.augment(toy_dataset(), samples=20, size=5, seed=7)
+    c, _ = data.augment(toy_dataset(), samples=20, size=5, seed=8)
     assert a == b and sa == sb
     assert [i.candidates for i in a] != [i.candidates for i in c]
     assert sa.kept + sa.no_relevant + sa.below == 40  # two judged queries x 20 samples
 
 
 def test_augment_filter_and_bounds():
-    insts, st = augment.augment(toy_dataset(), samples=50, size=5, seed=0, min_ndcg=0.1)
+    insts, st = data.augment(toy_dataset(), samples=50, size=5, seed=0, min_ndcg=0.1)
     assert st.no_relevant > 0 and st.kept == len(insts)
     for inst in insts:
         assert len(inst.candidates) == 5 and len({c.docid for c in inst.candidates}) == 5
@@ -180,30 +181,30 @@ def test_augment_filter_and_bounds():
         assert inst.judged == {"q1": {"d0": 3, "d1": 1}, "q2": {"d0": 2}}[inst.qid]  # all positive judgments
     # a q1 set holding d1 but not d0 reaches at best 1/IDCG(3, 1) = 0.28: a 0.5 threshold on r* drops those; on
     # r_init it also drops the sets whose relevant passages sit low (d0 third: 1.5/3.63 = 0.41)
-    _, best = augment.augment(toy_dataset(), samples=50, size=5, seed=0, min_ndcg=0.5, filter_on="best")
-    _, init = augment.augment(toy_dataset(), samples=50, size=5, seed=0, min_ndcg=0.5, filter_on="init")
+    _, best = data.augment(toy_dataset(), samples=50, size=5, seed=0, min_ndcg=0.5, filter_on="best")
+    _, init = data.augment(toy_dataset(), samples=50, size=5, seed=0, min_ndcg=0.5, filter_on="init")
     assert 0 < best.below < init.below and best.no_relevant == init.no_relevant == st.no_relevant
 
 
 def test_instances_jsonl_round_trip_and_errors(tmp_path):
-    insts, _ = augment.augment(toy_dataset(), samples=3, size=4, seed=1)
+    insts, _ = data.augment(toy_dataset(), samples=3, size=4, seed=1)
     path = tmp_path / "train.jsonl"
-    augment.write_instances(path, insts)
-    assert augment.read_instances(path) == insts
+    data.write_instances(path, insts)
+    assert data.read_instances(path) == insts
     lines = path.read_text().splitlines()
     path.write_text(lines[0] + "\n" + '{"qid": "q1"}\n')
     with pytest.raises(DataError, match=r"train.jsonl:2: not a training instance"):
-        augment.read_instances(path)
+        data.read_instances(path)
     path.write_text("{oops\n")
     with pytest.raises(DataError, match=r"train.jsonl:1: invalid JSON"):
-        augment.read_instances(path)
+        data.read_instances(path)
 
 
 def test_augment_command_on_dl21(data_root, tmp_path, capsys):
     out = tmp_path / "train.jsonl"
-    augment.main(["--dataset", "dl21", "--samples", "2", "--size", "20", "--data-dir", str(data_root),
+    augment_cli.main(["--dataset", "dl21", "--samples", "2", "--size", "20", "--data-dir", str(data_root),
                "--out", str(out)])
-    kept = len(augment.read_instances(out))
+    kept = len(data.read_instances(out))
     printed = capsys.readouterr().out
     assert f"kept {kept}, dropped {2 * 53 - kept}" in printed
 
@@ -213,16 +214,16 @@ def test_augment_command_on_dl21(data_root, tmp_path, capsys):
 
 
 def test_setwise_augment_one_relevant_and_the_rest_non_relevant():
-    insts, st = augment.augment_setwise(toy_dataset(), samples=10, size=5, seed=3)
+    insts, st = data.augment_setwise(toy_dataset(), samples=10, size=5, seed=3)
     assert st.kept == len(insts) == 20  # q1 (d0 has grade 3) and q2 (d0 has grade 2); q3 unjudged
     for inst in insts:
         assert len(inst.candidates) == 5 and sorted(inst.grades) == [0, 0, 0, 0, inst.judged["d0"]]
         if inst.qid == "q1":  # q1 grades d1 as 1: neither the relevant one nor a negative
             assert "d1" not in [c.docid for c in inst.candidates]
     assert len({tuple(g.index(max(g)) for g in [i.grades]) for i in insts}) > 1  # the relevant one moves around
-    again, _ = augment.augment_setwise(toy_dataset(), samples=10, size=5, seed=3)
+    again, _ = data.augment_setwise(toy_dataset(), samples=10, size=5, seed=3)
     assert again == insts
-    none, st = augment.augment_setwise(toy_dataset(), samples=10, size=5, seed=3, min_grade=4)
+    none, st = data.augment_setwise(toy_dataset(), samples=10, size=5, seed=3, min_grade=4)
     assert none == [] and st.no_relevant == 20
 
 
@@ -243,9 +244,9 @@ def test_setwise_set_reward_scores_the_pick():
 
 def test_augment_command_setwise(data_root, tmp_path, capsys):
     out = tmp_path / "sw.jsonl"
-    augment.main(["--method", "setwise", "--dataset", "dl21", "--samples", "2", "--data-dir", str(data_root),
+    augment_cli.main(["--method", "setwise", "--dataset", "dl21", "--samples", "2", "--data-dir", str(data_root),
                "--out", str(out)])
-    insts = augment.read_instances(out)
+    insts = data.read_instances(out)
     assert f"kept {len(insts)} setwise sets" in capsys.readouterr().out
     assert insts and all(len(i.candidates) == 20 and sum(g >= 2 for g in i.grades) == 1 for i in insts)
     assert all(sum(g > 0 for g in i.grades) == 1 for i in insts)

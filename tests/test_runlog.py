@@ -3,9 +3,9 @@ nothing (all rewards equal)."""
 
 import pytest
 
-import runlog
+from support import runlog
 from reward import Reward
-from rollout import Seen
+from grpo import StepOutcomes
 
 
 def test_step_record_reports_the_rank_terms_spread_within_each_group():
@@ -14,7 +14,7 @@ def test_step_record_reports_the_rank_terms_spread_within_each_group():
 
     # group 1: two orders 0.2 apart; group 2: the same order twice, one with a complete list (rewards differ by the
     # format alone); group 3: identical completions
-    seen = Seen([r(0.1, 1), r(0.3, 1), r(0.5, 0), r(0.5, 1), r(0.0, 0), r(0.0, 0)], [3] * 6, [False] * 6)
+    seen = StepOutcomes([r(0.1, 1), r(0.3, 1), r(0.5, 0), r(0.5, 1), r(0.0, 0), r(0.0, 0)], [3] * 6, [False] * 6)
     m = runlog.step_record(1, 2, seen, 2, [0.0], {"kl": 0.0, "ratio": 1.0, "clip_frac": 0.0}, 0.0, 1e-3,
                            {"gen_s": 1.0, "train_s": 1.0, "ref_s": 0.0})
     assert m["rank_group_std"] == pytest.approx((0.2 / 2**0.5) / 3)  # unbiased std of (0.1, 0.3), then 0 and 0

@@ -10,7 +10,7 @@ from data import Candidate, Query, Ranking
 from setwise import build_setwise_prompt, heapsort_steps, parse_setwise, setwise_rerank
 from reward import setwise_reward
 
-# METHOD §6, transcribed by hand
+# docs/method.md §6, transcribed by hand
 SYSTEM = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
     "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import backend
-import bm25
+from support import backend
+from support import bm25
 import data
-import download
+from support import download
 import eval as ev
-import suite
+from support import suite
 from data import DataError
 
 
