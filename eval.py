@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     if args.first_stage_order != "given" and (args.compare or args.report):
         p.error("--first-stage-order reorders a first stage before it is scored or reranked; --compare and --report "
                 "read finished runs (evaluate each run with it, then compare or draw their --out folders)")
+    if args.answer_start and args.method != "listwise":
+        p.error("--answer-start opens a listwise answer; setwise has Rank-R1's own prompt")
     if args.step > args.window:
         p.error(f"--step {args.step} is larger than --window {args.window}: the windows would skip passages")
     command = shlex.join(["python", "eval.py", *(sys.argv[1:] if argv is None else argv)])
@@ -178,8 +180,8 @@ def rerank_with_model(cfg: EvalConfig, rankings: list[Ranking], out: Path) -> tu
     bar = tqdm(total=len(all_windows), initial=resumed, desc="windows", unit="win", disable=not dist.is_main())
     with open(trace_path, "a") as f:
         reranked, traces = rerank(
-            mine, generate, window=cfg.window, step=cfg.step, style=cfg.prompt, batch_size=cfg.batch_size,
-            traces=done, on_window=append_traces(f, bar),
+            mine, generate, window=cfg.window, step=cfg.step, style=cfg.prompt, answer_start=cfg.answer_start,
+            batch_size=cfg.batch_size, traces=done, on_window=append_traces(f, bar),
         )
     bar.close()
     reranked, traces, counts = gather_results(reranked, traces, generate, resumed)

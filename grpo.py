@@ -67,6 +67,10 @@ class Config:
     prompt: str = arg("rearank", "listwise prompt, for training and held-out evaluation alike: rearank (reasoning "
                                  "in <think>, the list in <answer>) or rankgpt (the list alone; the format terms then "
                                  "never fire unless --list-format)", choices=tuple(MAX_CHARS))
+    answer_start: str = arg("", "a departure, empty by default: open each answer with this text for the model to "
+                                "continue (e.g. '[' for a small model that writes prose where a list is asked for), in "
+                                "training and held-out evaluation alike; it is read as part of the answer, and its "
+                                "tokens belong to the prompt (no gradient)")
     list_format: bool = arg(False, "a departure, off by default: format2 pays only for an answer that opens with a "
                                    "complete permutation of the window's ids '[3] > [1] > [2]' (tags not needed), so "
                                    "the RankGPT prompt gets a format term too and copying the prompt's example "
@@ -158,7 +162,8 @@ class Task(NamedTuple):
 TASKS = {
     "listwise": Task(
         augment=lambda ds, cfg: augment(ds, cfg.samples, cfg.size, cfg.seed, cfg.min_ndcg),
-        prompt=lambda inst, style="rearank": build_prompt(inst.query, [c.text for c in inst.candidates], style),
+        prompt=lambda inst, style="rearank", answer_start="": build_prompt(
+            inst.query, [c.text for c in inst.candidates], style, answer_start),
         reward=lambda text, inst, variant="normalised", list_format=False: rerank_reward(
             text, [c.docid for c in inst.candidates], inst.judged, variant=variant, list_format=list_format),
     ),
@@ -177,10 +182,11 @@ def configured_task(cfg) -> Task:
     task = TASKS[cfg.method]
     if cfg.method != "listwise":
         return task
-    style = {"style": cfg.prompt} if cfg.prompt != "rearank" else {}
+    prompting = {k: v for k, v in (("style", cfg.prompt), ("answer_start", cfg.answer_start))
+             if v != {"style": "rearank", "answer_start": ""}[k]}
     scoring = {k: v for k, v in (("variant", cfg.rank_reward), ("list_format", cfg.list_format))
                if v != {"variant": "normalised", "list_format": False}[k]}
-    return task._replace(prompt=functools.partial(task.prompt, **style),
+    return task._replace(prompt=functools.partial(task.prompt, **prompting),
                          reward=functools.partial(task.reward, **scoring))
 
 

@@ -75,7 +75,7 @@ def clean_passage(text: str, max_chars: int) -> str:
     return " ".join(text.split())[:max_chars]
 
 
-def build_prompt(query: str, passages: Sequence[str], style: str = "rearank") -> list[dict]:
+def build_prompt(query: str, passages: Sequence[str], style: str = "rearank", answer_start: str = "") -> list[dict]:
     """Chat messages asking the model to rank `passages` (best first) for `query`; passages are numbered from [1].
 
     style="rearank" is REARANK's reasoning prompt (passages cut to 400 characters); style="rankgpt" is the zero-shot
@@ -86,10 +86,18 @@ def build_prompt(query: str, passages: Sequence[str], style: str = "rearank") ->
     ['system', 'user', 'assistant', 'user', 'assistant', 'user', 'assistant', 'user']
     >>> m[3]["content"], m[4]["content"]
     ('[1] A flea lives a year.', 'Received passage [1].')
+
+    `answer_start` (a departure, empty by default): the assistant's reply is opened with this text and the model
+    continues it (backend.generate_tokens), as small-model RL recipes open the reply with "<think>". A model that
+    writes prose where a list is asked for then at least names a first passage: `answer_start="["`.
+
+    >>> build_prompt("flea life", ["Cats."], "rankgpt", answer_start="[")[-1]
+    {'role': 'assistant', 'content': '['}
     """
     if style not in MAX_CHARS:
         raise ValueError(f"unknown prompt style {style!r}; use 'rearank' or 'rankgpt'")
     num, texts = len(passages), [clean_passage(p, MAX_CHARS[style]) for p in passages]
+    opening = [{"role": "assistant", "content": answer_start}] if answer_start else []
     if style == "rankgpt":
         messages = [
             {"role": "system", "content": RANKGPT_SYSTEM},
@@ -97,7 +105,8 @@ def build_prompt(query: str, passages: Sequence[str], style: str = "rearank") ->
             {"role": "assistant", "content": ACK},
         ]
         messages += [{"role": "user", "content": f"[{i}] {t}"} for i, t in enumerate(texts, 1)]
-        return messages + [{"role": "user", "content": RANKGPT_SUFFIX.format(num=num, query=query)}]
+        messages.append({"role": "user", "content": RANKGPT_SUFFIX.format(num=num, query=query)})
+        return messages + opening
     messages = [
         {"role": "system", "content": REARANK_SYSTEM},
         {"role": "user", "content": REARANK_PREFIX.format(num=num, query=query)},
@@ -106,7 +115,8 @@ def build_prompt(query: str, passages: Sequence[str], style: str = "rearank") ->
     for i, t in enumerate(texts, 1):
         messages.append({"role": "user", "content": f"[{i}] {t}"})
         messages.append({"role": "assistant", "content": f"Received passage [{i}]."})
-    return messages + [{"role": "user", "content": REARANK_SUFFIX.format(query=query)}]
+    messages.append({"role": "user", "content": REARANK_SUFFIX.format(query=query)})
+    return messages + opening
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,6 +236,7 @@ def rerank(
     window: int = 20,
     step: int = 10,
     style: str = "rearank",
+    answer_start: str = "",
     batch_size: int = 8,
     traces: Iterable[WindowTrace] = (),
     on_window: Callable[[list[WindowTrace]], None] | None = None,
@@ -266,7 +277,8 @@ def rerank(
             all_traces.append(old)
         # each query has one window at position k, so all its prompts can be built now; sorted by length, similar
         # prompts share a batch and less of it is padding (on CPU, prefill dominates and padding costs in full)
-        built = {(i, s, e): build_prompt(rankings[i].query.text, [c.text for c in current[i][s:e]], style)
+        built = {(i, s, e): build_prompt(rankings[i].query.text, [c.text for c in current[i][s:e]], style,
+                                         answer_start)
                  for i, s, e in todo}  # fmt: skip
         todo.sort(key=lambda job: sum(len(m["content"]) for m in built[job]))
         for b in range(0, len(todo), batch_size):

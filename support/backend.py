@@ -218,6 +218,19 @@ def context_limit(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def opening(messages: Messages) -> str:
+    """The start of the reply a prompt ending with an assistant message put in the model's mouth ('' if none)."""
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+
+
+def chat_text(tokenizer, messages: Messages) -> str:
+    """The prompt as the model reads it: the chat template, then the assistant's header; or, when the messages end
+    with an assistant message (rearank.build_prompt's `answer_start`), that message left open for the model to go on."""
+    if opening(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def generate_tokens(
     model,
     tokenizer,
@@ -244,7 +257,7 @@ def generate_tokens(
 
     from support.prompt_once import generate
 
-    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    texts = [chat_text(tokenizer, m) for m in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     P = enc.input_ids.shape[1]
     limit = context_limit(model)
@@ -281,6 +294,9 @@ def generate_tokens(
     positions = torch.arange(completion.shape[1], device=completion.device)  # (C,)
     mask = (positions[None, :] < torch.tensor(lengths, device=completion.device)[:, None]).long()  # (B*G, C)
     decoded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(completion.tolist(), lengths)]
+    # a reply the prompt opened is read whole: the parser and the reward see "[3] > [1]", not "3] > [1]"
+    openings = [opening(m) for m in prompts for _ in range(num_return_sequences)]  # rows b*G .. b*G+G-1: prompt b
+    decoded = [start + text for start, text in zip(openings, decoded, strict=True)]
     return Generation(enc.input_ids, enc.attention_mask, completion, mask, decoded)
 
 

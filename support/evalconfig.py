@@ -45,6 +45,9 @@ class EvalConfig:
     method: str = arg("listwise", "listwise: REARANK sliding windows; setwise: Rank-R1 heap sort (best of a set, "
                                   "reasons first)", choices=("listwise", "setwise"))
     prompt: str = arg("rearank", "REARANK (reasoning) or RankGPT", choices=sorted(MAX_CHARS))
+    answer_start: str = arg("", "a departure, empty by default: open each answer with this text for the model to "
+                                "continue (e.g. '[' for a small model that writes prose where a list is asked for); "
+                                "it is part of the answer that is parsed")
     top_k: int = arg(100, "candidates per query to consider", positive_int)
     first_stage_order: str = arg("given", "the order the top-k is shown to the reranker in (and scored in as the first "
                                           "stage): given, shuffled (by --seed and the qid) or reversed; keeping a "
@@ -84,7 +87,7 @@ def path_tag(*paths: str | None) -> str:
 # how each setting shows in a default --out name when it differs from its default
 NAME_PARTS = {"prompt": "{}", "top_k": "top{}", "window": "win{}", "step": "step{}", "limit": "limit{}",
               "max_new_tokens": "tok{}", "num_child": "child{}", "k": "k{}", "first_stage_order": "{}",
-              "seed": "seed{}"}
+              "seed": "seed{}", "answer_start": "start{}"}
 
 
 def output_keys(cfg: EvalConfig) -> tuple[str, ...]:
@@ -97,7 +100,19 @@ def output_keys(cfg: EvalConfig) -> tuple[str, ...]:
     if cfg.model == "bm25":
         return keys
     keys += ("method", "prompt", "max_new_tokens")
-    return tuple(dict.fromkeys(keys + (("window", "step") if cfg.method == "listwise" else ("num_child", "k", "seed"))))
+    listwise = ("window", "step", "answer_start")
+    return tuple(dict.fromkeys(keys + (listwise if cfg.method == "listwise" else ("num_child", "k", "seed"))))
+
+
+def name_part(value) -> str:
+    """A setting's value as a folder name can hold it; text made only of other characters ('[') by its digest.
+
+    >>> name_part(20), name_part("rankgpt"), name_part("[")
+    ('20', 'rankgpt', '1e5c2f')
+    """
+    if not isinstance(value, str):
+        return str(value)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("_") or hashlib.sha1(value.encode()).hexdigest()[:6]
 
 
 def default_out(cfg: EvalConfig) -> Path:
@@ -118,7 +133,7 @@ def default_out(cfg: EvalConfig) -> Path:
     if not cfg.run:
         parts += [slug(cfg.model)] + (["setwise"] if cfg.method == "setwise" else [])
     defaults = EvalConfig()
-    parts += [fmt.format(getattr(cfg, k)) for k, fmt in NAME_PARTS.items()
+    parts += [fmt.format(name_part(getattr(cfg, k))) for k, fmt in NAME_PARTS.items()
               if k in output_keys(cfg) and getattr(cfg, k) != getattr(defaults, k)]
     return Path("runs") / "-".join(parts)
 

@@ -16,9 +16,10 @@ def config_problem(cfg) -> str:
         return f"--min-ndcg {cfg.min_ndcg}: nDCG@10 is at most 1, so every set would be dropped"
     if cfg.clip_eps >= 1:
         return f"--clip-eps {cfg.clip_eps}: the clip range [1-eps, 1+eps] needs eps < 1"
-    if cfg.method != "listwise" and (cfg.prompt, cfg.rank_reward, cfg.list_format) != ("rearank", "normalised", False):
-        return ("--prompt, --rank-reward and --list-format are listwise settings; setwise has Rank-R1's prompt and "
-                "reward")
+    if cfg.method != "listwise" and (cfg.prompt, cfg.rank_reward, cfg.list_format, cfg.answer_start) != (
+            "rearank", "normalised", False, ""):
+        return ("--prompt, --answer-start, --rank-reward and --list-format are listwise settings; setwise has "
+                "Rank-R1's prompt and reward")
     if cfg.resume and cfg.overwrite:
         return "--resume continues the run in --out, --overwrite deletes it: choose one"
     if cfg.train_file:
