@@ -99,9 +99,15 @@ EXP2_EVAL = ("python eval.py --dataset $data --model $MODEL --prompt rankgpt --t
              "--max-new-tokens 24 --first-stage-order $order --seed 0 --batch-size 8 --out runs/exp2/eval/$NAME-$data-$order")
 
 
-def exp2_eval(name: str, model: str) -> str:
-    """The experiment's held-out command for one model, on DL19's shuffled lists, small."""
-    return (EXP2_EVAL.replace("$data", "dl19").replace("$order", "shuffled").replace("$MODEL", model)
+EXP3_EVAL = EXP2_EVAL.replace("--prompt rankgpt", '--prompt rankgpt --answer-start "["').replace(
+    "--max-new-tokens 24", "--max-new-tokens 8").replace("runs/exp2/eval", "runs/exp3/eval")
+EXP3_COMPARE = ("python eval.py --compare runs/exp3/eval/base-$data-$order runs/exp3/eval/trained-$data-$order "
+                "--dataset $data")
+
+
+def exp2_eval(name: str, model: str, command: str = EXP2_EVAL) -> str:
+    """An experiment's held-out command for one model, on DL19's shuffled lists, small."""
+    return (command.replace("$data", "dl19").replace("$order", "shuffled").replace("$MODEL", model)
             .replace("$NAME", name) + " " + EVAL)
 
 
@@ -267,6 +273,12 @@ CASES: dict[str, Case] = {
     "python -m bench.gpu --tiny --out tiny.json": Case(
         "python -m bench.gpu --tiny --out tiny.json", needs=("python -m bench.gpu --prepare",)),
     "python -m pytest -q -s tests/test_kill.py": Case(None, "a test file of the suite: it runs there"),
+    EXP3_EVAL: Case(exp2_eval("base", "smollm2", EXP3_EVAL),
+                    "NAME=base MODEL=smollm2, DL19's shuffled lists; " + SMALL),
+    EXP3_COMPARE: Case(
+        EXP3_COMPARE.replace("$data", "dl19").replace("$order", "shuffled"),
+        "DL19's shuffled lists; the trained model: one tiny step of the second experiment's training command",
+        needs=(EXP3_EVAL, EXP2_SPLIT, EXP2_TRAIN, exp2_eval("trained", "runs/exp2/lr3e-5/model", EXP3_EVAL))),
     EXP2_VAL: Case(EXP2_VAL, "writes docs/dl21-val.qids under the working folder", needs=("mkdir -p docs",)),
     EXP2_ALL: Case(f"{EXP2_ALL} --samples 1", "one sample a query"),
     EXP2_SPLIT: Case(EXP2_SPLIT, needs=(EXP2_VAL, EXP2_ALL)),
