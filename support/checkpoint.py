@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 from dataclasses import asdict
@@ -376,6 +377,21 @@ def greedy_generation_config(model, tokenizer):
                             eos_token_id=model.generation_config.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
+def eval_flags(cfg) -> str:
+    """The eval.py flags that ask the model what it was trained on (its method, prompt and the reply's opening).
+
+    >>> from types import SimpleNamespace as C
+    >>> eval_flags(C(method="listwise", prompt="rankgpt", answer_start="[")), eval_flags(C(method="listwise",
+    ...     prompt="rearank", answer_start="")), eval_flags(C(method="setwise"))
+    (" --prompt rankgpt --answer-start '['", '', ' --method setwise')
+    """
+    if cfg.method != "listwise":
+        return " --method setwise"
+    flags = [] if cfg.prompt == "rearank" else ["--prompt", cfg.prompt]
+    flags += ["--answer-start", cfg.answer_start] if cfg.answer_start else []
+    return "".join(" " + shlex.quote(f) for f in flags)
+
+
 def model_card(cfg, step: int, dtype: torch.dtype, held: dict | None) -> str:
     """README.md of the export: where it came from and how it did last on the held-out set."""
     if held:
@@ -392,8 +408,8 @@ def model_card(cfg, step: int, dtype: torch.dtype, held: dict | None) -> str:
         f"beta {cfg.beta:g})\n"
         f"- weights: {str(dtype).removeprefix('torch.')} safetensors\n"
         f"- last held-out evaluation: {figures}\n\n"
-        f"Use: `python eval.py --dataset dl19 --model <this folder>`. `generation_config.json` is greedy with no "
-        f"sampling or penalty settings.\n\n"
+        f"Use: `python eval.py --dataset dl19 --model <this folder>{eval_flags(cfg)}`. `generation_config.json` is "
+        "greedy with no sampling or penalty settings.\n\n"
         f"## Config\n\n```json\n{json.dumps(asdict(cfg), indent=1)}\n```\n"
     )
 

@@ -70,6 +70,8 @@ def test_grpo_command_trains_and_evaluates_with_an_opened_answer(tiny_dir, tmp_p
                "--eval-dataset", "dl21", "--eval-queries", "1", "--eval-size", "3", "--eval-every", "1",
                "--dump-every", "1", "--data-dir", str(data_root), "--out", str(out)])
     assert json.loads((out / "config.json").read_text())["answer_start"] == "["
+    # the exported model's card says how to evaluate it as it was trained
+    assert "--model <this folder> --prompt rankgpt --answer-start '['`" in (out / "model" / "README.md").read_text()
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == 2 and all(e["completion"].startswith("[") for e in episodes)
     assert [e["step"] for e in map(json.loads, (out / "eval.jsonl").read_text().splitlines())] == [0, 1]
