@@ -183,7 +183,7 @@ def configured_task(cfg) -> Task:
     if cfg.method != "listwise":
         return task
     prompting = {k: v for k, v in (("style", cfg.prompt), ("answer_start", cfg.answer_start))
-             if v != {"style": "rearank", "answer_start": ""}[k]}
+                 if v != {"style": "rearank", "answer_start": ""}[k]}
     scoring = {k: v for k, v in (("variant", cfg.rank_reward), ("list_format", cfg.list_format))
                if v != {"variant": "normalised", "list_format": False}[k]}
     return task._replace(prompt=functools.partial(task.prompt, **prompting),
