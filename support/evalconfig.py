@@ -112,7 +112,7 @@ def name_part(value) -> str:
     """
     if not isinstance(value, str):
         return str(value)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("_") or hashlib.sha1(value.encode()).hexdigest()[:6]
+    return slug(value) or hashlib.sha1(value.encode()).hexdigest()[:6]
 
 
 def default_out(cfg: EvalConfig) -> Path:
